@@ -1,0 +1,459 @@
+r"""A stationary AR(p) process as a Pyro distribution, with an analytic KL to a diagonal Normal.
+
+:class:`ARProcess` is the prior of a unit whose latent is a time series
+:math:`z_{1:T}`. The first :math:`\min(p, T)` steps come from the stationary Gaussian marginal and
+each later step is a conditional Normal given its :math:`p` predecessors, so ``log_prob`` is exact.
+
+The KL from a mean-field posterior :math:`q(z) = \prod_t \mathcal{N}(z_t; m_t, v_t)`
+(``Normal(loc, scale).to_event(1)``) to the prior is registered with
+:func:`torch.distributions.register_kl`, so :class:`~pyro.infer.TraceMeanField_ELBO` needs no Monte
+Carlo estimate for it.
+
+Helpers map unconstrained parameters to stationary coefficients (:func:`pacf_to_coeffs`) and convert
+between an AR(1) coefficient and its half-life (:func:`half_life`, :func:`phi_from_half_life`).
+"""
+
+import math
+import numbers
+
+import pyro.distributions as dist
+import torch
+from torch.distributions import constraints
+from torch.distributions.utils import lazy_property
+
+__all__ = [
+    "ARProcess",
+    "coeffs_to_pacf",
+    "half_life",
+    "pacf_to_coeffs",
+    "phi_from_half_life",
+]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def pacf_to_coeffs(pacf):
+    r"""Map partial autocorrelations to the coefficients of a stationary AR(p) process.
+
+    This is the Levinson–Durbin (Monahan, 1984) recursion. With :math:`r_k` the k-th partial
+    autocorrelation, :math:`\phi^{(1)}_1 = r_1` and for :math:`k = 2, \dots, p`
+
+    .. math::
+
+        \phi^{(k)}_j = \phi^{(k-1)}_j - r_k \, \phi^{(k-1)}_{k-j} \quad (j < k),
+        \qquad \phi^{(k)}_k = r_k .
+
+    Every ``pacf`` in :math:`(-1, 1)^p` gives a stationary process, and every stationary process
+    arises this way, so ``pacf_to_coeffs(torch.tanh(raw))`` parametrises stationary AR(p) by an
+    unconstrained ``raw``. For :math:`p = 1` the map is the identity.
+
+    >>> pacf_to_coeffs(torch.tensor([0.5, -0.2]))
+    tensor([ 0.6000, -0.2000])
+
+    :param torch.Tensor pacf: partial autocorrelations in :math:`(-1, 1)`, shape ``(..., p)``.
+    :returns: AR coefficients :math:`(\phi_1, \dots, \phi_p)`, shape ``(..., p)``.
+    :rtype: torch.Tensor
+    """
+    if pacf.dim() == 0 or pacf.shape[-1] == 0:
+        raise ValueError(
+            f"Expected pacf with shape (..., p) and p >= 1, but got shape {tuple(pacf.shape)}."
+        )
+    coeffs = pacf[..., :1]  # (..., 1)
+    for k in range(1, pacf.shape[-1]):
+        r = pacf[..., k : k + 1]  # (..., 1)
+        coeffs = torch.cat([coeffs - r * coeffs.flip(-1), r], dim=-1)  # (..., k + 1)
+    return coeffs
+
+
+def coeffs_to_pacf(coeffs):
+    r"""Inverse of :func:`pacf_to_coeffs`: the partial autocorrelations of a stationary AR(p).
+
+    Runs the Levinson–Durbin recursion backwards: :math:`r_k = \phi^{(k)}_k` and
+
+    .. math::
+
+        \phi^{(k-1)}_j = \frac{\phi^{(k)}_j + r_k \, \phi^{(k)}_{k-j}}{1 - r_k^2} .
+
+    The coefficients are stationary exactly when every returned value lies in :math:`(-1, 1)`;
+    for non-stationary input the result has a value outside it, or is ``inf``/``nan``. Use it to
+    initialise ``raw = atanh(coeffs_to_pacf(coeffs))``.
+
+    :param torch.Tensor coeffs: AR coefficients, shape ``(..., p)``.
+    :returns: partial autocorrelations, shape ``(..., p)``.
+    :rtype: torch.Tensor
+    """
+    if coeffs.dim() == 0 or coeffs.shape[-1] == 0:
+        raise ValueError(
+            f"Expected coeffs with shape (..., p) and p >= 1, but got shape {tuple(coeffs.shape)}."
+        )
+    pacf = []
+    for k in range(coeffs.shape[-1], 0, -1):
+        r = coeffs[..., k - 1 : k]  # (..., 1)
+        pacf.append(r)
+        head = coeffs[..., : k - 1]  # (..., k - 1)
+        coeffs = (head + r * head.flip(-1)) / (1 - r**2)  # (..., k - 1)
+    return torch.cat(pacf[::-1], dim=-1)  # (..., p)
+
+
+def half_life(phi):
+    r"""Half-life of an AR(1) coefficient: the lag at which the autocorrelation drops to one half.
+
+    .. math:: h = \frac{\log 0.5}{\log |\phi|} .
+
+    Edge cases follow IEEE arithmetic and are part of the contract: :math:`\phi = 0` gives
+    :math:`h = 0` (no memory: :math:`\log 0 = -\infty`), :math:`|\phi| = 1` gives
+    :math:`h = +\infty` (a random walk never forgets), and :math:`|\phi| > 1` (non-stationary) gives
+    a negative value.
+
+    :param phi: AR(1) coefficient(s), a number or a tensor of any shape.
+    :returns: the half-life in time steps, a tensor of the same shape as ``phi``.
+    :rtype: torch.Tensor
+    """
+    if not torch.is_tensor(phi):
+        phi = torch.as_tensor(phi, dtype=torch.get_default_dtype())
+    return math.log(0.5) / phi.abs().log()
+
+
+def phi_from_half_life(h):
+    r"""The positive AR(1) coefficient with half-life ``h``: :math:`\phi = 0.5^{1/h}`.
+
+    Inverse of :func:`half_life` on :math:`\phi \in [0, 1]`: ``h = 0`` gives 0 and
+    ``h = inf`` gives 1. Use it to turn a persistence band in time steps into a band on
+    :math:`\phi`.
+
+    :param h: half-life(s) in time steps, :math:`h \ge 0`; a number or a tensor of any shape.
+    :returns: :math:`\phi`, a tensor of the same shape as ``h``.
+    :rtype: torch.Tensor
+    """
+    if not torch.is_tensor(h):
+        h = torch.as_tensor(h, dtype=torch.get_default_dtype())
+    return 0.5 ** (1 / h)
+
+
+def _yule_walker(coeffs, scale):
+    r"""Stationary autocovariances :math:`\gamma_0, \dots, \gamma_p` from the Yule–Walker system.
+
+    Solves :math:`\gamma_k - \sum_{j=1}^p \phi_j \gamma_{|k-j|} = s^2 \delta_{k0}` for
+    :math:`k = 0, \dots, p` with a batched, differentiable :func:`torch.linalg.solve`.
+
+    :param torch.Tensor coeffs: shape ``(..., p)``.
+    :param torch.Tensor scale: shape ``(...,)``.
+    :returns: shape ``(..., p + 1)``.
+    """
+    p = coeffs.shape[-1]
+    # select[j - 1, k, m] = 1 where m = |k - j|: phi_j adds to the gamma_m term of row k.
+    lags = torch.arange(1, p + 1, device=coeffs.device)  # (p,)
+    rows = torch.arange(p + 1, device=coeffs.device)  # (p + 1,)
+    cols = (rows[None, :] - lags[:, None]).abs()  # (p, p + 1)
+    select = torch.nn.functional.one_hot(cols, p + 1).to(coeffs.dtype)  # (p, p + 1, p + 1)
+    eye = torch.eye(p + 1, dtype=coeffs.dtype, device=coeffs.device)  # (p + 1, p + 1)
+    system = eye - torch.einsum("...j,jkm->...km", coeffs, select)  # (..., p + 1, p + 1)
+    rhs = torch.zeros(scale.shape + (p + 1,), dtype=scale.dtype, device=scale.device)
+    rhs[..., 0] = scale**2  # (..., p + 1)
+    return torch.linalg.solve(system, rhs.unsqueeze(-1)).squeeze(-1)  # (..., p + 1)
+
+
+def _tril_solve(scale_tril, vec):
+    """Solve ``L x = b`` for lower-triangular ``L``: ``(..., n, n), (..., n) -> (..., n)``."""
+    return torch.linalg.solve_triangular(scale_tril, vec.unsqueeze(-1), upper=False).squeeze(-1)
+
+
+def _toeplitz(first_row):
+    """Symmetric Toeplitz matrices from their first rows: ``(..., n) -> (..., n, n)``."""
+    n = first_row.shape[-1]
+    idx = torch.arange(n, device=first_row.device)  # (n,)
+    return first_row[..., (idx[:, None] - idx[None, :]).abs()]  # (..., n, n)
+
+
+class ARProcess(dist.TorchDistribution):
+    r"""A stationary AR(p) process over ``num_steps`` time steps, independently per batch element.
+
+    .. math::
+
+        z_t = c + \sum_{j=1}^p \phi_j z_{t-j} + s \, \varepsilon_t,
+        \qquad \varepsilon_t \sim \mathcal{N}(0, 1),
+
+    with the first :math:`p' = \min(p, T)` steps drawn jointly from the stationary Gaussian
+    marginal: mean :math:`\mu = c / (1 - \sum_j \phi_j)` and Toeplitz covariance
+    :math:`G_{ab} = \gamma_{|a-b|}`, where :math:`\gamma_k` is the stationary autocovariance. The
+    whole path is then stationary, with mean :math:`\mu` and covariance
+    :math:`\mathrm{Cov}(z_a, z_b) = \gamma_{|a-b|}`. With ``num_steps = 1`` it is the stationary
+    marginal :math:`\mathcal{N}(\mu, \gamma_0)`.
+
+    The coefficients must be stationary (all roots of :math:`1 - \sum_j \phi_j x^j` outside the
+    unit circle); build them with :func:`pacf_to_coeffs` to guarantee it. Under validation this is
+    checked.
+
+    Batch shape is the broadcast of ``constant.shape``, ``coeffs.shape[:-1]`` and ``scale.shape``;
+    event shape is ``(T,)``.
+
+    >>> d = ARProcess(torch.zeros(3), torch.full((3, 1), 0.9), torch.ones(3), num_steps=5)
+    >>> d.batch_shape, d.event_shape
+    (torch.Size([3]), torch.Size([5]))
+
+    :param torch.Tensor constant: the constant :math:`c`, shape ``(...,)``.
+    :param torch.Tensor coeffs: the coefficients :math:`\phi_1, \dots, \phi_p`, shape ``(..., p)``
+        with :math:`p \ge 1`.
+    :param torch.Tensor scale: the innovation scale :math:`s > 0`, shape ``(...,)``.
+    :param int num_steps: the number of time steps :math:`T \ge 1`.
+    :param bool validate_args: as in :class:`torch.distributions.Distribution`.
+    """
+
+    arg_constraints = {
+        "constant": constraints.real,
+        "coeffs": constraints.independent(constraints.real, 1),
+        "scale": constraints.positive,
+    }
+    support = constraints.independent(constraints.real, 1)
+    has_rsample = True
+
+    def __init__(self, constant, coeffs, scale, num_steps, validate_args=None):
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+            raise ValueError(
+                f"Expected num_steps to be an int >= 1, but got {num_steps!r} "
+                f"of type {type(num_steps).__name__}."
+            )
+        if num_steps < 1:
+            raise ValueError(f"Expected num_steps to be an int >= 1, but got {num_steps}.")
+        if not torch.is_tensor(coeffs):
+            coeffs = torch.as_tensor(coeffs, dtype=torch.get_default_dtype())
+        if coeffs.dim() == 0 or coeffs.shape[-1] == 0:
+            raise ValueError(
+                "Expected coeffs with shape (..., p) and at least one lag p >= 1, but got shape "
+                f"{tuple(coeffs.shape)}. For a single AR(1) coefficient use coeffs[..., None]."
+            )
+        constant = torch.as_tensor(constant, dtype=coeffs.dtype, device=coeffs.device)
+        scale = torch.as_tensor(scale, dtype=coeffs.dtype, device=coeffs.device)
+        try:
+            batch_shape = torch.broadcast_shapes(constant.shape, coeffs.shape[:-1], scale.shape)
+        except RuntimeError as e:
+            raise ValueError(
+                f"Expected constant {tuple(constant.shape)}, coeffs[..., 0] "
+                f"{tuple(coeffs.shape[:-1])} and scale {tuple(scale.shape)} to have broadcastable "
+                "shapes."
+            ) from e
+        p = coeffs.shape[-1]
+        self.constant = constant.expand(batch_shape)  # (...,)
+        self.coeffs = coeffs.expand(batch_shape + (p,))  # (..., p)
+        self.scale = scale.expand(batch_shape)  # (...,)
+        self._num_steps = int(num_steps)
+        super().__init__(batch_shape, torch.Size((self._num_steps,)), validate_args=validate_args)
+        if self._validate_args:
+            self._check_stationary()
+
+    def _check_stationary(self):
+        with torch.no_grad():
+            pacf = coeffs_to_pacf(self.coeffs)  # (..., p)
+            bad = ~(pacf.abs() < 1).all(-1)  # (...,)
+        if bool(bad.any()):
+            raise ValueError(
+                "Expected stationary AR coefficients (all partial autocorrelations in (-1, 1)), "
+                f"but got coeffs {self.coeffs[bad].tolist()} at batch indices "
+                f"{bad.nonzero().tolist()}. Build them with pacf_to_coeffs(torch.tanh(raw))."
+            )
+
+    def expand(self, batch_shape, _instance=None):
+        """Expand to a larger batch shape without copying parameters (Pyro plates call this).
+
+        :param tuple batch_shape: the new batch shape, broadcastable from :attr:`batch_shape`.
+        :returns: an :class:`ARProcess` with batch shape ``batch_shape`` and event ``(T,)``.
+        """
+        new = self._get_checked_instance(ARProcess, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.constant = self.constant.expand(batch_shape)  # (...,)
+        new.coeffs = self.coeffs.expand(batch_shape + (self.order,))  # (..., p)
+        new.scale = self.scale.expand(batch_shape)  # (...,)
+        new._num_steps = self._num_steps
+        super(ARProcess, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def order(self):
+        """The AR order :math:`p` (``int``)."""
+        return self.coeffs.shape[-1]
+
+    @property
+    def num_steps(self):
+        """The number of time steps :math:`T` (``int``)."""
+        return self._num_steps
+
+    @property
+    def stationary_mean(self):
+        r"""The stationary mean :math:`c / (1 - \sum_j \phi_j)`, shape ``(...,)``."""
+        return self.constant / (1 - self.coeffs.sum(-1))
+
+    @lazy_property
+    def _gamma(self):
+        return _yule_walker(self.coeffs, self.scale)  # (..., p + 1)
+
+    @lazy_property
+    def _init_scale_tril(self):
+        head = min(self.order, self.num_steps)
+        return torch.linalg.cholesky(_toeplitz(self._gamma[..., :head]))  # (..., p', p')
+
+    def autocovariance(self, num_lags):
+        r"""Stationary autocovariances :math:`\gamma_0, \dots, \gamma_{L-1}`.
+
+        :math:`\gamma_0, \dots, \gamma_p` solve the Yule–Walker system; later lags follow
+        :math:`\gamma_k = \sum_j \phi_j \gamma_{k-j}`. For :math:`p = 1`,
+        :math:`\gamma_k = s^2 \phi^k / (1 - \phi^2)`.
+
+        :param int num_lags: the number of lags :math:`L \ge 1`.
+        :returns: shape ``(..., L)``.
+        :rtype: torch.Tensor
+        """
+        if isinstance(num_lags, bool) or not isinstance(num_lags, numbers.Integral) or num_lags < 1:
+            raise ValueError(f"Expected num_lags to be an int >= 1, but got {num_lags!r}.")
+        p = self.order
+        gammas = list(self._gamma.unbind(-1))  # p + 1 tensors of shape (...,)
+        for k in range(p + 1, num_lags):
+            recent = torch.stack(gammas[k - p : k][::-1], dim=-1)  # (..., p): gamma_{k-1..k-p}
+            gammas.append((self.coeffs * recent).sum(-1))  # (...,)
+        return torch.stack(gammas[:num_lags], dim=-1)  # (..., L)
+
+    @property
+    def mean(self):
+        """The mean, constant over time, shape ``(..., T)``."""
+        return self.stationary_mean.unsqueeze(-1).expand(self.batch_shape + self.event_shape)
+
+    @property
+    def variance(self):
+        r"""The marginal variance :math:`\gamma_0`, constant over time, shape ``(..., T)``."""
+        return self._gamma[..., :1].expand(self.batch_shape + self.event_shape)
+
+    @property
+    def covariance_matrix(self):
+        r"""The dense Toeplitz covariance :math:`\gamma_{|a-b|}`, shape ``(..., T, T)``.
+
+        This is :math:`O(T^2)` memory; meant for tests and small ``T``.
+        """
+        return _toeplitz(self.autocovariance(self.num_steps))  # (..., T, T)
+
+    def log_prob(self, value):
+        r"""Exact log density of a path.
+
+        .. math::
+
+            \log p(z) = \log \mathcal{N}_{p'}(z_{1:p'}; \mu, G)
+            + \sum_{t > p} \log \mathcal{N}\big(z_t; c + \textstyle\sum_j \phi_j z_{t-j}, s^2\big).
+
+        :param torch.Tensor value: shape ``(..., T)``, broadcastable with ``batch_shape + (T,)``.
+        :returns: shape ``(...,)``, the broadcast of ``value.shape[:-1]`` and :attr:`batch_shape`.
+        :rtype: torch.Tensor
+        """
+        if self._validate_args:
+            self._validate_sample(value)
+        p, num_steps = self.order, self.num_steps
+        head = min(p, num_steps)
+        scale_tril = self._init_scale_tril  # (..., p', p')
+        diff = value[..., :head] - self.stationary_mean.unsqueeze(-1)  # (..., p')
+        white = _tril_solve(scale_tril, diff)  # (..., p')
+        log_prob = (
+            -0.5 * white.pow(2).sum(-1)
+            - scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            - 0.5 * head * _LOG_2PI
+        )  # (...,)
+        if num_steps > p:
+            windows = value.unfold(-1, p + 1, 1)  # (..., T - p, p + 1): z_{t-p}, ..., z_t
+            lagged = windows[..., :p].flip(-1)  # (..., T - p, p): z_{t-1}, ..., z_{t-p}
+            pred = self.constant.unsqueeze(-1) + (lagged * self.coeffs.unsqueeze(-2)).sum(-1)
+            resid = (windows[..., p] - pred) / self.scale.unsqueeze(-1)  # (..., T - p)
+            log_norm = (num_steps - p) * (self.scale.log() + 0.5 * _LOG_2PI)  # (...,)
+            log_prob = log_prob - 0.5 * resid.pow(2).sum(-1) - log_norm  # (...,)
+        return log_prob
+
+    def rsample(self, sample_shape=()):
+        """Draw reparametrised paths: stationary start, then the AR recursion.
+
+        :param torch.Size sample_shape: leading sample dimensions.
+        :returns: shape ``sample_shape + batch_shape + (T,)``.
+        :rtype: torch.Tensor
+        """
+        shape = self._extended_shape(torch.Size(sample_shape))
+        p, num_steps = self.order, self.num_steps
+        head = min(p, num_steps)
+        noise = torch.randn(shape, dtype=self.coeffs.dtype, device=self.coeffs.device)  # (..., T)
+        start = self.stationary_mean.unsqueeze(-1) + (
+            self._init_scale_tril @ noise[..., :head].unsqueeze(-1)
+        ).squeeze(-1)  # (..., p')
+        path = list(start.unbind(-1))  # p' tensors of shape (...,)
+        for t in range(head, num_steps):
+            lagged = torch.stack(path[t - p : t][::-1], dim=-1)  # (..., p): z_{t-1}, ..., z_{t-p}
+            path.append(
+                self.constant + (self.coeffs * lagged).sum(-1) + self.scale * noise[..., t]
+            )  # (...,)
+        return torch.stack(path, dim=-1)  # (..., T)
+
+    def entropy(self):
+        r"""Differential entropy :math:`\tfrac12 \log\det(2\pi e\, \Sigma)`, shape ``(...,)``."""
+        head = min(self.order, self.num_steps)
+        logdet = 2 * self._init_scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (...,)
+        logdet = logdet + 2 * (self.num_steps - head) * self.scale.log()  # (...,)
+        return 0.5 * (self.num_steps * (1 + _LOG_2PI) + logdet)
+
+
+@torch.distributions.register_kl(torch.distributions.Independent, ARProcess)
+def _kl_independent_arprocess(q, p):
+    r"""Closed-form :math:`\mathrm{KL}(q \,\|\, p)` for a diagonal Normal ``q`` over time.
+
+    With :math:`q(z) = \prod_t \mathcal{N}(z_t; m_t, v_t)`, :math:`\mathrm{KL} =
+    \mathbb{E}_q \log q - \mathbb{E}_q \log p`, where :math:`\mathbb{E}_q \log q =
+    -\sum_t \tfrac12 \log(2\pi e v_t)`, the first :math:`p'` steps contribute
+
+    .. math::
+
+        -\tfrac12 \big[p' \log 2\pi + \log\det G + (m - \mu)^\top G^{-1} (m - \mu)
+        + \mathrm{tr}(G^{-1} \mathrm{diag}\, v)\big],
+
+    and each later step :math:`-\tfrac12 \log(2\pi s^2) - \tfrac{1}{2 s^2}\big[(m_t - c -
+    \sum_j \phi_j m_{t-j})^2 + v_t + \sum_j \phi_j^2 v_{t-j}\big]`.
+
+    :param torch.distributions.Independent q: ``Normal(loc, scale).to_event(1)``, event ``(T,)``.
+    :param ARProcess p: the prior, event ``(T,)``.
+    :returns: shape: the broadcast of the two batch shapes.
+    :raises NotImplementedError: unless ``q`` is a ``Normal`` with one reinterpreted batch dim.
+    """
+    if q.reinterpreted_batch_ndims != 1 or not isinstance(q.base_dist, torch.distributions.Normal):
+        raise NotImplementedError
+    if q.event_shape != p.event_shape:
+        raise ValueError(
+            f"Expected the posterior event shape {tuple(q.event_shape)} to equal the ARProcess "
+            f"event shape {tuple(p.event_shape)} (one value per time step)."
+        )
+    order, num_steps = p.order, p.num_steps
+    head = min(order, num_steps)
+    loc, scale = q.base_dist.loc, q.base_dist.scale  # (..., T)
+    var = scale.pow(2)  # (..., T)
+    neg_entropy = -(scale.log() + 0.5 * (1 + _LOG_2PI)).sum(-1)  # (...,)
+
+    scale_tril = p._init_scale_tril  # (..., p', p')
+    eye = torch.eye(head, dtype=scale_tril.dtype, device=scale_tril.device)  # (p', p')
+    tril_inv = torch.linalg.solve_triangular(scale_tril, eye, upper=False)  # (..., p', p')
+    prec_diag = tril_inv.pow(2).sum(-2)  # (..., p'): diagonal of G^{-1}
+    diff = loc[..., :head] - p.stationary_mean.unsqueeze(-1)  # (..., p')
+    white = _tril_solve(scale_tril, diff)  # (..., p')
+    cross_entropy = 0.5 * (
+        head * _LOG_2PI
+        + 2 * scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        + white.pow(2).sum(-1)
+        + (prec_diag * var[..., :head]).sum(-1)
+    )  # (...,)
+
+    if num_steps > order:
+        loc_win = loc.unfold(-1, order + 1, 1)  # (..., T - p, p + 1)
+        var_win = var.unfold(-1, order + 1, 1)  # (..., T - p, p + 1)
+        coeffs = p.coeffs.unsqueeze(-2)  # (..., 1, p)
+        pred = p.constant.unsqueeze(-1) + (loc_win[..., :order].flip(-1) * coeffs).sum(-1)
+        sq_resid = (
+            (loc_win[..., order] - pred).pow(2)
+            + var_win[..., order]
+            + (var_win[..., :order].flip(-1) * coeffs.pow(2)).sum(-1)
+        )  # (..., T - p)
+        cross_entropy = cross_entropy + (
+            0.5 * sq_resid.sum(-1) / p.scale.pow(2)
+            + (num_steps - order) * (p.scale.log() + 0.5 * _LOG_2PI)
+        )  # (...,)
+
+    batch_shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    return (neg_entropy + cross_entropy).expand(batch_shape)

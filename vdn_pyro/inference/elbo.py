@@ -1,0 +1,225 @@
+r"""``LocalELBO``: the ELBO of a network of distributional neurons, with per-unit statistics.
+
+Alongside the loss, every evaluation records for each neuron site (a site made by
+:func:`~vdn_pyro.primitives.neurons`) and each unit i, from the same forward pass:
+
+- ``kl``: the **unscaled** :math:`\mathrm{KL}(q(z_i \mid x) \,\|\, p(z_i))` in nats, averaged over
+  the batch (and particles): analytic for the mean-field estimator, a one-sample-per-particle
+  Monte Carlo estimate for the ``"trace"`` estimator;
+- ``loc_sq``: the mean of the posterior loc squared;
+- ``scale``: the mean posterior scale.
+"""
+
+import dataclasses
+import warnings
+
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.elbo import ELBO
+from pyro.infer.enum import get_importance_trace
+from pyro.infer.util import is_validation_enabled
+from pyro.util import check_model_guide_match, check_site_shape
+from torch.distributions import kl_divergence
+
+from vdn_pyro.primitives import NEURONS_INFER_KEY
+
+__all__ = ["ESTIMATORS", "LocalELBO", "UnitStats"]
+
+ESTIMATORS = ("mean_field", "trace")
+
+
+@dataclasses.dataclass
+class UnitStats:
+    """Per-unit statistics of one neuron site, each a detached tensor of shape ``(H,)``.
+
+    :ivar kl: unscaled KL per unit in nats, mean over the batch.
+    :ivar loc_sq: mean of the posterior loc squared.
+    :ivar scale: mean posterior scale.
+    """
+
+    kl: torch.Tensor
+    loc_sq: torch.Tensor
+    scale: torch.Tensor
+
+
+def _per_unit_mean(value, unit_axis):
+    """Mean over every dim but ``unit_axis``: ``(..., H, ...) -> (H,)``."""
+    value = torch.movedim(value, unit_axis, 0)  # (H, ...)
+    return value.reshape(value.shape[0], -1).mean(1)  # (H,)
+
+
+def _normal_base(fn):
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return fn
+
+
+class LocalELBO(ELBO):
+    r"""ELBO for networks of distributional neurons that also reports per-unit statistics.
+
+    With ``estimator="mean_field"`` (default) the KL of every latent site is analytic when a
+    ``kl_divergence`` is registered (falling back to Monte Carlo otherwise), as in
+    :class:`~pyro.infer.TraceMeanField_ELBO`; with ``"trace"`` the whole ELBO is the Monte Carlo
+    estimate of :class:`~pyro.infer.Trace_ELBO`. Both equal the same objective in expectation.
+
+    Each neuron site's KL enters the loss scaled by the site's scale (beta times any subsample
+    factor N/B). ``hooks`` are objects that may define
+
+    - ``transform_kl(site, kl)``: map the unscaled per-element KL ``(..., B, H)`` before scaling
+      (e.g. free bits);
+    - ``penalty(site, guide_site, stats)``: return a scalar added to the loss.
+
+    After each evaluation :attr:`last_stats` maps site names to :class:`UnitStats`.
+
+    Use it like any Pyro ELBO: ``SVI(model, guide, optim, LocalELBO())``,
+    ``LocalELBO().differentiable_loss(model, guide, x, y)`` or ``LocalELBO()(model, guide)``.
+
+    :param str estimator: ``"mean_field"`` or ``"trace"``.
+    :param int num_particles: number of particles.
+    :param bool vectorize_particles: evaluate particles in one vectorised pass.
+    :param int max_plate_nesting: bound on nested plates (2 for :class:`~vdn_pyro.VDN`).
+    :param hooks: sequence of hook objects (see above).
+    """
+
+    def __init__(
+        self,
+        estimator="mean_field",
+        num_particles=1,
+        vectorize_particles=True,
+        max_plate_nesting=2,
+        hooks=(),
+        **kwargs,
+    ):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"Expected estimator in {ESTIMATORS}, but got {estimator!r}.")
+        super().__init__(
+            num_particles=num_particles,
+            vectorize_particles=vectorize_particles and num_particles > 1,
+            max_plate_nesting=max_plate_nesting,
+            **kwargs,
+        )
+        self.estimator = estimator
+        self.hooks = list(hooks)
+        self.last_stats = {}
+
+    # ----------------------------------------------------------- tracing
+    def _get_trace(self, model, guide, args, kwargs):
+        if self.estimator == "trace":
+            return get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
+        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        model_trace = poutine.trace(
+            poutine.replay(model, trace=guide_trace), graph_type="flat"
+        ).get_trace(*args, **kwargs)
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+        guide_trace = poutine.util.prune_subsample_sites(guide_trace)
+        model_trace = poutine.util.prune_subsample_sites(model_trace)
+        # the mean-field loss only needs log-probs of observed sites
+        model_trace.compute_log_prob(site_filter=lambda name, site: site["is_observed"])
+        if is_validation_enabled():
+            for site in model_trace.nodes.values():
+                if site["type"] == "sample" and site["is_observed"]:
+                    check_site_shape(site, self.max_plate_nesting)
+        return model_trace, guide_trace
+
+    # ---------------------------------------------------------- the loss
+    def _site_kl(self, name, model_site, guide_site):
+        """Unscaled KL per element ``(..., B, H)`` and whether it is analytic."""
+        if self.estimator == "mean_field":
+            try:
+                return kl_divergence(guide_site["fn"], model_site["fn"]), True
+            except NotImplementedError:
+                pass
+        lq = guide_site.get("unscaled_log_prob")
+        if lq is None:
+            lq = guide_site["fn"].log_prob(guide_site["value"])
+        lp = model_site.get("unscaled_log_prob")
+        if lp is None:
+            lp = model_site["fn"].log_prob(model_site["value"])
+        return lq - lp, False
+
+    def _particle_loss(self, model_trace, guide_trace, stats):
+        elbo = 0.0
+        if self.estimator == "trace":
+            guide_trace.compute_log_prob()
+        for name, model_site in model_trace.nodes.items():
+            if model_site["type"] != "sample":
+                continue
+            if model_site["is_observed"]:
+                elbo = elbo + model_site["log_prob_sum"]
+                continue
+            guide_site = guide_trace.nodes[name]
+            is_neuron = guide_site["infer"].get(NEURONS_INFER_KEY, False)
+            if not is_neuron and self.estimator == "trace":
+                elbo = elbo + model_site["log_prob_sum"] - guide_site["log_prob_sum"]
+                continue
+            kl, _ = self._site_kl(name, model_site, guide_site)  # (..., B, H)
+            if is_neuron:
+                for hook in self.hooks:
+                    if hasattr(hook, "transform_kl"):
+                        kl = hook.transform_kl(name, kl)
+            scaled = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
+            elbo = elbo - scaled.sum()
+            if is_neuron:
+                self._record(name, kl, guide_site, stats)
+        for name, guide_site in guide_trace.nodes.items():
+            if guide_site["type"] == "sample" and name not in model_trace.nodes:
+                elbo = elbo - guide_site["fn"].log_prob(guide_site["value"]).sum()
+        return -elbo
+
+    def _record(self, name, kl, guide_site, stats):
+        fn = guide_site["fn"]
+        unit_axis = len(fn.batch_shape) - 1
+        base = _normal_base(fn)
+        with torch.no_grad():
+            kl_u = _per_unit_mean(kl.detach(), kl.dim() - 1)  # (H,)
+            loc = getattr(base, "loc", None)
+            scale = getattr(base, "scale", None)
+            if loc is None or scale is None:  # not a Normal: use draws
+                loc = fn.mean.detach()
+                scale = fn.variance.detach().sqrt()
+            loc_sq = _per_unit_mean(loc.detach().expand(base.batch_shape) ** 2, unit_axis)
+            scale_u = _per_unit_mean(scale.detach().expand(base.batch_shape), unit_axis)
+        entry = stats.setdefault(name, [])
+        entry.append((kl_u, loc_sq, scale_u))
+
+    def loss_and_stats(self, model, guide, *args, **kwargs):
+        """Differentiable loss and per-unit statistics from one evaluation.
+
+        :returns: ``(loss, stats)``: a scalar tensor (minus the ELBO, plus hook penalties) and a
+            dict ``site -> UnitStats``.
+        """
+        loss, raw = 0.0, {}
+        traces = []
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            loss = loss + self._particle_loss(model_trace, guide_trace, raw) / self.num_particles
+            traces.append(guide_trace)
+        stats = {
+            name: UnitStats(*(torch.stack(parts).mean(0) for parts in zip(*entries)))
+            for name, entries in raw.items()
+        }
+        for hook in self.hooks:
+            if hasattr(hook, "penalty"):
+                for name in stats:
+                    loss = loss + hook.penalty(name, traces[-1].nodes[name], stats[name])
+        self.last_stats = stats
+        if not torch.is_tensor(loss) or not bool(torch.isfinite(loss.detach())):
+            warnings.warn(f"Encountered non-finite loss {loss}", RuntimeWarning, stacklevel=2)
+        return loss, stats
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """Minus the ELBO (plus penalties), differentiable. See :meth:`loss_and_stats`."""
+        return self.loss_and_stats(model, guide, *args, **kwargs)[0]
+
+    def loss(self, model, guide, *args, **kwargs):
+        """Minus the ELBO as a float (no gradients)."""
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        """Minus the ELBO as a float, after back-propagating it (for :class:`pyro.infer.SVI`)."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward()
+        return float(loss.detach())

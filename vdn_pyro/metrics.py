@@ -1,0 +1,437 @@
+r"""
+Point and probabilistic forecast metrics.
+
+Every function accepts tensors or numpy arrays (integer inputs become the default
+float dtype; mixed dtypes are promoted) and returns a 0-dim tensor averaged over all
+elements (``reduction="mean"``, the default), summed (``"sum"``), or the per-element
+scores with the shape of ``y`` (``"none"``). Shapes: ``y`` has any shape ``B``;
+point forecasts, ``loc`` and ``scale`` broadcast to ``B``; samples have shape
+``(S,) + B`` with the ``S`` draws along dim 0.
+
+>>> y = torch.tensor([0.0, 1.0])
+>>> mse(torch.tensor([1.0, 1.0]), y)
+tensor(0.5000)
+"""
+
+import math
+import numbers
+from functools import reduce
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Interval",
+    "crps_gaussian",
+    "crps_samples",
+    "forecast_metrics",
+    "gaussian_interval",
+    "gaussian_interval_coverage",
+    "gaussian_interval_width",
+    "gaussian_nll",
+    "interval_coverage",
+    "interval_width",
+    "mae",
+    "mse",
+    "sample_interval",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_INV_SQRT_PI = 1.0 / math.sqrt(math.pi)
+
+
+class Interval(NamedTuple):
+    """A central prediction interval; both bounds have the shape of ``y``."""
+
+    #: lower bound, the :math:`(1 - \mathrm{level}) / 2` quantile.
+    lower: torch.Tensor
+    #: upper bound, the :math:`(1 + \mathrm{level}) / 2` quantile.
+    upper: torch.Tensor
+
+
+def _tensors(fn, **named):
+    """Convert named inputs to float tensors of one dtype on one device."""
+    device = next((v.device for v in named.values() if isinstance(v, torch.Tensor)), None)
+    out = {}
+    for name, value in named.items():
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach()
+        else:
+            try:
+                tensor = torch.as_tensor(np.asarray(value))
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(
+                    f"{fn}: expected {name} to be a tensor or numeric array but got "
+                    f"{type(value).__name__}"
+                ) from e
+        if not tensor.is_floating_point():
+            tensor = tensor.to(torch.get_default_dtype())
+        out[name] = tensor if device is None else tensor.to(device)
+    dtype = reduce(torch.promote_types, (t.dtype for t in out.values()))
+    return [t.to(dtype) for t in out.values()]
+
+
+def _reduce(value, reduction):
+    if reduction == "mean":
+        return value.mean()
+    if reduction == "sum":
+        return value.sum()
+    if reduction == "none":
+        return value
+    raise ValueError(f"Expected reduction in {_REDUCTIONS} but got {reduction!r}")
+
+
+def _check_same(fn, name, value, y):
+    if value.shape != y.shape:
+        raise ValueError(
+            f"{fn}: expected {name} of the shape of y {tuple(y.shape)} but got {tuple(value.shape)}"
+        )
+
+
+def _check_broadcast(fn, name, value, y):
+    try:
+        shape = torch.broadcast_shapes(value.shape, y.shape)
+    except RuntimeError:
+        shape = None
+    if shape != y.shape:
+        raise ValueError(
+            f"{fn}: expected {name} broadcastable to the shape of y {tuple(y.shape)} "
+            f"but got {tuple(value.shape)}"
+        )
+
+
+def _check_scale(fn, scale):
+    if not bool((scale > 0).all()):
+        raise ValueError(f"{fn}: expected scale > 0 but got min scale {scale.min().item():.3g}")
+
+
+def _check_samples(fn, samples, y):
+    if samples.dim() < 1 or samples.shape[1:] != y.shape:
+        raise ValueError(
+            f"{fn}: expected samples of shape (S,) + y.shape = (S, {', '.join(map(str, y.shape))}) "
+            f"but got {tuple(samples.shape)}; stack the S draws along dim 0"
+        )
+    if samples.shape[0] == 0:
+        raise ValueError(f"{fn}: expected at least one sample but got samples of shape (0, ...)")
+
+
+def _normal_quantile(q):
+    """Standard normal quantile of a float, as a float."""
+    return torch.special.ndtri(torch.tensor(q, dtype=torch.float64)).item()
+
+
+def _check_level(fn, level):
+    if isinstance(level, bool) or not isinstance(level, numbers.Real):
+        raise TypeError(
+            f"{fn}: expected level to be a float in (0, 1) but got {type(level).__name__}; "
+            "note the argument order (interval_width takes no y)"
+        )
+    if not 0 < level < 1:
+        raise ValueError(f"{fn}: expected 0 < level < 1 but got level={level}")
+    return float(level)
+
+
+def mse(pred, y, reduction="mean"):
+    r"""
+    Mean squared error :math:`\overline{(\hat y - y)^2}`.
+
+    :param pred: point forecast, shape ``B`` (the shape of ``y``).
+    :param y: observations, shape ``B``.
+    :param str reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    :returns: 0-dim tensor, or shape ``B`` for ``"none"``.
+    """
+    pred, y = _tensors("mse", pred=pred, y=y)
+    _check_same("mse", "pred", pred, y)
+    return _reduce((pred - y).pow(2), reduction)
+
+
+def mae(pred, y, reduction="mean"):
+    r"""
+    Mean absolute error :math:`\overline{|\hat y - y|}`.
+
+    :param pred: point forecast, shape ``B``.
+    :param y: observations, shape ``B``.
+    :param str reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    :returns: 0-dim tensor, or shape ``B`` for ``"none"``.
+    """
+    pred, y = _tensors("mae", pred=pred, y=y)
+    _check_same("mae", "pred", pred, y)
+    return _reduce((pred - y).abs(), reduction)
+
+
+def crps_gaussian(loc, scale, y, reduction="mean"):
+    r"""
+    Closed-form CRPS of a normal forecast :math:`\mathcal N(\mathrm{loc}, \mathrm{scale}^2)`:
+
+    .. math:: \mathrm{CRPS} = \sigma\left[z\,(2\Phi(z) - 1) + 2\varphi(z)
+        - \frac{1}{\sqrt\pi}\right], \qquad z = \frac{y - \mu}{\sigma}.
+
+    Lower is better; it has the units of ``y``.
+
+    :param loc: forecast mean, broadcastable to ``B``.
+    :param scale: forecast standard deviation > 0, broadcastable to ``B``.
+    :param y: observations, shape ``B``.
+    :param str reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    :returns: 0-dim tensor, or shape ``B`` for ``"none"``.
+    """
+    loc, scale, y = _tensors("crps_gaussian", loc=loc, scale=scale, y=y)
+    _check_broadcast("crps_gaussian", "loc", loc, y)
+    _check_broadcast("crps_gaussian", "scale", scale, y)
+    _check_scale("crps_gaussian", scale)
+    z = (y - loc) / scale  # B
+    pdf = torch.exp(-0.5 * z * z - _HALF_LOG_2PI)
+    cdf = torch.special.ndtr(z)
+    crps = scale * (z * (2 * cdf - 1) + 2 * pdf - _INV_SQRT_PI)  # B
+    return _reduce(crps, reduction)
+
+
+def _crps_sorted(sorted_samples, y, fair):
+    """Per-element sample CRPS from samples sorted along dim 0, shape ``(S,) + B``."""
+    num_samples = sorted_samples.shape[0]
+    abs_err = (sorted_samples - y).abs().mean(0)  # B
+    # sum_{i<j} |x_i - x_j| = sum_k (2k - S - 1) x_(k) for sorted x, k = 1..S
+    weight = torch.arange(
+        1 - num_samples, num_samples, 2, dtype=sorted_samples.dtype, device=sorted_samples.device
+    )  # (S,)
+    weight = weight.reshape((num_samples,) + (1,) * (sorted_samples.dim() - 1))
+    pair_sum = (weight * sorted_samples).sum(0)  # B, = sum_{i<j} |x_i - x_j|
+    denom = num_samples * (num_samples - 1) if fair else num_samples**2
+    return abs_err - pair_sum / denom  # B
+
+
+def crps_samples(samples, y, fair=True, reduction="mean"):
+    r"""
+    Sample (ensemble) CRPS in the energy form
+
+    .. math:: \mathrm{CRPS} = \mathbb E|X - y| - \tfrac12\,\mathbb E|X - X'|,
+
+    with :math:`\mathbb E|X - X'|` from the ``S`` samples in :math:`O(S \log S)` by
+    sorting: :math:`\sum_{i<j}|x_i - x_j| = \sum_{k=1}^S (2k - S - 1)\,x_{(k)}`.
+
+    ``fair=True`` (default) divides the pair sum by :math:`S(S-1)`: an unbiased
+    estimate of the CRPS of the distribution the samples were drawn from, whatever
+    ``S``, comparable with :func:`crps_gaussian` (scoringrules' ``"fair"`` estimator).
+    ``fair=False`` divides by :math:`S^2`: the exact CRPS of the empirical
+    distribution of the samples, which is biased upwards by
+    :math:`\mathbb E|X - X'| / (2S)` (scoringrules' ``"nrg"``, equal to its default
+    ``"qd"``).
+
+    :param samples: forecast draws, shape ``(S,) + B``.
+    :param y: observations, shape ``B``.
+    :param bool fair: unbiased (``True``, needs ``S >= 2``) or empirical (``False``).
+    :param str reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    :returns: 0-dim tensor, or shape ``B`` for ``"none"``.
+    """
+    samples, y = _tensors("crps_samples", samples=samples, y=y)
+    _check_samples("crps_samples", samples, y)
+    if fair and samples.shape[0] < 2:
+        raise ValueError("crps_samples: fair=True needs at least 2 samples; pass fair=False")
+    sorted_samples = samples.sort(dim=0).values  # (S,) + B
+    return _reduce(_crps_sorted(sorted_samples, y, fair), reduction)
+
+
+def gaussian_nll(loc, scale, y, reduction="mean"):
+    r"""
+    Negative log density of ``y`` under :math:`\mathcal N(\mathrm{loc}, \mathrm{scale}^2)`:
+
+    .. math:: \tfrac12\log(2\pi) + \log\sigma + \frac{(y - \mu)^2}{2\sigma^2}.
+
+    :param loc: forecast mean, broadcastable to ``B``.
+    :param scale: forecast standard deviation > 0, broadcastable to ``B``.
+    :param y: observations, shape ``B``.
+    :param str reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    :returns: 0-dim tensor, or shape ``B`` for ``"none"``.
+    """
+    loc, scale, y = _tensors("gaussian_nll", loc=loc, scale=scale, y=y)
+    _check_broadcast("gaussian_nll", "loc", loc, y)
+    _check_broadcast("gaussian_nll", "scale", scale, y)
+    _check_scale("gaussian_nll", scale)
+    z = (y - loc) / scale  # B
+    return _reduce(_HALF_LOG_2PI + torch.log(scale) + 0.5 * z * z, reduction)
+
+
+def _quantile_sorted(sorted_samples, q):
+    """Quantile ``q`` of samples sorted along dim 0, linear interpolation (numpy's default)."""
+    position = q * (sorted_samples.shape[0] - 1)
+    lo = math.floor(position)
+    hi = min(lo + 1, sorted_samples.shape[0] - 1)
+    frac = position - lo
+    return sorted_samples[lo] + frac * (sorted_samples[hi] - sorted_samples[lo])  # B
+
+
+def _interval_sorted(sorted_samples, level):
+    return Interval(
+        _quantile_sorted(sorted_samples, (1 - level) / 2),
+        _quantile_sorted(sorted_samples, (1 + level) / 2),
+    )
+
+
+def _covered(interval, y):
+    return ((interval.lower <= y) & (y <= interval.upper)).to(y.dtype)  # B
+
+
+def sample_interval(samples, level):
+    r"""
+    Central interval from sample quantiles at :math:`(1 \mp \mathrm{level})/2`,
+    interpolated linearly between order statistics (as :func:`numpy.quantile`).
+
+    :param samples: forecast draws, shape ``(S,) + B``.
+    :param float level: nominal coverage in ``(0, 1)``, e.g. 0.9.
+    :returns: ``Interval(lower, upper)``, each of shape ``B``.
+    :rtype: Interval
+    """
+    level = _check_level("sample_interval", level)
+    (samples,) = _tensors("sample_interval", samples=samples)
+    if samples.dim() < 1 or samples.shape[0] == 0:
+        raise ValueError(
+            f"sample_interval: expected samples of shape (S, ...) with S >= 1 but got "
+            f"{tuple(samples.shape)}"
+        )
+    return _interval_sorted(samples.sort(dim=0).values, level)
+
+
+def interval_coverage(samples, y, level, reduction="mean"):
+    """
+    Fraction of observations inside the central ``level`` interval of the samples
+    (bounds included); a calibrated forecast gives about ``level``.
+
+    :param samples: forecast draws, shape ``(S,) + B``.
+    :param y: observations, shape ``B``.
+    :param float level: nominal coverage in ``(0, 1)``.
+    :param str reduction: ``"mean"``, ``"sum"`` or ``"none"`` (0/1 indicators).
+    :returns: 0-dim tensor, or shape ``B`` for ``"none"``.
+    """
+    level = _check_level("interval_coverage", level)
+    samples, y = _tensors("interval_coverage", samples=samples, y=y)
+    _check_samples("interval_coverage", samples, y)
+    interval = _interval_sorted(samples.sort(dim=0).values, level)
+    return _reduce(_covered(interval, y), reduction)
+
+
+def interval_width(samples, level, reduction="mean"):
+    """
+    Width ``upper - lower`` of the central ``level`` interval of the samples.
+
+    :param samples: forecast draws, shape ``(S,) + B``.
+    :param float level: nominal coverage in ``(0, 1)``.
+    :param str reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    :returns: 0-dim tensor, or shape ``B`` for ``"none"``.
+    """
+    lower, upper = sample_interval(samples, _check_level("interval_width", level))
+    return _reduce(upper - lower, reduction)
+
+
+def gaussian_interval(loc, scale, level):
+    r"""
+    Central interval of :math:`\mathcal N(\mathrm{loc}, \mathrm{scale}^2)`:
+    :math:`\mu \pm \Phi^{-1}\!\left(\frac{1 + \mathrm{level}}{2}\right)\sigma`.
+
+    :param loc: forecast mean, shape ``B``.
+    :param scale: forecast standard deviation > 0, broadcastable with ``loc``.
+    :param float level: nominal coverage in ``(0, 1)``.
+    :returns: ``Interval(lower, upper)`` of the broadcast shape.
+    :rtype: Interval
+    """
+    level = _check_level("gaussian_interval", level)
+    loc, scale = _tensors("gaussian_interval", loc=loc, scale=scale)
+    _check_scale("gaussian_interval", scale)
+    half = _normal_quantile((1 + level) / 2) * scale
+    return Interval(loc - half, loc + half)
+
+
+def gaussian_interval_coverage(loc, scale, y, level, reduction="mean"):
+    """
+    Fraction of observations inside :func:`gaussian_interval` (bounds included).
+
+    :param loc: forecast mean, broadcastable to ``B``.
+    :param scale: forecast standard deviation > 0, broadcastable to ``B``.
+    :param y: observations, shape ``B``.
+    :param float level: nominal coverage in ``(0, 1)``.
+    :param str reduction: ``"mean"``, ``"sum"`` or ``"none"`` (0/1 indicators).
+    :returns: 0-dim tensor, or shape ``B`` for ``"none"``.
+    """
+    loc, scale, y = _tensors("gaussian_interval_coverage", loc=loc, scale=scale, y=y)
+    _check_broadcast("gaussian_interval_coverage", "loc", loc, y)
+    _check_broadcast("gaussian_interval_coverage", "scale", scale, y)
+    return _reduce(_covered(gaussian_interval(loc, scale, level), y), reduction)
+
+
+def gaussian_interval_width(scale, level, reduction="mean"):
+    r"""
+    Width :math:`2\,\Phi^{-1}\!\left(\frac{1 + \mathrm{level}}{2}\right)\sigma` of
+    :func:`gaussian_interval`.
+
+    :param scale: forecast standard deviation > 0, shape ``B``.
+    :param float level: nominal coverage in ``(0, 1)``.
+    :param str reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    :returns: 0-dim tensor, or shape ``B`` for ``"none"``.
+    """
+    level = _check_level("gaussian_interval_width", level)
+    (scale,) = _tensors("gaussian_interval_width", scale=scale)
+    _check_scale("gaussian_interval_width", scale)
+    return _reduce(2 * _normal_quantile((1 + level) / 2) * scale, reduction)
+
+
+def forecast_metrics(samples=None, loc=None, scale=None, *, y, fair=True):
+    """
+    All metrics of one forecast, averaged over every element of ``y``.
+
+    Give ``samples``, or ``loc`` and ``scale``, or all three:
+
+    - ``mse``, ``mae``: of the point forecast ``loc`` if given, else the sample mean;
+    - ``crps``, ``coverage_50``, ``width_50``, ``coverage_90``, ``width_90``: from the
+      samples if given (:func:`crps_samples` with ``fair``, sample quantiles), else
+      in closed form from the Gaussian ``loc``, ``scale``;
+    - ``nll``: :func:`gaussian_nll`, only when ``loc`` and ``scale`` are given.
+
+    :param samples: forecast draws, shape ``(S,) + B``.
+    :param loc: forecast mean, shape ``B``.
+    :param scale: forecast standard deviation > 0, broadcastable to ``B``.
+    :param y: observations, shape ``B`` (keyword only).
+    :param bool fair: estimator for the sample CRPS, see :func:`crps_samples`.
+    :returns: metric name to value.
+    :rtype: dict(str, float)
+    """
+    if samples is None and (loc is None or scale is None):
+        raise ValueError("forecast_metrics: expected samples, or loc and scale, but got neither")
+    if scale is not None and loc is None:
+        raise ValueError("forecast_metrics: got scale without loc; pass loc too")
+    named = {"y": y}
+    for name, value in (("samples", samples), ("loc", loc), ("scale", scale)):
+        if value is not None:
+            named[name] = value
+    tensors = dict(zip(named, _tensors("forecast_metrics", **named)))
+    y = tensors["y"]
+    if samples is not None:
+        samples = tensors["samples"]
+        _check_samples("forecast_metrics", samples, y)
+        if fair and samples.shape[0] < 2:
+            raise ValueError(
+                "forecast_metrics: fair=True needs at least 2 samples; pass fair=False"
+            )
+    if loc is not None:
+        loc = tensors["loc"]
+        _check_same("forecast_metrics", "loc", loc, y)
+    if scale is not None:
+        scale = tensors["scale"]
+        _check_broadcast("forecast_metrics", "scale", scale, y)
+        _check_scale("forecast_metrics", scale)
+
+    point = loc if loc is not None else samples.mean(0)  # B
+    out = {"mse": mse(point, y).item(), "mae": mae(point, y).item()}
+    if samples is not None:
+        sorted_samples = samples.sort(dim=0).values  # (S,) + B
+        out["crps"] = _crps_sorted(sorted_samples, y, fair).mean().item()
+        intervals = {lvl: _interval_sorted(sorted_samples, lvl) for lvl in (0.5, 0.9)}
+    else:
+        out["crps"] = crps_gaussian(loc, scale, y).item()
+        intervals = {lvl: gaussian_interval(loc, scale, lvl) for lvl in (0.5, 0.9)}
+    if scale is not None:
+        out["nll"] = gaussian_nll(loc, scale, y).item()
+    for lvl, interval in intervals.items():
+        pct = round(100 * lvl)
+        out[f"coverage_{pct}"] = _covered(interval, y).mean().item()
+        out[f"width_{pct}"] = (interval.upper - interval.lower).expand(y.shape).mean().item()
+    return out

@@ -1,0 +1,432 @@
+r"""``VDN``: a network of variational distributional neurons as a Pyro model/guide pair.
+
+The guide is the network's forward pass: a trunk encodes ``x``, and each layer of H neurons
+samples :math:`z \sim q(z \mid h)` from its per-unit amortized posterior, passing the (pooled)
+sample to the next layer. The model holds each layer's per-unit prior, the linear head on the last
+layer's sample, and the likelihood. Each layer is one sample site ``"layers.<l>.z"`` with the units
+as a plate (batch dim -1) inside the data plate (batch dim -2).
+"""
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+import pyro
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+
+from vdn_pyro.guides.amortized import SCALE_MODES, AmortizedNormal
+from vdn_pyro.guides.trunks import DLinearTrunk, MLPTrunk, make_activation
+from vdn_pyro.models.likelihoods import Likelihood, make_likelihood
+from vdn_pyro.models.priors import ARPrior, NormalPrior
+from vdn_pyro.primitives import as_beta, neurons
+
+__all__ = ["POOLINGS", "NeuronLayer", "Prediction", "VDN", "VDNConfig"]
+
+POOLINGS = ("mean", "sum", "sqrt")
+PRIORS = ("normal", "ar")
+TRUNKS = ("mlp", "dlinear", "none")
+DATA_PLATE = "data"
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass
+class VDNConfig:
+    """Everything that defines a :class:`VDN`; every option has a default that runs.
+
+    :ivar int in_features: input width D (the look-back L for the ``dlinear`` trunk).
+    :ivar int out_features: number of outputs (classes for ``categorical``).
+    :ivar tuple units: number of neurons H per layer, e.g. ``(32,)`` or ``(128, 128)``.
+    :ivar int latent_dim: latent dims k per neuron.
+    :ivar str pooling: how a neuron's k dims are pooled into what it passes on: ``mean``,
+        ``sum`` or ``sqrt`` (sum / sqrt(k)).
+    :ivar str trunk: ``mlp``, ``dlinear`` or ``none``.
+    :ivar tuple hidden: hidden widths of the ``mlp`` trunk (feature width of ``dlinear`` is
+        ``hidden[-1]``).
+    :ivar str activation: activation of the trunk and between neuron layers.
+    :ivar instance_norm: ``None``, ``"last"`` or ``"mean"``: subtract a per-window offset in the
+        trunk and add it back at the head (forecasting).
+    :ivar str prior: ``normal`` or ``ar``.
+    :ivar int ar_order: order p of the ``ar`` prior.
+    :ivar bool learn_prior: learn the prior's parameters.
+    :ivar str scale_mode: ``unit`` or ``input`` (see :class:`AmortizedNormal`).
+    :ivar float scale_min: posterior scale lower clamp.
+    :ivar float scale_max: posterior scale upper clamp.
+    :ivar float init_scale: initial posterior scale.
+    :ivar str likelihood: ``gaussian``, ``student_t``, ``bernoulli`` or ``categorical``.
+    :ivar likelihood_scale: ``learned``, ``heteroscedastic`` or a fixed positive number.
+    :ivar beta: KL coefficient: a positive number, or one entry per layer (each a number or a
+        sequence of length H_l).
+    :ivar bool deterministic: the same architecture with z = loc and no KL (the baseline twin).
+    """
+
+    in_features: int
+    out_features: int
+    units: tuple = (32,)
+    latent_dim: int = 1
+    pooling: str = "mean"
+    trunk: str = "mlp"
+    hidden: tuple = (64,)
+    activation: str = "gelu"
+    instance_norm: Any = None
+    prior: str = "normal"
+    ar_order: int = 1
+    learn_prior: bool = False
+    scale_mode: str = "unit"
+    scale_min: float = 1e-3
+    scale_max: float = 10.0
+    init_scale: float = 0.5
+    likelihood: str = "gaussian"
+    likelihood_scale: Any = "learned"
+    beta: Any = 1.0
+    deterministic: bool = False
+
+    def __post_init__(self):
+        if _is_int(self.units):
+            self.units = (self.units,)
+        self.units = tuple(self.units)
+        self.hidden = tuple(self.hidden)
+        for name in ("in_features", "out_features", "latent_dim", "ar_order"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(f"Expected {name} to be an int >= 1, got {value!r}.")
+            if value < 1:
+                raise ValueError(f"Expected {name} >= 1, but got {value}.")
+        if not self.units or not all(_is_int(h) and h >= 1 for h in self.units):
+            raise ValueError(
+                f"Expected units to be a non-empty tuple of ints >= 1 (one per layer), "
+                f"but got {self.units!r}."
+            )
+        for name, allowed in [
+            ("pooling", POOLINGS),
+            ("trunk", TRUNKS),
+            ("prior", PRIORS),
+            ("scale_mode", SCALE_MODES),
+        ]:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Expected {name} in {allowed}, but got {getattr(self, name)!r}.")
+        if self.trunk == "dlinear" and not self.hidden:
+            raise ValueError("The dlinear trunk needs hidden=(F,) to set its feature width.")
+        self.betas = self.layer_betas()
+
+    def layer_betas(self):
+        """One validated beta tensor of shape ``(H_l,)`` per layer."""
+        beta = self.beta
+        per_layer = isinstance(beta, (list, tuple)) and len(beta) == len(self.units) and (
+            len(self.units) > 1 or not isinstance(beta[0], numbers.Real)
+        )
+        if not per_layer:
+            beta = [beta] * len(self.units)
+        return [as_beta(b, h, name=f"beta of layer {i}") for i, (b, h) in enumerate(zip(beta, self.units))]
+
+
+@dataclasses.dataclass
+class Prediction:
+    """Posterior predictive summary returned by :meth:`VDN.predict`.
+
+    :ivar torch.Tensor samples: ``(S, B, out)`` (or ``(S, B, T, out)``; labels drop ``out``).
+    :ivar torch.Tensor mean: mean over the samples of the likelihood mean, shaped like one sample
+        (class probabilities ``(B, C)`` for ``categorical``).
+    :ivar torch.Tensor quantiles: ``(Q, ...)`` sample quantiles at :attr:`levels`.
+    :ivar tuple levels: the quantile levels.
+    """
+
+    samples: torch.Tensor
+    mean: torch.Tensor
+    quantiles: torch.Tensor
+    levels: tuple
+
+    def quantile(self, level):
+        """The quantile at one of :attr:`levels`."""
+        if level not in self.levels:
+            raise ValueError(f"Expected a level in {self.levels}, but got {level}.")
+        return self.quantiles[self.levels.index(level)]
+
+
+class NeuronLayer(PyroModule):
+    """One layer of H distributional neurons: a prior (model side), an amortized posterior
+    (guide side) and a KL coefficient ``beta`` of shape ``(H,)`` (a buffer that constraints
+    may update in place).
+
+    :param str name: site name, e.g. ``"layers.0.z"``.
+    :param prior: a prior module (see :mod:`vdn_pyro.models.priors`).
+    :param AmortizedNormal posterior: the unit heads.
+    :param torch.Tensor beta: ``(H,)``.
+    :param str pooling: ``mean``, ``sum`` or ``sqrt``.
+    """
+
+    def __init__(self, name, prior, posterior, beta, pooling="mean"):
+        super().__init__()
+        self.site, self.prior, self.posterior, self.pooling = name, prior, posterior, pooling
+        self.units, self.latent_dim = posterior.units, posterior.latent_dim
+        self.register_buffer("beta", beta.clone())
+
+    def pool(self, z, temporal=False):
+        """Pool the k latent dims of what the layer passes on.
+
+        :param z: ``(..., B, H, k)`` or, if ``temporal``, ``(..., B, H, k, T)``.
+        :returns: ``(..., B, H)`` or ``(..., B, T, H)``.
+        """
+        out = z.sum(-2 if temporal else -1)  # (..., B, H[, T])
+        if self.pooling == "mean":
+            out = out / self.latent_dim
+        elif self.pooling == "sqrt":
+            out = out / math.sqrt(self.latent_dim)
+        return out.transpose(-1, -2) if temporal else out  # (..., B, [T,] H)
+
+
+class VDN(PyroModule):
+    r"""A network of variational distributional neurons.
+
+    The ELBO it defines, with per-unit KL coefficients :math:`\beta_{l,i}`, is
+
+    .. math:: \mathcal{L} = \sum_n \mathbb{E}_q[\log p(y_n \mid z_{L,n})]
+              - \sum_{l,i} \beta_{l,i} \sum_n \mathrm{KL}(q(z_{l,i,n} \mid \cdot)\,\|\,p(z_{l,i})).
+
+    Inputs are ``x`` of shape ``(B, D)`` (static latents) or ``(B, T, D)`` (temporal latents
+    over T steps, under the layer's prior over time); targets ``y`` are ``(B, out)`` or
+    ``(B, T, out)`` (integer labels ``(B,)``/``(B, T)`` for ``categorical``).
+
+    :param int in_features: input width D.
+    :param int out_features: number of outputs.
+    :param options: any other :class:`VDNConfig` field.
+
+    >>> net = VDN(8, 1, units=(16,))
+    >>> x, y = torch.randn(4, 8), torch.randn(4, 1)
+    >>> tr = pyro.poutine.trace(net.guide).get_trace(x, y)
+    >>> tr.nodes["layers.0.z"]["value"].shape
+    torch.Size([4, 16, 1])
+    """
+
+    def __init__(self, in_features, out_features, **options):
+        super().__init__()
+        config = options.pop("config", None) or VDNConfig(in_features, out_features, **options)
+        self.config = config
+        if config.trunk == "mlp":
+            self.trunk = MLPTrunk(in_features, config.hidden, config.activation, config.instance_norm)
+        elif config.trunk == "dlinear":
+            self.trunk = DLinearTrunk(
+                in_features, config.hidden[-1], instance_norm=config.instance_norm or "last"
+            )
+        else:
+            self.trunk = MLPTrunk(in_features, (), config.activation, config.instance_norm)
+        width = self.trunk.out_features
+        layers = []
+        for i, (h, beta) in enumerate(zip(config.units, config.betas)):
+            if config.prior == "ar":
+                prior = ARPrior(
+                    h,
+                    config.ar_order,
+                    config.latent_dim,
+                    learn_phi=config.learn_prior,
+                    learn_constant=config.learn_prior,
+                    learn_scale=config.learn_prior,
+                )
+            else:
+                prior = NormalPrior(h, config.latent_dim, learnable=config.learn_prior)
+            posterior = AmortizedNormal(
+                width,
+                h,
+                config.latent_dim,
+                config.scale_mode,
+                config.scale_min,
+                config.scale_max,
+                config.init_scale,
+            )
+            layers.append(NeuronLayer(f"layers.{i}.z", prior, posterior, beta, config.pooling))
+            width = h
+        self.layers = nn.ModuleList(layers)
+        self.act = make_activation(config.activation)
+        if isinstance(config.likelihood, Likelihood):
+            self.likelihood = config.likelihood
+        elif config.likelihood in ("gaussian", "student_t"):
+            self.likelihood = make_likelihood(
+                config.likelihood, out_features, scale=config.likelihood_scale
+            )
+        else:
+            self.likelihood = make_likelihood(config.likelihood, out_features)
+        self.head = nn.Linear(width, self.likelihood.head_features)
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def deterministic(self):
+        """Whether this is the deterministic twin (z = loc, no KL)."""
+        return self.config.deterministic
+
+    @property
+    def site_names(self):
+        """The latent site names, one per layer."""
+        return [layer.site for layer in self.layers]
+
+    def check_inputs(self, x, y=None):
+        """Raise ``TypeError``/``ValueError`` before any computation if ``x``/``y`` are unusable.
+
+        :param torch.Tensor x: ``(B, D)`` or ``(B, T, D)``.
+        :param y: ``None`` or targets matching ``x`` (see the class docstring).
+        """
+        if not torch.is_tensor(x):
+            raise TypeError(f"Expected x to be a torch.Tensor, but got {type(x).__name__}.")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"Expected x to have a floating dtype, but got {x.dtype}; use x.float().")
+        d = self.config.in_features
+        if x.dim() not in (2, 3) or x.shape[-1] != d:
+            raise ValueError(
+                f"Expected x of shape (B, {d}) or (B, T, {d}), but got {tuple(x.shape)}. "
+                f"The network was built with in_features={d}."
+            )
+        if x.shape[0] < 1:
+            raise ValueError("Expected a non-empty batch, but x has 0 rows.")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("Expected finite x, but it contains NaN or inf; clean or impute it.")
+        if y is not None:
+            self.likelihood.check_target(y, x.shape[:-1])
+            if y.dtype.is_floating_point and not bool(torch.isfinite(y).all()):
+                raise ValueError("Expected finite y, but it contains NaN or inf; clean it first.")
+
+    # --------------------------------------------------------------- forward
+    def _data_plate(self, x, num_data):
+        batch = x.shape[0]
+        size = batch if num_data is None else int(num_data)
+        if size < batch:
+            raise ValueError(f"Expected num_data >= batch size {batch}, but got {num_data}.")
+        subsample = None if size == batch else torch.arange(batch, device=x.device)
+        return pyro.plate(DATA_PLATE, size, subsample=subsample, dim=-2)
+
+    def encode(self, x, sample=True):
+        """Run the guide's forward pass, returning what the last layer passes on.
+
+        Must be called inside the data plate when ``sample=True`` (as :meth:`guide` does).
+
+        :param torch.Tensor x: ``(B, D)`` or ``(B, T, D)``.
+        :param bool sample: sample each layer's site; otherwise propagate z = loc.
+        :returns: ``(B, H_L)`` or ``(B, T, H_L)``.
+        """
+        temporal = x.dim() == 3
+        h = self.trunk(x)  # (B, [T,] F)
+        for i, layer in enumerate(self.layers):
+            if i:
+                h = self.act(h)
+            if sample:
+                fn = layer.posterior.dist(h, temporal)  # batch (..., B, H)
+                z = neurons(layer.site, fn, layer.beta)  # (..., B, H, k[, T])
+            else:
+                z = layer.posterior(h, temporal)[0]  # (B, H, k[, T])
+            h = layer.pool(z, temporal)  # (..., B, [T,] H)
+        return h
+
+    def output_dist(self, x, z):
+        """The likelihood given the last layer's output.
+
+        :param x: ``(B, D)`` or ``(B, T, D)`` (for the instance-normalisation offset).
+        :param z: ``(..., B, H_L)`` or ``(..., B, T, H_L)``.
+        :returns: distribution with batch ``(..., B, 1)`` and event ``(out,)`` or ``(T, out)``.
+        """
+        raw = self.head(z)  # (..., B, [T,] out * m)
+        offset = self.trunk.offset(x) if self.likelihood.has_location else None
+        event_dims = 1 if x.dim() == 2 else 2
+        raw = raw.unsqueeze(-1 - event_dims)  # (..., B, 1, [T,] out * m)
+        if offset is not None:
+            offset = offset.unsqueeze(-1 - event_dims)  # (B, 1, [T,] 1)
+        return self.likelihood(raw, offset, event_dims)
+
+    def model(self, x, y=None, *, num_data=None):
+        """The generative side: per-unit priors, linear head, likelihood.
+
+        :param torch.Tensor x: ``(B, D)`` or ``(B, T, D)``.
+        :param y: targets or ``None`` (sample them).
+        :param int num_data: full data-set size N when ``x`` is a minibatch (scales by N/B).
+        :returns: the observations ``(B, ...)``.
+        """
+        self.check_inputs(x, y)
+        steps = None if x.dim() == 2 else x.shape[1]
+        with self._data_plate(x, num_data):
+            if self.deterministic:
+                z = self.encode(x, sample=False)  # (B, [T,] H)
+            else:
+                for layer in self.layers:
+                    fn = layer.prior((x.shape[0],), steps)
+                    z = layer.pool(neurons(layer.site, fn, layer.beta), steps is not None)
+            fn = self.output_dist(x, z)
+            obs = None if y is None else y.unsqueeze(1)  # (B, 1, ...)
+            out = pyro.sample("obs", fn, obs=obs)
+        return out.squeeze(1) if out.dim() > 1 else out
+
+    def guide(self, x, y=None, *, num_data=None):
+        """The inference side: trunk and amortized per-unit posteriors, layer by layer.
+
+        :returns: what the last layer passes on, ``(B, H_L)`` or ``(B, T, H_L)`` (``None`` for
+            the deterministic twin, whose guide is empty).
+        """
+        self.check_inputs(x, y)
+        if self.deterministic:
+            return None
+        with self._data_plate(x, num_data):
+            return self.encode(x, sample=True)
+
+    def forward(self, x, y=None, *, num_data=None):
+        """Same as :meth:`model`."""
+        return self.model(x, y, num_data=num_data)
+
+    # ------------------------------------------------------------- analysis
+    @torch.no_grad()
+    def posteriors(self, x):
+        """Per-layer posterior parameters along the mean path (z = loc, no sampling).
+
+        :param torch.Tensor x: ``(B, D)`` or ``(B, T, D)``.
+        :returns: dict ``site -> (loc, scale)``, each ``(B, H, k[, T])``.
+        """
+        self.check_inputs(x)
+        out, h, temporal = {}, self.trunk(x), x.dim() == 3
+        for i, layer in enumerate(self.layers):
+            if i:
+                h = self.act(h)
+            loc, scale = layer.posterior(h, temporal)
+            out[layer.site] = (loc, scale)
+            h = layer.pool(loc, temporal)
+        return out
+
+    @torch.no_grad()
+    def predict(self, x, num_samples=100, levels=(0.05, 0.25, 0.5, 0.75, 0.95)):
+        """Posterior predictive samples and summaries via :class:`pyro.infer.Predictive`.
+
+        :param torch.Tensor x: ``(B, D)`` or ``(B, T, D)``.
+        :param int num_samples: S.
+        :param tuple levels: quantile levels in (0, 1).
+        :returns: a :class:`Prediction`.
+        """
+        if not _is_int(num_samples) or num_samples < 1:
+            raise ValueError(f"Expected num_samples to be an int >= 1, got {num_samples!r}.")
+        if not all(0 < q < 1 for q in levels):
+            raise ValueError(f"Expected quantile levels in (0, 1), but got {levels}.")
+        self.check_inputs(x)
+        last = self.layers[-1].site
+        sites = ("obs",) if self.deterministic else ("obs", last)
+        guide = None if self.deterministic else self.guide
+        predictive = pyro.infer.Predictive(
+            self.model, guide=guide, num_samples=num_samples, parallel=True, return_sites=sites
+        )
+        draws = predictive(x)
+        lead = (num_samples,) + tuple(x.shape[:-1])  # (S, B[, T])
+        tail = () if self.likelihood.categorical else (self.config.out_features,)
+        samples = draws["obs"].reshape(lead + tail)  # (S, B, [T,] out)
+        if self.deterministic:
+            z = self.encode(x, sample=False)  # (B, [T,] H)
+        else:
+            z = self.layers[-1].pool(draws[last], x.dim() == 3)  # (S, B, [T,] H)
+        fn = self.output_dist(x, z)
+        base = fn.base_dist if isinstance(fn, pyro.distributions.Independent) else fn
+        point = base.probs if self.likelihood.categorical else base.mean  # (..., B, 1, [T,] out)
+        point = point.squeeze(-2 - (x.dim() == 3))  # (..., B, [T,] out)
+        mean = point.mean(0) if point.dim() > x.dim() else point  # (B, [T,] out)
+        q = torch.tensor(levels, dtype=torch.get_default_dtype(), device=samples.device)
+        quantiles = torch.quantile(samples.to(q.dtype), q, dim=0)  # (Q, B, [T,] out)
+        return Prediction(samples, mean, quantiles, tuple(levels))
+
+    def extra_repr(self):
+        kind = "deterministic" if self.deterministic else "distributional"
+        return f"{kind}, units={self.config.units}, k={self.config.latent_dim}"
