@@ -111,7 +111,9 @@ def half_life(phi):
     """
     if not torch.is_tensor(phi):
         phi = torch.as_tensor(phi, dtype=torch.get_default_dtype())
-    return math.log(0.5) / phi.abs().log()
+    log_abs = phi.abs().log()
+    # log(1) is +0.0, so the plain ratio would give -inf; a unit root has infinite memory.
+    return torch.where(log_abs == 0, math.inf, math.log(0.5) / log_abs)
 
 
 def phi_from_half_life(h):

@@ -60,7 +60,10 @@ def _tensors(fn, **named):
             tensor = value.detach()
         else:
             try:
-                tensor = torch.as_tensor(np.asarray(value))
+                array = np.asarray(value)
+                if not array.flags.writeable:  # e.g. pandas copy-on-write views
+                    array = array.copy()
+                tensor = torch.as_tensor(array)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise TypeError(
                     f"{fn}: expected {name} to be a tensor or numeric array but got "

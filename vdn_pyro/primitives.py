@@ -94,7 +94,7 @@ def neurons(name, fn, beta=None, *, dim=-1):
         if (
             not torch.is_tensor(beta)
             or beta.shape != (units,)
-            or (pyro.infer.is_validation_enabled() and not bool((beta >= 0).all()))
+            or (pyro.infer.is_validation_enabled() and not bool(((beta >= 0) & torch.isfinite(beta)).all()))
         ):
             beta = as_beta(beta, units, name=f"beta of site '{name}'", allow_zero=True)
         beta = beta.clamp_min(BETA_FLOOR)  # (H,)

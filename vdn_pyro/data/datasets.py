@@ -176,7 +176,7 @@ def load_csv(path, date_column="date", target_columns=None, fill=None):
                 "drop them from target_columns"
             )
     return TimeSeries(
-        values=data.to_numpy(dtype=np.float64),
+        values=data.to_numpy(dtype=np.float64, copy=True),
         columns=[str(c) for c in target_columns],
         index=index,
         name=path.stem,
@@ -207,7 +207,7 @@ def load_default():
     frame = co2.load_pandas().data  # (2284, 1), NaN in 59 weeks
     frame = frame.interpolate(method="linear", limit_direction="both")
     return TimeSeries(
-        values=frame.to_numpy(dtype=np.float64),
+        values=frame.to_numpy(dtype=np.float64, copy=True),
         columns=["co2"],
         index=pd.DatetimeIndex(frame.index, name="date"),
         name="co2",

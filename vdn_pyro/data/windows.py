@@ -39,6 +39,8 @@ def _as_series(series):
                 f"Expected a numeric array-like series but got dtype {array.dtype}; "
                 "convert the values to float first"
             )
+        if not array.flags.writeable:  # e.g. pandas copy-on-write views; torch warns on them
+            array = array.copy()
         tensor = torch.as_tensor(array)
     if tensor.dim() != 2:
         hint = " (for a univariate series use series.reshape(-1, 1))" if tensor.dim() == 1 else ""

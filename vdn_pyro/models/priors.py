@@ -202,7 +202,8 @@ class ARPrior(PyroModule):
         if self.phi_range is not None:
             lo, hi = self.phi_range
             return lo + (hi - lo) * torch.sigmoid(self.raw_phi)  # (H, 1)
-        return pacf_to_coeffs(torch.tanh(self.raw_phi))  # (H, p)
+        pacf = torch.tanh(self.raw_phi).clamp(-1 + 1e-6, 1 - 1e-6)  # saturation stays stationary
+        return pacf_to_coeffs(pacf)  # (H, p)
 
     @property
     def scale(self):
