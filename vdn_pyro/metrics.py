@@ -66,8 +66,7 @@ def _tensors(fn, **named):
                 tensor = torch.as_tensor(array)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise TypeError(
-                    f"{fn}: expected {name} to be a tensor or numeric array but got "
-                    f"{type(value).__name__}"
+                    f"{fn}: expected {name} to be a tensor or numeric array but got {type(value).__name__}"
                 ) from e
         if not tensor.is_floating_point():
             tensor = tensor.to(torch.get_default_dtype())
@@ -289,8 +288,7 @@ def sample_interval(samples, level):
     (samples,) = _tensors("sample_interval", samples=samples)
     if samples.dim() < 1 or samples.shape[0] == 0:
         raise ValueError(
-            f"sample_interval: expected samples of shape (S, ...) with S >= 1 but got "
-            f"{tuple(samples.shape)}"
+            f"sample_interval: expected samples of shape (S, ...) with S >= 1 but got {tuple(samples.shape)}"
         )
     return _interval_sorted(samples.sort(dim=0).values, level)
 
@@ -411,9 +409,7 @@ def forecast_metrics(samples=None, loc=None, scale=None, *, y, fair=True):
         samples = tensors["samples"]
         _check_samples("forecast_metrics", samples, y)
         if fair and samples.shape[0] < 2:
-            raise ValueError(
-                "forecast_metrics: fair=True needs at least 2 samples; pass fair=False"
-            )
+            raise ValueError("forecast_metrics: fair=True needs at least 2 samples; pass fair=False")
     if loc is not None:
         loc = tensors["loc"]
         _check_same("forecast_metrics", "loc", loc, y)

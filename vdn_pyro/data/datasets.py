@@ -90,8 +90,7 @@ def load_csv(path, date_column="date", target_columns=None, fill=None):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"Expected a CSV file at {path} (resolved: {path.resolve()}) but none exists; "
-            "check the path"
+            f"Expected a CSV file at {path} (resolved: {path.resolve()}) but none exists; check the path"
         )
     try:
         frame = pd.read_csv(path)
@@ -140,8 +139,7 @@ def load_csv(path, date_column="date", target_columns=None, fill=None):
     missing = [c for c in target_columns if c not in frame.columns]
     if missing:
         raise ValueError(
-            f"Expected target columns {missing} in {path} but the columns are {available}; "
-            "fix target_columns"
+            f"Expected target columns {missing} in {path} but the columns are {available}; fix target_columns"
         )
 
     values = {}
@@ -172,8 +170,7 @@ def load_csv(path, date_column="date", target_columns=None, fill=None):
         empty = [c for c in data.columns if data[c].isna().any()]
         if empty:
             raise ValueError(
-                f"Column(s) {empty} of {path} have no valid value to fill from; "
-                "drop them from target_columns"
+                f"Column(s) {empty} of {path} have no valid value to fill from; drop them from target_columns"
             )
     return TimeSeries(
         values=data.to_numpy(dtype=np.float64, copy=True),

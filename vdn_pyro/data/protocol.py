@@ -143,9 +143,7 @@ class ForecastSplits:
         """
         if split not in self.borders:
             raise ValueError(f"Expected split in {list(self.borders)} but got {split!r}")
-        return sliding_windows(
-            getattr(self, split), self.lookback, self.horizon, stride, channel_independent
-        )
+        return sliding_windows(getattr(self, split), self.lookback, self.horizon, stride, channel_independent)
 
 
 def _split(values, borders, lookback, horizon, columns):
@@ -232,8 +230,7 @@ def ratio_splits(series, lookback, horizon, train=0.7, val=0.1):
     horizon = _check_positive_int(horizon, "horizon")
     if not (0 < train < 1 and 0 < val < 1 and train + val < 1):
         raise ValueError(
-            f"Expected fractions 0 < train, 0 < val, train + val < 1 but got train={train}, "
-            f"val={val}"
+            f"Expected fractions 0 < train, 0 < val, train + val < 1 but got train={train}, val={val}"
         )
     values, columns = _unpack(series)
     num_rows = values.shape[0]

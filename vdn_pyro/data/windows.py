@@ -20,9 +20,7 @@ __all__ = ["sliding_windows", "window_chunks"]
 
 def _check_positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"Expected {name} to be a positive int but got {type(value).__name__} {value!r}"
-        )
+        raise TypeError(f"Expected {name} to be a positive int but got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"Expected {name} > 0 but got {name}={value}")
     return int(value)
@@ -100,9 +98,7 @@ def sliding_windows(series, lookback, horizon, stride=1, channel_independent=Tru
     horizon = _check_positive_int(horizon, "horizon")
     stride = _check_positive_int(stride, "stride")
     values = _as_series(series)  # (N, C)
-    _check_length(
-        values.shape[0], lookback + horizon, f"lookback + horizon = {lookback} + {horizon}"
-    )
+    _check_length(values.shape[0], lookback + horizon, f"lookback + horizon = {lookback} + {horizon}")
     windows = values.unfold(0, lookback + horizon, stride)  # (W, C, L + H)
     if channel_independent:
         windows = windows.reshape(-1, lookback + horizon)  # (W * C, L + H)

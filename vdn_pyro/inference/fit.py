@@ -156,7 +156,9 @@ def fit(
     log_every=10,
     seed=None,
     callbacks=(),
+    constraints=(),
     restore_best=False,
+    device=None,
 ):
     """Fit a network by SVI on minibatches.
 
@@ -177,7 +179,11 @@ def fit(
     :param int seed: seeds Pyro/torch/numpy and the minibatch order.
     :param callbacks: objects with optional ``on_fit_start(state)``, ``on_step_end(state)``
         and ``on_fit_end(state)`` methods; ``state`` is a :class:`FitState`.
+    :param constraints: local constraints (see :mod:`vdn_pyro.inference.constraints`). Each is
+        added to the ELBO's hooks (``transform_kl``, ``penalty``) and to the callbacks
+        (``on_fit_start``, ``on_step_end``, ``on_fit_end``), whichever it defines.
     :param bool restore_best: load the best-validation state into the network at the end.
+    :param device: move the network and data to this device (default: where the network is).
     :returns: a :class:`FitResult`.
     """
     x, y = _as_tensor("x", x), _as_tensor("y", y)
@@ -212,6 +218,16 @@ def fit(
     total = steps if steps is not None else epochs * per_epoch
     val_every = val_every or per_epoch
     elbo = elbo or LocalELBO()
+    constraints = list(constraints)
+    elbo.hooks = [h for h in elbo.hooks if h not in constraints] + constraints
+    callbacks = constraints + list(callbacks)
+    if device is not None:
+        network.to(device)
+    else:
+        device = next(iter(network.parameters())).device
+    x, y = x.to(device), y.to(device)
+    if val_data is not None:
+        x_val, y_val = x_val.to(device), y_val.to(device)
     optimizer = _make_optimizer(optim, [p for p in network.parameters() if p.requires_grad], lr)
 
     result = FitResult(network, [], {}, {}, [], math.nan, -1, {}, 0, 0.0, {})
@@ -220,12 +236,12 @@ def fit(
         getattr(cb, "on_fit_start", lambda s: None)(state)
 
     start_time = time.perf_counter()
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=generator).to(device)
     cursor = 0
     network.train()
     for step in range(1, total + 1):
         if cursor >= n:
-            order, cursor = torch.randperm(n, generator=generator), 0
+            order, cursor = torch.randperm(n, generator=generator).to(device), 0
             state.epoch += 1
         idx = order[cursor : cursor + batch_size]
         cursor += batch_size
