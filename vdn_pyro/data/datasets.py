@@ -119,7 +119,8 @@ def load_csv(path, date_column="date", target_columns=None, fill=None):
             row = _first_row(bad)
             raise ValueError(
                 f"Expected dates in column {date_column!r} of {path} but row {row} holds "
-                f"{raw_dates.iloc[row]!r}; fix that row or pass date_column=None"
+                f"{raw_dates.iloc[row]!r}; fix that row (all dates must share the format of the first "
+                "row) or pass date_column=None"
             )
         index = pd.DatetimeIndex(dates, name=date_column)
     else:
