@@ -143,6 +143,9 @@ def _yule_walker(coeffs, scale):
     :returns: shape ``(..., p + 1)``.
     """
     p = coeffs.shape[-1]
+    if p == 1:  # closed form: gamma_0 = s^2 / (1 - phi^2), gamma_1 = phi gamma_0
+        gamma0 = scale.pow(2) / (1 - coeffs[..., 0].pow(2))  # (...,)
+        return torch.stack([gamma0, coeffs[..., 0] * gamma0], dim=-1)  # (..., 2)
     # select[j - 1, k, m] = 1 where m = |k - j|: phi_j adds to the gamma_m term of row k.
     lags = torch.arange(1, p + 1, device=coeffs.device)  # (p,)
     rows = torch.arange(p + 1, device=coeffs.device)  # (p + 1,)
@@ -153,6 +156,14 @@ def _yule_walker(coeffs, scale):
     rhs = torch.zeros(scale.shape + (p + 1,), dtype=scale.dtype, device=scale.device)
     rhs[..., 0] = scale**2  # (..., p + 1)
     return torch.linalg.solve(system, rhs.unsqueeze(-1)).squeeze(-1)  # (..., p + 1)
+
+
+def _broadcast_shapes(*shapes):
+    """:func:`torch.broadcast_shapes`, returning at once when all shapes are equal (the common
+    case, and the general function is slow next to the small tensors of a prior)."""
+    if all(s == shapes[0] for s in shapes[1:]):
+        return torch.Size(shapes[0])
+    return torch.broadcast_shapes(*shapes)
 
 
 def _tril_solve(scale_tril, vec):
@@ -227,7 +238,7 @@ class ARProcess(dist.TorchDistribution):
         constant = torch.as_tensor(constant, dtype=coeffs.dtype, device=coeffs.device)
         scale = torch.as_tensor(scale, dtype=coeffs.dtype, device=coeffs.device)
         try:
-            batch_shape = torch.broadcast_shapes(constant.shape, coeffs.shape[:-1], scale.shape)
+            batch_shape = _broadcast_shapes(constant.shape, coeffs.shape[:-1], scale.shape)
         except RuntimeError as e:
             raise ValueError(
                 f"Expected constant {tuple(constant.shape)}, coeffs[..., 0] "
@@ -260,14 +271,22 @@ class ARProcess(dist.TorchDistribution):
         :param tuple batch_shape: the new batch shape, broadcastable from :attr:`batch_shape`.
         :returns: an :class:`ARProcess` with batch shape ``batch_shape`` and event ``(T,)``.
         """
-        new = self._get_checked_instance(ARProcess, _instance)
         batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape and _instance is None:
+            return self  # immutable: Pyro's plates re-expand every site to the shape it has
+        new = self._get_checked_instance(ARProcess, _instance)
         new.constant = self.constant.expand(batch_shape)  # (...,)
         new.coeffs = self.coeffs.expand(batch_shape + (self.order,))  # (..., p)
         new.scale = self.scale.expand(batch_shape)  # (...,)
         new._num_steps = self._num_steps
         super(ARProcess, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
+        # The stationary start depends only on the unexpanded parameters: solve it once here and
+        # hand out broadcast views, rather than once per batch element (plates expand to (B, H)).
+        for name in ("_gamma", "_init_scale_tril", "_init_tril_inv"):
+            cached = getattr(self, name)  # (...old, *tail)
+            tail = cached.shape[len(self.batch_shape) :]
+            setattr(new, name, cached.expand(batch_shape + tail))  # (..., *tail)
         return new
 
     @property
@@ -292,7 +311,17 @@ class ARProcess(dist.TorchDistribution):
     @lazy_property
     def _init_scale_tril(self):
         head = min(self.order, self.num_steps)
+        if head == 1:  # the Cholesky factor of a 1 x 1 matrix
+            return self._gamma[..., :1].sqrt().unsqueeze(-1)  # (..., 1, 1)
         return torch.linalg.cholesky(_toeplitz(self._gamma[..., :head]))  # (..., p', p')
+
+    @lazy_property
+    def _init_tril_inv(self):
+        scale_tril = self._init_scale_tril  # (..., p', p')
+        if scale_tril.shape[-1] == 1:
+            return scale_tril.reciprocal()  # (..., 1, 1)
+        eye = torch.eye(scale_tril.shape[-1], dtype=scale_tril.dtype, device=scale_tril.device)
+        return torch.linalg.solve_triangular(scale_tril, eye, upper=False)  # (..., p', p')
 
     def autocovariance(self, num_lags):
         r"""Stationary autocovariances :math:`\gamma_0, \dots, \gamma_{L-1}`.
@@ -395,6 +424,26 @@ class ARProcess(dist.TorchDistribution):
         return 0.5 * (self.num_steps * (1 + _LOG_2PI) + logdet)
 
 
+def _compact(value, keep):
+    """The smallest view of a broadcast tensor: each stride-0 dim, except the last ``keep``, is
+    narrowed to size 1. Results computed from it broadcast back to the full shape."""
+    lead = value.dim() - keep
+    if all(value.stride(d) != 0 or value.shape[d] == 1 for d in range(lead)):
+        return value
+    index = tuple(
+        slice(0, 1) if value.stride(d) == 0 and value.shape[d] > 1 else slice(None) for d in range(lead)
+    )
+    return value[index]
+
+
+def _time_sum(value, start, stop):
+    """``value[..., start:stop].sum(-1)`` where a last dim of size 1 stands for a value constant
+    over time: ``(..., T) or (..., 1) -> (...,)``."""
+    if value.shape[-1] == 1 and stop - start != 1:
+        return value[..., 0] * (stop - start)
+    return value[..., start:stop].sum(-1)
+
+
 @torch.distributions.register_kl(torch.distributions.Independent, ARProcess)
 def _kl_independent_arprocess(q, p):
     r"""Closed-form :math:`\mathrm{KL}(q \,\|\, p)` for a diagonal Normal ``q`` over time.
@@ -425,37 +474,41 @@ def _kl_independent_arprocess(q, p):
         )
     order, num_steps = p.order, p.num_steps
     head = min(order, num_steps)
-    loc, scale = q.base_dist.loc, q.base_dist.scale  # (..., T)
-    var = scale.pow(2)  # (..., T)
-    neg_entropy = -(scale.log() + 0.5 * (1 + _LOG_2PI)).sum(-1)  # (...,)
+    batch_shape = _broadcast_shapes(q.batch_shape, p.batch_shape)
+    # Work on the smallest views: plates expand per-unit parameters to (B, H, ...) with stride 0,
+    # and a per-unit posterior scale is also constant over time. Only loc is truly (..., T).
+    loc = _compact(q.base_dist.loc, keep=1)  # (..., T)
+    scale = _compact(q.base_dist.scale, keep=0)  # (..., T) or (..., 1) when constant over time
+    var = scale.pow(2)  # (..., T or 1)
+    neg_entropy = -_time_sum(scale.log() + 0.5 * (1 + _LOG_2PI), 0, num_steps)  # (...,)
 
-    scale_tril = p._init_scale_tril  # (..., p', p')
-    eye = torch.eye(head, dtype=scale_tril.dtype, device=scale_tril.device)  # (p', p')
-    tril_inv = torch.linalg.solve_triangular(scale_tril, eye, upper=False)  # (..., p', p')
+    scale_tril = _compact(p._init_scale_tril, keep=2)  # (..., p', p')
+    tril_inv = _compact(p._init_tril_inv, keep=2)  # (..., p', p'), solved once per prior
     prec_diag = tril_inv.pow(2).sum(-2)  # (..., p'): diagonal of G^{-1}
-    diff = loc[..., :head] - p.stationary_mean.unsqueeze(-1)  # (..., p')
-    white = _tril_solve(scale_tril, diff)  # (..., p')
+    mean = _compact(p.constant, keep=0) / (1 - _compact(p.coeffs, keep=1).sum(-1))  # (...,)
+    diff = loc[..., :head] - mean.unsqueeze(-1)  # (..., p')
+    white = (tril_inv * diff.unsqueeze(-2)).sum(-1)  # (..., p'): L^{-1} (m - mu)
     cross_entropy = 0.5 * (
         head * _LOG_2PI
         + 2 * scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         + white.pow(2).sum(-1)
-        + (prec_diag * var[..., :head]).sum(-1)
+        + (prec_diag * var[..., :head]).sum(-1)  # a constant-over-time var broadcasts
     )  # (...,)
 
     if num_steps > order:
-        loc_win = loc.unfold(-1, order + 1, 1)  # (..., T - p, p + 1)
-        var_win = var.unfold(-1, order + 1, 1)  # (..., T - p, p + 1)
-        coeffs = p.coeffs.unsqueeze(-2)  # (..., 1, p)
-        pred = p.constant.unsqueeze(-1) + (loc_win[..., :order].flip(-1) * coeffs).sum(-1)
-        sq_resid = (
-            (loc_win[..., order] - pred).pow(2)
-            + var_win[..., order]
-            + (var_win[..., :order].flip(-1) * coeffs.pow(2)).sum(-1)
-        )  # (..., T - p)
+        coeffs = _compact(p.coeffs, keep=1)  # (..., p)
+        ar_scale = _compact(p.scale, keep=0)  # (...,)
+        # residual mean m_t - c - sum_j phi_j m_{t-j} for t = p..T-1, from shifted views
+        resid = loc[..., order:] - _compact(p.constant, keep=0).unsqueeze(-1)  # (..., T - p)
+        for j in range(1, order + 1):
+            lagged = loc[..., order - j : num_steps - j]  # (..., T - p): m_{t-j}
+            resid = torch.addcmul(resid, coeffs[..., j - 1 : j], lagged, value=-1)
+        var_terms = _time_sum(var, order, num_steps)  # (...,): sum_t v_t
+        for j in range(1, order + 1):
+            var_terms = var_terms + coeffs[..., j - 1].pow(2) * _time_sum(var, order - j, num_steps - j)
         cross_entropy = cross_entropy + (
-            0.5 * sq_resid.sum(-1) / p.scale.pow(2)
-            + (num_steps - order) * (p.scale.log() + 0.5 * _LOG_2PI)
+            0.5 * (resid.pow(2).sum(-1) + var_terms) / ar_scale.pow(2)
+            + (num_steps - order) * (ar_scale.log() + 0.5 * _LOG_2PI)
         )  # (...,)
 
-    batch_shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
     return (neg_entropy + cross_entropy).expand(batch_shape)

@@ -172,6 +172,9 @@ class NeuronLayer(PyroModule):
         :param z: ``(..., B, H, k)`` or, if ``temporal``, ``(..., B, H, k, T)``.
         :returns: ``(..., B, H)`` or ``(..., B, T, H)``.
         """
+        if self.latent_dim == 1:  # every pooling is the identity: a view, no copy
+            out = z.squeeze(-2 if temporal else -1)  # (..., B, H[, T])
+            return out.transpose(-1, -2) if temporal else out  # (..., B, [T,] H)
         out = z.sum(-2 if temporal else -1)  # (..., B, H[, T])
         if self.pooling == "mean":
             out = out / self.latent_dim
@@ -263,11 +266,14 @@ class VDN(PyroModule):
         """The latent site names, one per layer."""
         return [layer.site for layer in self.layers]
 
-    def check_inputs(self, x, y=None):
+    def check_inputs(self, x, y=None, *, check_finite=True):
         """Raise ``TypeError``/``ValueError`` before any computation if ``x``/``y`` are unusable.
 
         :param torch.Tensor x: ``(B, D)`` or ``(B, T, D)``.
         :param y: ``None`` or targets matching ``x`` (see the class docstring).
+        :param bool check_finite: also scan ``x`` and ``y`` for NaN/inf. This reads every value
+            (and syncs with an accelerator), so :meth:`model` and :meth:`guide` only ask for it
+            while Pyro's validation is enabled.
         """
         if not torch.is_tensor(x):
             raise TypeError(f"Expected x to be a torch.Tensor, but got {type(x).__name__}.")
@@ -281,11 +287,11 @@ class VDN(PyroModule):
             )
         if x.shape[0] < 1:
             raise ValueError("Expected a non-empty batch, but x has 0 rows.")
-        if not bool(torch.isfinite(x).all()):
+        if check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError("Expected finite x, but it contains NaN or inf; clean or impute it.")
         if y is not None:
             self.likelihood.check_target(y, x.shape[:-1])
-            if y.dtype.is_floating_point and not bool(torch.isfinite(y).all()):
+            if check_finite and y.dtype.is_floating_point and not bool(torch.isfinite(y).all()):
                 raise ValueError("Expected finite y, but it contains NaN or inf; clean it first.")
 
     # --------------------------------------------------------------- forward
@@ -342,7 +348,7 @@ class VDN(PyroModule):
         :param int num_data: full data-set size N when ``x`` is a minibatch (scales by N/B).
         :returns: the observations ``(B, ...)``.
         """
-        self.check_inputs(x, y)
+        self.check_inputs(x, y, check_finite=pyro.infer.is_validation_enabled())
         steps = None if x.dim() == 2 else x.shape[1]
         with self._data_plate(x, num_data):
             if self.deterministic:
@@ -362,7 +368,7 @@ class VDN(PyroModule):
         :returns: what the last layer passes on, ``(B, H_L)`` or ``(B, T, H_L)`` (``None`` for
             the deterministic twin, whose guide is empty).
         """
-        self.check_inputs(x, y)
+        self.check_inputs(x, y, check_finite=pyro.infer.is_validation_enabled())
         if self.deterministic:
             return None
         with self._data_plate(x, num_data):

@@ -77,11 +77,12 @@ class AmortizedNormal(nn.Module):
         lead = features.shape[:-1]
         shape = lead + (self.units, self.latent_dim)
         loc = self.loc(features).reshape(shape)  # (B, [T,] H, k)
-        if self.scale_mode == "unit":
-            scale = softplus(self.raw_scale).expand(shape)  # (B, [T,] H, k)
+        if self.scale_mode == "unit":  # clamp the (H, k) values, then broadcast them (no copy)
+            scale = softplus(self.raw_scale).clamp(self.scale_min, self.scale_max)  # (H, k)
+            scale = scale.expand(shape)  # (B, [T,] H, k)
         else:
             scale = softplus(self.scale_head(features)).reshape(shape)  # (B, [T,] H, k)
-        scale = scale.clamp(self.scale_min, self.scale_max)
+            scale = scale.clamp(self.scale_min, self.scale_max)
         if temporal:  # time goes last
             loc = torch.movedim(loc, -3, -1)  # (..., B, H, k, T)
             scale = torch.movedim(scale, -3, -1)  # (..., B, H, k, T)

@@ -1,14 +1,68 @@
-"""Inference: the local ELBO and fitting."""
+"""Inference: the local ELBO, fitting, local constraints, diagnostics, checkpoints and ArviZ export."""
 
+from vdn_pyro.inference.arviz import load_inference_data, save_inference_data, to_inference_data
+from vdn_pyro.inference.checkpoint import (
+    CheckpointError,
+    CorruptCheckpointError,
+    ForeignCheckpointError,
+    IncompatibleCheckpointError,
+    load_checkpoint,
+    load_network,
+    save_checkpoint,
+)
+from vdn_pyro.inference.constraints import (
+    Constraint,
+    FreeBits,
+    KLBand,
+    LocBand,
+    Persistence,
+    ScaleGuard,
+)
+from vdn_pyro.inference.diagnostics import (
+    STATUSES,
+    StatusThresholds,
+    UnitMonitor,
+    classify_units,
+    layer_summary,
+    mutual_information,
+    unit_kl,
+    unit_report,
+)
 from vdn_pyro.inference.elbo import ESTIMATORS, LocalELBO, UnitStats
-from vdn_pyro.inference.fit import FitResult, FitState, evaluate_loss, fit
+from vdn_pyro.inference.fit import LOG_COLUMNS, FitResult, FitState, NonFiniteError, evaluate_loss, fit
 
 __all__ = [
+    "CheckpointError",
+    "Constraint",
+    "CorruptCheckpointError",
     "ESTIMATORS",
     "FitResult",
     "FitState",
+    "ForeignCheckpointError",
+    "FreeBits",
+    "IncompatibleCheckpointError",
+    "KLBand",
+    "LOG_COLUMNS",
+    "LocBand",
     "LocalELBO",
+    "NonFiniteError",
+    "Persistence",
+    "STATUSES",
+    "ScaleGuard",
+    "StatusThresholds",
+    "UnitMonitor",
     "UnitStats",
+    "classify_units",
     "evaluate_loss",
     "fit",
+    "layer_summary",
+    "load_checkpoint",
+    "load_inference_data",
+    "load_network",
+    "mutual_information",
+    "save_checkpoint",
+    "save_inference_data",
+    "to_inference_data",
+    "unit_kl",
+    "unit_report",
 ]

@@ -43,10 +43,20 @@ class UnitStats:
     scale: torch.Tensor
 
 
-def _per_unit_mean(value, unit_axis):
-    """Mean over every dim but ``unit_axis``: ``(..., H, ...) -> (H,)``."""
-    value = torch.movedim(value, unit_axis, 0)  # (H, ...)
-    return value.reshape(value.shape[0], -1).mean(1)  # (H,)
+def _per_unit_mean(value, unit_axis, transform=None):
+    """Mean of ``transform(value)`` over every dim but ``unit_axis``: ``(..., H, ...) -> (H,)``.
+
+    Broadcast (stride-0) dims are read once, since the mean over copies of a value is that value;
+    the elementwise ``transform`` (e.g. a square) then runs on the compact view only.
+    """
+    index = tuple(
+        slice(0, 1) if d != unit_axis and value.stride(d) == 0 else slice(None) for d in range(value.dim())
+    )
+    value = value[index]  # (..., H, ...) with broadcast dims of size 1
+    if transform is not None:
+        value = transform(value)
+    dims = tuple(d for d in range(value.dim()) if d != unit_axis)
+    return value.mean(dims) if dims else value  # (H,)
 
 
 def _normal_base(fn):
@@ -179,7 +189,7 @@ class LocalELBO(ELBO):
             if loc is None or scale is None:  # not a Normal: use draws
                 loc = fn.mean.detach()
                 scale = fn.variance.detach().sqrt()
-            loc_sq = _per_unit_mean(loc.detach().expand(base.batch_shape) ** 2, unit_axis)
+            loc_sq = _per_unit_mean(loc.detach().expand(base.batch_shape), unit_axis, torch.square)
             scale_u = _per_unit_mean(scale.detach().expand(base.batch_shape), unit_axis)
         entry = stats.setdefault(name, [])
         entry.append((kl_u, loc_sq, scale_u))

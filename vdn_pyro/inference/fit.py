@@ -3,24 +3,69 @@ r"""``fit``: stochastic variational inference for a network of distributional ne
 Minibatches are drawn without replacement each epoch (the last, smaller batch is kept) and the
 model's data plate is told the full size N, so every step's loss is an unbiased estimate of the
 full-data ELBO (each minibatch term is scaled by N/B).
+
+Around the loop, :func:`fit` provides what a long run needs:
+
+- a :mod:`tqdm` progress bar (loss, ELBO per observation, fraction of living units);
+- CSV and JSON-lines logs of every logged row, flushed as written (``log_dir``);
+- atomic checkpoints (``checkpoint_dir``) and exact resume (``resume``): a run of N steps and a run
+  of N/2 steps resumed for N/2 more give bit-identical parameters on CPU;
+- SIGINT/SIGTERM handling: the current step finishes, a final checkpoint is written and the fit
+  returns with ``interrupted=True``;
+- a NaN/inf guard: a step whose loss or gradient is not finite is skipped with a warning, and
+  :class:`NonFiniteError` is raised after ``max_bad_steps`` such steps in a row. Parameters never
+  take a non-finite update, and a checkpoint with NaN or inf is never written.
 """
 
 import copy
+import csv
 import dataclasses
+import hashlib
+import json
+import logging
 import math
 import numbers
+import signal
+import sys
+import threading
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pyro
 import torch
 from pyro.optim.clipped_adam import ClippedAdam
+from tqdm import tqdm
 
+from vdn_pyro.inference.checkpoint import (
+    LAST_CHECKPOINT,
+    IncompatibleCheckpointError,
+    config_payload,
+    get_rng_state,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from vdn_pyro.inference.elbo import LocalELBO
 
-__all__ = ["FitResult", "FitState", "fit"]
+__all__ = ["LOG_COLUMNS", "FitResult", "FitState", "NonFiniteError", "evaluate_loss", "fit"]
 
 _OPTIMS = {"adam": torch.optim.Adam, "clipped_adam": ClippedAdam, "adamw": torch.optim.AdamW}
+_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+#: Columns of ``log.csv`` (``log.jsonl`` has the same keys plus per-unit ``kl`` and ``beta``).
+LOG_COLUMNS = (
+    "step", "epoch", "loss", "loss_per_obs", "elbo_per_obs", "val_loss", "living", "skipped", "seconds",
+)
+LOG_CSV, LOG_JSONL = "log.csv", "log.jsonl"
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised by :func:`fit` after ``max_bad_steps`` steps in a row with a NaN/inf loss or gradient."""
 
 
 @dataclasses.dataclass
@@ -30,7 +75,8 @@ class FitState:
     :ivar network: the network being fitted.
     :ivar optimizer: the torch optimizer.
     :ivar elbo: the :class:`~vdn_pyro.inference.LocalELBO`.
-    :ivar int step: number of completed steps.
+    :ivar int step: number of completed steps (on resume, ``on_fit_start`` sees the step the
+        checkpoint was taken at).
     :ivar int epoch: current epoch (0-based).
     :ivar float loss: this step's loss (minus the full-data ELBO estimate, plus penalties).
     :ivar dict stats: this step's per-unit :class:`~vdn_pyro.inference.UnitStats` by site.
@@ -65,9 +111,16 @@ class FitResult:
         validation data).
     :ivar int best_step: step of the best validation loss (``-1`` without validation data).
     :ivar dict best_state: ``state_dict`` of the network at the best validation loss.
-    :ivar int steps: number of optimisation steps taken.
-    :ivar float seconds: wall time.
+    :ivar int steps: number of optimisation steps taken, counting those before a resume.
+    :ivar float seconds: wall time, counting the time before a resume.
     :ivar dict optimizer_state: the optimizer's final ``state_dict``.
+    :ivar bool interrupted: the fit stopped on SIGINT or SIGTERM (after writing a final
+        checkpoint when ``checkpoint_dir`` was given).
+    :ivar str stop_reason: ``"completed"``, ``"callback"`` (a callback set ``state.stop``),
+        ``"SIGINT"`` or ``"SIGTERM"``.
+    :ivar list skipped_steps: steps skipped because their loss or gradient was not finite.
+    :ivar checkpoint_path: path (str) of the last checkpoint written, or ``None``.
+    :ivar int resumed_from: the step the run resumed from (0 for a fresh run).
     """
 
     network: object
@@ -81,6 +134,11 @@ class FitResult:
     steps: int
     seconds: float
     optimizer_state: dict
+    interrupted: bool = False
+    stop_reason: str = "completed"
+    skipped_steps: list = dataclasses.field(default_factory=list)
+    checkpoint_path: object = None
+    resumed_from: int = 0
 
     def history_frame(self):
         """The history as a :class:`pandas.DataFrame`."""
@@ -93,7 +151,14 @@ class FitResult:
         """Loss per observation at the last logged step."""
         return self.history[-1]["loss_per_obs"] if self.history else math.nan
 
+    @property
+    def exit_code(self):
+        """A process exit status for this outcome: 0, or 130 after SIGINT and 143 after SIGTERM
+        (128 + the signal number, as a shell reports a process killed by it)."""
+        return _EXIT_CODES.get(self.stop_reason, 0)
 
+
+# ----------------------------------------------------------------------------- checks
 def _as_tensor(name, value):
     if isinstance(value, np.ndarray):
         value = torch.as_tensor(value)
@@ -140,6 +205,186 @@ def evaluate_loss(network, x, y, elbo=None, batch_size=1024):
     return total / n
 
 
+# ----------------------------------------------------------------------------- helpers
+def _living_fraction(stats, threshold):
+    """Fraction of units whose unscaled KL (nats) exceeds ``threshold`` (``nan`` without sites)."""
+    if not stats:
+        return math.nan
+    living = sum(int((s.kl > threshold).sum()) for s in stats.values())
+    return living / sum(int(s.kl.numel()) for s in stats.values())
+
+
+def _first_nonfinite_grad(named_params):
+    """Name of the first parameter whose gradient holds NaN or inf, else ``None``."""
+    grads = [(name, p.grad) for name, p in named_params if p.grad is not None]
+    if not grads:
+        return None
+    total = torch.stack([g.detach().sum() for _, g in grads]).sum()  # one sync on the fast path
+    if bool(torch.isfinite(total)):
+        return None
+    for name, g in grads:
+        if not bool(torch.isfinite(g).all()):
+            return name
+    return None  # finite entries whose sum overflowed: not a bad gradient
+
+
+def _data_digest(*tensors):
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _forked_rng(device):
+    """Run validation on a fork of the random state, so it never shifts the training draws."""
+    devices = [device] if getattr(device, "type", "cpu") == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def _optimizer_name(optimizer):
+    cls = type(optimizer)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _clean(value):
+    """A JSON/CSV-friendly float: ``None`` for NaN/inf."""
+    return None if value is None or not math.isfinite(value) else value
+
+
+class _RunLog:
+    """CSV and JSON-lines logs in ``log_dir``, one row per logged step, flushed as written.
+
+    A fresh run truncates both files; a resumed run keeps the rows up to the checkpoint's step
+    and appends after them, so a log never holds a step twice.
+    """
+
+    def __init__(self, log_dir, resume_step=None):
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path, self.jsonl_path = self.dir / LOG_CSV, self.dir / LOG_JSONL
+        kept_csv, kept_json = [], []
+        if resume_step is not None:
+            kept_csv, kept_json = self._rows_upto(resume_step)
+        self._csv_file = open(self.csv_path, "w", newline="")
+        self._json_file = open(self.jsonl_path, "w")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        self._csv.writeheader()
+        self._csv.writerows(kept_csv)
+        self._json_file.writelines(kept_json)
+        self._flush()
+
+    def _rows_upto(self, step):
+        rows, lines = [], []
+        if self.csv_path.exists():
+            with open(self.csv_path, newline="") as f:
+                for r in csv.DictReader(f):
+                    if (r.get("step") or "").isdigit() and int(r["step"]) <= step:
+                        rows.append(r)
+        if self.jsonl_path.exists():
+            with open(self.jsonl_path) as f:
+                for line in f:
+                    try:
+                        if int(json.loads(line)["step"]) <= step:
+                            lines.append(line if line.endswith("\n") else line + "\n")
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut short by a kill
+        return rows, lines
+
+    def _flush(self):
+        self._csv_file.flush()
+        self._json_file.flush()
+
+    def write(self, row):
+        self._csv.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_COLUMNS})
+        self._json_file.write(json.dumps(row, allow_nan=False) + "\n")
+        self._flush()
+
+    def close(self):
+        self._csv_file.close()
+        self._json_file.close()
+
+
+class _SignalCatcher:
+    """Turn the first SIGINT/SIGTERM into a flag checked after each step; a second one raises
+    :class:`KeyboardInterrupt` at once. Handlers are installed only in the main thread and the
+    previous ones are restored on exit."""
+
+    NAMES = ("SIGINT", "SIGTERM")
+
+    def __init__(self, enabled):
+        self.enabled, self.received, self._previous = enabled, None, {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second signal ({name}): stopping at once, without a checkpoint")
+        self.received = name
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        return False
+
+
+def _history_payload(result):
+    return {
+        "rows": [dict(row) for row in result.history],
+        "logged_steps": list(result.logged_steps),
+        "unit_kl": {k: torch.as_tensor(np.stack(v)) for k, v in result.unit_kl.items() if len(v)},
+        "unit_beta": {k: torch.as_tensor(np.stack(v)) for k, v in result.unit_beta.items() if len(v)},
+        "best_val_loss": float(result.best_val_loss),
+        "best_step": int(result.best_step),
+        "best_state": result.best_state,
+        "seconds": float(result.seconds),
+        "skipped_steps": list(result.skipped_steps),
+    }
+
+
+def _restore_history(result, saved):
+    result.history = [dict(row) for row in saved["rows"]]
+    result.logged_steps = list(saved["logged_steps"])
+    result.unit_kl = {k: list(v.numpy()) for k, v in saved["unit_kl"].items()}
+    result.unit_beta = {k: list(v.numpy()) for k, v in saved["unit_beta"].items()}
+    result.best_val_loss, result.best_step = saved["best_val_loss"], saved["best_step"]
+    result.best_state = saved["best_state"]
+    result.seconds = saved["seconds"]
+    result.skipped_steps = list(saved["skipped_steps"])
+
+
+def _resume_path(resume, checkpoint_dir):
+    """The checkpoint file to resume from, or ``None`` for a fresh run."""
+    if resume is None or resume is False:
+        return None
+    if resume is True or resume == "auto":
+        if checkpoint_dir is None:
+            raise ValueError(
+                f"resume={resume!r} reads {LAST_CHECKPOINT} from checkpoint_dir, but checkpoint_dir "
+                "is None. Pass checkpoint_dir=..., or resume=<path to a checkpoint>."
+            )
+        path = Path(checkpoint_dir) / LAST_CHECKPOINT
+        if resume == "auto" and not path.exists():
+            return None
+        if not path.exists():
+            raise FileNotFoundError(
+                f"resume=True but there is no checkpoint at {path}. Use resume='auto' to start "
+                "afresh when none exists, or pass the path of a checkpoint."
+            )
+        return path
+    if isinstance(resume, (str, Path)):
+        return resolve_checkpoint(resume)
+    raise TypeError(f"Expected resume to be a bool, 'auto' or a path, but got {type(resume).__name__}.")
+
+
+# ----------------------------------------------------------------------------- fit
 def fit(
     network,
     x,
@@ -159,6 +404,14 @@ def fit(
     constraints=(),
     restore_best=False,
     device=None,
+    progress=True,
+    log_dir=None,
+    checkpoint_dir=None,
+    checkpoint_every=None,
+    resume=False,
+    max_bad_steps=10,
+    handle_signals=True,
+    living_kl=0.01,
 ):
     """Fit a network by SVI on minibatches.
 
@@ -166,25 +419,54 @@ def fit(
         and ``guide(x, y, num_data=N)`` methods.
     :param x: inputs ``(N, ...)``.
     :param y: targets ``(N, ...)``.
-    :param int steps: number of optimisation steps (exclusive with ``epochs``).
-    :param int epochs: number of passes over the data.
+    :param int steps: total number of optimisation steps (exclusive with ``epochs``). On resume
+        this is the total including the steps already taken, so resuming with the same
+        arguments finishes the original run.
+    :param int epochs: total number of passes over the data (same convention).
     :param int batch_size: minibatch size B (clipped at N).
     :param float lr: learning rate.
     :param optim: ``"adam"``, ``"clipped_adam"``, ``"adamw"``, or ``callable(params) ->
         torch.optim.Optimizer``.
     :param elbo: a :class:`~vdn_pyro.inference.LocalELBO` (default: mean-field, 1 particle).
-    :param val_data: optional ``(x_val, y_val)``.
+    :param val_data: optional ``(x_val, y_val)``. Validation runs on a fork of the random
+        state, so it never changes the training trajectory.
     :param int val_every: validate every this many steps (default: once per epoch).
     :param int log_every: record history every this many steps (and at the last step).
     :param int seed: seeds Pyro/torch/numpy and the minibatch order.
     :param callbacks: objects with optional ``on_fit_start(state)``, ``on_step_end(state)``
-        and ``on_fit_end(state)`` methods; ``state`` is a :class:`FitState`.
+        and ``on_fit_end(state)`` methods; ``state`` is a :class:`FitState`. Skipped
+        (non-finite) steps do not call ``on_step_end``.
     :param constraints: local constraints (see :mod:`vdn_pyro.inference.constraints`). Each is
         added to the ELBO's hooks (``transform_kl``, ``penalty``) and to the callbacks
-        (``on_fit_start``, ``on_step_end``, ``on_fit_end``), whichever it defines.
+        (``on_fit_start``, ``on_step_end``, ``on_fit_end``), whichever it defines. Constraints
+        with ``state_dict()``/``load_state_dict()`` have their state checkpointed.
     :param bool restore_best: load the best-validation state into the network at the end.
     :param device: move the network and data to this device (default: where the network is).
+    :param bool progress: show a :mod:`tqdm` bar on stderr with the loss, the ELBO per
+        observation and the fraction of living units. It never changes the logs.
+    :param log_dir: if given, write ``log.csv`` (columns :data:`LOG_COLUMNS`) and ``log.jsonl``
+        (the same plus per-unit ``kl`` and ``beta`` by site) there, one row per logged step,
+        flushed as written. ``living`` is the fraction of units whose KL exceeds ``living_kl``.
+    :param checkpoint_dir: if given, write ``last.pt`` there every ``checkpoint_every`` steps,
+        at the end, and on SIGINT/SIGTERM (atomically: see
+        :func:`~vdn_pyro.inference.checkpoint.save_checkpoint`). A checkpoint holds the network,
+        optimizer, constraint and random states, the minibatch order, the step and the history.
+    :param int checkpoint_every: steps between checkpoints (default: once per epoch).
+    :param resume: ``False`` (fresh run), ``True`` (resume from ``checkpoint_dir/last.pt``, which
+        must exist), ``"auto"`` (resume if it exists) or the path of a checkpoint file or
+        directory. Resuming needs the same architecture, data size and batch size; it restores
+        everything above, so the continuation is exact (bit-identical on CPU).
+    :param int max_bad_steps: raise :class:`NonFiniteError` after this many steps in a row with
+        a non-finite loss or gradient (each is skipped with a :class:`RuntimeWarning`).
+    :param bool handle_signals: catch SIGINT/SIGTERM (main thread only): finish the step, write
+        a final checkpoint, log a message and return with ``interrupted=True`` (see
+        :attr:`FitResult.exit_code`). A second signal raises :class:`KeyboardInterrupt` at once.
+        The previous handlers are restored on return.
+    :param float living_kl: KL threshold (nats) above which a unit counts as living.
     :returns: a :class:`FitResult`.
+    :raises NonFiniteError: after ``max_bad_steps`` non-finite steps in a row.
+    :raises ~vdn_pyro.inference.checkpoint.CheckpointError: if the checkpoint to resume from is
+        unreadable, foreign or incompatible.
     """
     x, y = _as_tensor("x", x), _as_tensor("y", y)
     if x.shape[0] != y.shape[0]:
@@ -200,6 +482,8 @@ def fit(
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("log_every", log_every)
     _check_positive_int("val_every", val_every, allow_none=True)
+    _check_positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+    _check_positive_int("max_bad_steps", max_bad_steps)
     if not (isinstance(lr, numbers.Real) and lr > 0):
         raise ValueError(f"Expected lr > 0, but got {lr!r}.")
     if val_data is not None:
@@ -208,6 +492,8 @@ def fit(
         x_val, y_val = (_as_tensor(n, v) for n, v in zip(("x_val", "y_val"), val_data))
         if hasattr(network, "check_inputs"):
             network.check_inputs(x_val, y_val)
+    resume_path = _resume_path(resume, checkpoint_dir)
+    checkpoint = load_checkpoint(resume_path, network=network) if resume_path is not None else None
     if seed is not None:
         pyro.set_rng_seed(seed)
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**31))
@@ -217,6 +503,8 @@ def fit(
     per_epoch = math.ceil(n / batch_size)
     total = steps if steps is not None else epochs * per_epoch
     val_every = val_every or per_epoch
+    checkpoint_every = checkpoint_every or per_epoch
+    digest = _data_digest(x, y) if (checkpoint_dir is not None or checkpoint is not None) else None
     elbo = elbo or LocalELBO()
     constraints = list(constraints)
     elbo.hooks = [h for h in elbo.hooks if h not in constraints] + constraints
@@ -228,57 +516,249 @@ def fit(
     x, y = x.to(device), y.to(device)
     if val_data is not None:
         x_val, y_val = x_val.to(device), y_val.to(device)
-    optimizer = _make_optimizer(optim, [p for p in network.parameters() if p.requires_grad], lr)
+    named_params = [(name, p) for name, p in network.named_parameters() if p.requires_grad]
+    optimizer = _make_optimizer(optim, [p for _, p in named_params], lr)
 
     result = FitResult(network, [], {}, {}, [], math.nan, -1, {}, 0, 0.0, {})
     state = FitState(network, optimizer, elbo, history=result)
+    order, cursor, start = None, 0, 0
+    if checkpoint is not None:
+        start, order, cursor = _restore(
+            checkpoint, resume_path, network, optimizer, result, state, n, batch_size, total, digest
+        )
+        order = order.to(device)
     for cb in callbacks:
         getattr(cb, "on_fit_start", lambda s: None)(state)
+    if checkpoint is not None:
+        _restore_constraints(checkpoint, resume_path, constraints)
+        set_rng_state(checkpoint["rng"], generator)
+    else:
+        order = torch.randperm(n, generator=generator).to(device)
 
-    start_time = time.perf_counter()
-    order = torch.randperm(n, generator=generator).to(device)
-    cursor = 0
+    session_start = time.perf_counter()
+    previous_seconds = result.seconds
+    state.step = result.resumed_from = start
+    written = [start if checkpoint is not None else -1]  # the step of the last checkpoint written
+
+    def write_checkpoint():
+        payload = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "cursor": cursor,
+            "order": order.cpu(),
+            "network": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "optimizer_class": _optimizer_name(optimizer),
+            "constraints": [
+                {"type": type(c).__name__, "state": c.state_dict() if hasattr(c, "state_dict") else None}
+                for c in constraints
+            ],
+            "rng": get_rng_state(generator),
+            "history": _history_payload(result),
+            "data": {"num_data": n, "batch_size": batch_size, "digest": digest},
+            "fit": {"total_steps": total, "per_epoch": per_epoch, "seed": seed, "lr": float(lr)},
+            "stop_reason": result.stop_reason,
+        }
+        payload["config"], payload["config_repr"] = config_payload(network)
+        path = save_checkpoint(Path(checkpoint_dir) / LAST_CHECKPOINT, payload, network=network)
+        result.checkpoint_path, written[0] = str(path), state.step
+
+    bad_in_row = 0
+    run_log = _RunLog(log_dir, resume_step=start if checkpoint is not None else None) if log_dir else None
+    bar = tqdm(
+        total=total, initial=start, disable=not progress, desc="fit", unit="step", dynamic_ncols=True,
+        file=sys.stderr,
+    )
     network.train()
-    for step in range(1, total + 1):
-        if cursor >= n:
-            order, cursor = torch.randperm(n, generator=generator).to(device), 0
-            state.epoch += 1
-        idx = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        optimizer.zero_grad(set_to_none=True)
-        loss, stats = elbo.loss_and_stats(network.model, network.guide, x[idx], y[idx], num_data=n)
-        loss.backward()
-        optimizer.step()
-        state.step, state.loss, state.stats = step, float(loss.detach()), stats
+    try:
+        with _SignalCatcher(handle_signals) as catcher:
+            for step in range(start + 1, total + 1):
+                if cursor >= n:
+                    order, cursor = torch.randperm(n, generator=generator).to(device), 0
+                    state.epoch += 1
+                idx = order[cursor : cursor + batch_size]
+                cursor += batch_size
+                state.step = step
+                optimizer.zero_grad(set_to_none=True)
+                loss, stats = elbo.loss_and_stats(network.model, network.guide, x[idx], y[idx], num_data=n)
+                problem = None
+                if not bool(torch.isfinite(loss.detach())):
+                    problem = f"the loss is {float(loss.detach())}"
+                else:
+                    loss.backward()
+                    bad = _first_nonfinite_grad(named_params)
+                    if bad is not None:
+                        problem = f"the gradient of '{bad}' holds NaN or inf"
+                if problem is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_in_row += 1
+                    result.skipped_steps.append(step)
+                    _on_bad_step(step, problem, bad_in_row, max_bad_steps, result)
+                else:
+                    optimizer.step()
+                    bad_in_row = 0
+                    state.loss, state.stats = float(loss.detach()), stats
+                    living = _living_fraction(stats, living_kl) if (progress or run_log) else math.nan
+                    if progress:
+                        postfix = {"loss": f"{state.loss:.4g}", "elbo/obs": f"{-state.loss / n:.4g}"}
+                        if not math.isnan(living):
+                            postfix["living"] = f"{living:.0%}"
+                        bar.set_postfix(postfix, refresh=False)
+                    if step % log_every == 0 or step == total:
+                        row = _log_step(
+                            network, elbo, result, state, stats, n, step == total, val_every,
+                            (x_val, y_val) if val_data is not None else None, device,
+                        )
+                        if run_log is not None:
+                            run_log.write(
+                                _log_row(row, stats, network, living, len(result.skipped_steps),
+                                         previous_seconds + time.perf_counter() - session_start)
+                            )
+                    for cb in callbacks:
+                        getattr(cb, "on_step_end", lambda s: None)(state)
+                bar.update(1)
+                if state.stop:
+                    result.stop_reason = "callback"
+                if catcher.received is not None:
+                    result.stop_reason, result.interrupted = catcher.received, True
+                if state.stop or result.interrupted:
+                    break
+                if checkpoint_dir is not None and step % checkpoint_every == 0 and step != total:
+                    result.seconds = previous_seconds + time.perf_counter() - session_start
+                    write_checkpoint()
+            network.eval()
+            result.seconds = previous_seconds + time.perf_counter() - session_start
+            if checkpoint_dir is not None and written[0] != state.step:
+                write_checkpoint()
+    finally:
+        bar.close()
+        if run_log is not None:
+            run_log.close()
 
-        last = step == total
-        if step % log_every == 0 or last:
-            row = {"step": step, "epoch": state.epoch, "loss": state.loss, "loss_per_obs": state.loss / n}
-            if val_data is not None and (step % val_every == 0 or last):
-                network.eval()
-                row["val_loss"] = evaluate_loss(network, x_val, y_val, elbo)
-                network.train()
-                if not row["val_loss"] >= result.best_val_loss:  # also true while best is nan
-                    result.best_val_loss, result.best_step = row["val_loss"], step
-                    result.best_state = copy.deepcopy(network.state_dict())
-            result.history.append(row)
-            result.logged_steps.append(step)
-            for name, s in stats.items():
-                result.unit_kl.setdefault(name, []).append(s.kl.cpu().numpy())
-            for layer in getattr(network, "layers", []):
-                result.unit_beta.setdefault(layer.site, []).append(layer.beta.cpu().numpy().copy())
-        for cb in callbacks:
-            getattr(cb, "on_step_end", lambda s: None)(state)
-        if state.stop:
-            break
-
-    network.eval()
+    if result.interrupted:
+        where = f"; checkpoint written to {result.checkpoint_path}" if checkpoint_dir is not None else ""
+        how = (
+            f" Resume with fit(..., checkpoint_dir={str(checkpoint_dir)!r}, resume=True)."
+            if checkpoint_dir is not None
+            else " Pass checkpoint_dir=... to be able to resume."
+        )
+        logger.warning(
+            "fit interrupted by %s after step %d of %d%s.%s",
+            result.stop_reason, state.step, total, where, how,
+        )
     result.unit_kl = {k: np.stack(v) for k, v in result.unit_kl.items()}
     result.unit_beta = {k: np.stack(v) for k, v in result.unit_beta.items()}
-    result.steps, result.seconds = state.step, time.perf_counter() - start_time
+    result.steps = state.step
     result.optimizer_state = optimizer.state_dict()
     if restore_best and result.best_state:
         network.load_state_dict(result.best_state)
     for cb in callbacks:
         getattr(cb, "on_fit_end", lambda s: None)(state)
     return result
+
+
+def _on_bad_step(step, problem, bad_in_row, max_bad_steps, result):
+    if bad_in_row >= max_bad_steps:
+        first = step - bad_in_row + 1
+        saved = f" The last checkpoint is {result.checkpoint_path}." if result.checkpoint_path else ""
+        raise NonFiniteError(
+            f"Expected a finite loss and gradient, but {bad_in_row} steps in a row ({first} to "
+            f"{step}) were not finite (last: {problem}). The network keeps its last finite "
+            f"parameters.{saved} Try a smaller lr, optim='clipped_adam', a larger beta or "
+            "scale_min, or check the data for extreme values."
+        )
+    warnings.warn(
+        f"Step {step}: {problem}; skipped the update ({bad_in_row} in a row, stopping at "
+        f"{max_bad_steps}).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _log_step(network, elbo, result, state, stats, n, last, val_every, val_data, device):
+    """Append one history row (and per-unit KL/beta) to ``result``; returns the row."""
+    step = state.step
+    row = {"step": step, "epoch": state.epoch, "loss": state.loss, "loss_per_obs": state.loss / n}
+    if val_data is not None and (step % val_every == 0 or last):
+        network.eval()
+        with _forked_rng(device):
+            row["val_loss"] = evaluate_loss(network, *val_data, elbo)
+        network.train()
+        if not row["val_loss"] >= result.best_val_loss:  # also true while best is nan
+            result.best_val_loss, result.best_step = row["val_loss"], step
+            result.best_state = copy.deepcopy(network.state_dict())
+    result.history.append(row)
+    result.logged_steps.append(step)
+    for name, s in stats.items():
+        result.unit_kl.setdefault(name, []).append(s.kl.cpu().numpy())
+    for layer in getattr(network, "layers", []):
+        result.unit_beta.setdefault(layer.site, []).append(layer.beta.cpu().numpy().copy())
+    return row
+
+
+def _log_row(row, stats, network, living, skipped, seconds):
+    out = {
+        "step": row["step"],
+        "epoch": row["epoch"],
+        "loss": _clean(row["loss"]),
+        "loss_per_obs": _clean(row["loss_per_obs"]),
+        "elbo_per_obs": _clean(-row["loss_per_obs"]),
+        "val_loss": _clean(row.get("val_loss")),
+        "living": _clean(living),
+        "skipped": skipped,
+        "seconds": round(seconds, 3),
+        "kl": {name: [_clean(v) for v in s.kl.cpu().tolist()] for name, s in stats.items()},
+        "beta": {
+            layer.site: [_clean(v) for v in layer.beta.cpu().tolist()]
+            for layer in getattr(network, "layers", [])
+        },
+    }
+    return out
+
+
+def _restore(checkpoint, path, network, optimizer, result, state, n, batch_size, total, digest):
+    """Load a checkpoint's network, optimizer and history; returns ``(step, order, cursor)``."""
+    data = checkpoint["data"]
+    if data["num_data"] != n or data["batch_size"] != batch_size:
+        raise IncompatibleCheckpointError(
+            f"Checkpoint {path} was written for N={data['num_data']} rows in batches of "
+            f"{data['batch_size']}, but this fit has N={n} and batch_size={batch_size}. An exact "
+            "resume needs the same data and batch size; to start a new fit from its weights, use "
+            "network.load_state_dict(load_checkpoint(path)['network']) and resume=False."
+        )
+    if data.get("digest") and digest and data["digest"] != digest:
+        warnings.warn(
+            f"Resuming from {path} on data that differ from the data it was trained on (same "
+            "shape, different values); the continuation is not the original run.",
+            UserWarning,
+            stacklevel=3,
+        )
+    step = checkpoint["step"]
+    if step > total:
+        raise ValueError(
+            f"Checkpoint {path} is at step {step}, beyond the {total} steps asked for. Steps and "
+            "epochs count from the start of the run: ask for more, or resume=False."
+        )
+    if checkpoint["optimizer_class"] != _optimizer_name(optimizer):
+        raise IncompatibleCheckpointError(
+            f"Checkpoint {path} holds the state of a {checkpoint['optimizer_class']} optimizer, "
+            f"but this fit uses {_optimizer_name(optimizer)}. Resume with the same optim."
+        )
+    network.load_state_dict(checkpoint["network"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    _restore_history(result, checkpoint["history"])
+    state.epoch = checkpoint["epoch"]
+    return step, checkpoint["order"], checkpoint["cursor"]
+
+
+def _restore_constraints(checkpoint, path, constraints):
+    saved = checkpoint["constraints"]
+    names = [type(c).__name__ for c in constraints]
+    if [s["type"] for s in saved] != names:
+        raise IncompatibleCheckpointError(
+            f"Checkpoint {path} was written with constraints {[s['type'] for s in saved]}, but this "
+            f"fit has {names}. Resume with the same constraints, in the same order."
+        )
+    for c, s in zip(constraints, saved):
+        if s["state"] is not None and hasattr(c, "load_state_dict"):
+            c.load_state_dict(s["state"])

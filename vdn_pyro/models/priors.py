@@ -251,3 +251,64 @@ class ARPrior(PyroModule):
         else:
             fn = self.process((), num_steps).to_event(1)
         return fn.expand(torch.Size(batch_shape) + (self.units,))
+
+    @torch.no_grad()
+    def set_phi(self, phi):
+        """Overwrite the AR coefficients in place, keeping the parameter object (an optimiser that
+        holds ``raw_phi`` keeps working).
+
+        With ``phi_range`` the lag-1 coefficient is clipped into the range.
+
+        :param phi: stationary coefficients, a tensor of shape ``(H,)`` (p = 1) or ``(H, p)``.
+        :raises ValueError: on a wrong shape or non-stationary coefficients.
+        """
+        coeffs = torch.as_tensor(phi, dtype=self.raw_phi.dtype, device=self.raw_phi.device)
+        if coeffs.dim() == 1 and self.order == 1:
+            coeffs = coeffs[:, None]  # (H, 1)
+        if coeffs.shape != (self.units, self.order):
+            raise ValueError(
+                f"Expected phi of shape ({self.units}, {self.order}), but got {tuple(coeffs.shape)}."
+            )
+        if self.phi_range is not None:
+            lo, hi = self.phi_range
+            inside = coeffs[:, 0].clamp(lo + 1e-6 * (hi - lo), hi - 1e-6 * (hi - lo))  # (H,)
+            raw = torch.logit((inside - lo) / (hi - lo))[:, None]  # (H, 1)
+        else:
+            pacf = coeffs_to_pacf(coeffs)  # (H, p)
+            if not bool((pacf.abs() < 1).all()):
+                raise ValueError(f"Expected stationary AR coefficients, but got {coeffs.tolist()}.")
+            raw = torch.atanh(pacf.clamp(-1 + 1e-6, 1 - 1e-6))  # (H, p)
+        self.raw_phi.copy_(raw)
+
+    @torch.no_grad()
+    def clamp_half_life(self, low, high):
+        r"""Project each unit's memory into a band of half-lives, in place.
+
+        A unit whose largest root modulus :math:`\rho` lies outside
+        :math:`[0.5^{1/low}, 0.5^{1/high}]` has its coefficients rescaled,
+        :math:`\phi_j \leftarrow c^j \phi_j` with :math:`c = \rho' / \rho`, which scales every
+        root of the AR polynomial by :math:`c` (for p = 1: :math:`|\phi| \to \rho'` with its sign
+        kept). The target :math:`\rho'` sits a relative 1e-4 inside the band in half-life, so
+        rounding cannot leave it outside. Units inside the band are untouched.
+
+        :param float low: lower half-life, ``> 0``.
+        :param float high: upper half-life, ``> low`` and finite.
+        :returns: the half-lives after the projection, shape ``(H,)``.
+        """
+        if not 0 < low < high < math.inf:
+            raise ValueError(f"Expected 0 < low < high < inf, but got low={low}, high={high}.")
+        phi = self.phi  # (H, p)
+        rho = torch.exp(math.log(0.5) / self.half_life)  # (H,)
+        rho_lo = 0.5 ** (1 / (low * (1 + 1e-4)))
+        rho_hi = 0.5 ** (1 / (high * (1 - 1e-4)))
+        target = rho.clamp(rho_lo, rho_hi)  # (H,)
+        change = target != rho  # (H,)
+        if bool(change.any()):
+            dead = rho <= 1e-6  # all-zero coefficients: start from the lower edge of the band
+            lags = torch.arange(1, self.order + 1, dtype=phi.dtype)  # (p,)
+            factor = (target / rho.clamp_min(1e-6))[:, None] ** lags  # (H, p)
+            new = torch.where(change[:, None], phi * factor, phi)  # (H, p)
+            new[dead] = 0.0
+            new[dead, 0] = target[dead]
+            self.set_phi(new)
+        return self.half_life

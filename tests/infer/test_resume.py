@@ -1,0 +1,391 @@
+"""Tests for the long-run machinery of :func:`vdn_pyro.inference.fit`: exact resume, kills and
+signals, the NaN/inf guard, the progress bar and the CSV/JSON-lines logs."""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+from tests.common import ROOT
+from vdn_pyro import VDN, LocalELBO, fit
+from vdn_pyro.inference import (
+    LOG_COLUMNS,
+    IncompatibleCheckpointError,
+    NonFiniteError,
+    load_checkpoint,
+)
+
+D = 3
+WEIGHT = torch.tensor([[1.5], [-2.0], [0.5]])
+
+
+def regression(n, seed=123):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=gen)
+    return x, x @ WEIGHT + 0.1 * torch.randn(n, 1, generator=gen)
+
+
+def small_net(init_seed=0, **options):
+    pyro.set_rng_seed(init_seed)
+    return VDN(D, 1, **{"units": (6, 4), "hidden": (8,), "beta": 0.2, **options})
+
+
+class Thermostat:
+    """A toy constraint with its own state: nudges each layer's beta toward a KL target."""
+
+    def __init__(self, target=0.5, rate=0.05):
+        self.target, self.rate, self.updates = target, rate, 0
+
+    def on_fit_start(self, state):
+        self.updates = 0  # a real constraint might reset here; the checkpoint must win
+
+    def on_step_end(self, state):
+        for layer in state.network.layers:
+            kl = state.stats[layer.site].kl
+            layer.beta.mul_(torch.exp(self.rate * torch.sign(kl - self.target)))
+        self.updates += 1
+
+    def state_dict(self):
+        return {"updates": self.updates, "target": self.target}
+
+    def load_state_dict(self, state):
+        self.updates, self.target = state["updates"], state["target"]
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------- exact resume
+def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
+    x, y = regression(50)  # batches of 16: 4 per epoch, the last of 2 rows
+    val = regression(20, seed=9)
+    common = dict(
+        batch_size=16, lr=2e-2, val_data=val, val_every=3, log_every=2, seed=11, progress=False,
+        elbo=LocalELBO(num_particles=2),
+    )
+    straight_net, straight_c = small_net(), Thermostat()
+    straight = fit(straight_net, x, y, steps=14, constraints=[straight_c], **common)
+
+    run_dir = tmp_path / "run"
+    first_c = Thermostat()
+    first = fit(
+        small_net(), x, y, steps=7, constraints=[first_c], checkpoint_dir=run_dir, log_dir=run_dir, **common
+    )
+    assert first.checkpoint_path == str(run_dir / "last.pt") and first.steps == 7
+    saved = load_checkpoint(run_dir)
+    assert saved["step"] == 7 and saved["epoch"] == 1 and saved["cursor"] == 48  # mid-epoch
+
+    resumed_net, resumed_c = small_net(init_seed=99), Thermostat()  # different initial weights
+    common["seed"] = 12345  # a resumed run takes its random state from the checkpoint
+    resumed = fit(
+        resumed_net, x, y, steps=14, constraints=[resumed_c], checkpoint_dir=run_dir, log_dir=run_dir,
+        resume=True, **common,
+    )
+    assert resumed.resumed_from == 7 and resumed.steps == 14
+    for (name, a), b in zip(straight_net.state_dict().items(), resumed_net.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed_c.updates == straight_c.updates == 14
+    opt_a, opt_b = straight.optimizer_state["state"], resumed.optimizer_state["state"]
+    for key in opt_a:
+        for field in opt_a[key]:
+            assert torch.equal(torch.as_tensor(opt_a[key][field]), torch.as_tensor(opt_b[key][field]))
+    # the histories agree row for row, apart from the extra row the first run logged at its end
+    extra = {"step": 7}
+    rows = [r for r in resumed.history if r["step"] != extra["step"]]
+    assert rows == straight.history
+    assert resumed.best_val_loss == straight.best_val_loss and resumed.best_step == straight.best_step
+    for site, kl in straight.unit_kl.items():
+        keep = [i for i, s in enumerate(resumed.logged_steps) if s != 7]
+        assert (resumed.unit_kl[site][keep] == kl).all()
+    # the logs hold every logged step once, in order
+    steps = [int(r["step"]) for r in read_csv(run_dir / "log.csv")]
+    assert steps == [2, 4, 6, 7, 8, 10, 12, 14]
+    assert [r["step"] for r in read_jsonl(run_dir / "log.jsonl")] == steps
+
+
+def test_resume_with_the_same_arguments_finishes_the_run(tmp_path):
+    x, y = regression(30)
+    fit(small_net(), x, y, epochs=1, batch_size=8, seed=0, progress=False, checkpoint_dir=tmp_path)
+    assert load_checkpoint(tmp_path)["step"] == 4
+    done = fit(small_net(), x, y, epochs=3, batch_size=8, seed=0, progress=False, checkpoint_dir=tmp_path,
+               resume="auto")
+    assert done.resumed_from == 4 and done.steps == 12
+    again = fit(
+        small_net(), x, y, epochs=3, batch_size=8, progress=False, checkpoint_dir=tmp_path, resume=True
+    )
+    assert again.steps == 12 and again.resumed_from == 12 and again.history == done.history
+
+
+def test_resume_auto_without_checkpoint_starts_afresh(tmp_path):
+    x, y = regression(20)
+    result = fit(small_net(), x, y, steps=2, batch_size=10, progress=False, checkpoint_dir=tmp_path,
+                 resume="auto")
+    assert result.resumed_from == 0 and result.steps == 2 and (tmp_path / "last.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(batch_size=5), IncompatibleCheckpointError, r"N=20 rows in batches of 10, .*batch_size=5"),
+        (dict(n=24), IncompatibleCheckpointError, r"N=20 rows .* but this fit has N=24"),
+        (dict(steps=2), ValueError, r"is at step 4, beyond the 2 steps asked for"),
+        (dict(units=(5, 4)), IncompatibleCheckpointError, r"config.units: checkpoint \[6, 4\], network"),
+        (dict(optim="adamw"), IncompatibleCheckpointError, r"holds the state of a torch.optim.adam.Adam "),
+        (dict(constraints=[Thermostat()]), IncompatibleCheckpointError, r"written with constraints \[\]"),
+    ],
+    ids=["batch-size", "data-size", "steps", "architecture", "optimizer", "constraints"],
+)
+def test_resume_refuses_what_cannot_continue_exactly(tmp_path, change, error, match):
+    x, y = regression(20)
+    fit(small_net(), x, y, steps=4, batch_size=10, progress=False, checkpoint_dir=tmp_path)
+    change = dict(change)
+    n, units = change.pop("n", 20), change.pop("units", (6, 4))
+    x, y = regression(n)
+    options = {**dict(steps=8, batch_size=10, progress=False, checkpoint_dir=tmp_path, resume=True), **change}
+    with pytest.raises(error, match=match):
+        fit(small_net(units=units), x, y, **options)
+
+
+def test_resume_true_without_checkpoint_says_what_to_do(tmp_path):
+    x, y = regression(20)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*last.pt. Use resume='auto'"):
+        fit(small_net(), x, y, steps=2, progress=False, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match=r"checkpoint_dir is None"):
+        fit(small_net(), x, y, steps=2, progress=False, resume=True)
+
+
+# ----------------------------------------------------------------------------- NaN / inf guard
+class PoisonedELBO(LocalELBO):
+    """Returns a NaN loss on the given (1-based) calls."""
+
+    def __init__(self, bad_calls):
+        super().__init__()
+        self.bad_calls, self.calls = set(bad_calls), 0
+
+    def loss_and_stats(self, model, guide, *args, **kwargs):
+        self.calls += 1
+        loss, stats = super().loss_and_stats(model, guide, *args, **kwargs)
+        return (loss * math.nan if self.calls in self.bad_calls else loss), stats
+
+
+def all_finite(state):
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+def test_nan_loss_steps_are_skipped_and_never_checkpointed(tmp_path):
+    x, y = regression(24)
+    net = small_net()
+    written = []
+
+    class Spy:  # records every checkpoint on disk after each step
+        def on_step_end(self, state):
+            if (tmp_path / "last.pt").exists():
+                written.append(load_checkpoint(tmp_path))
+
+    with pytest.warns(RuntimeWarning, match=r"Step [34]: the loss is nan; skipped the update"):
+        result = fit(
+            net, x, y, steps=8, batch_size=8, seed=0, elbo=PoisonedELBO({3, 4}), progress=False,
+            checkpoint_dir=tmp_path, checkpoint_every=1, callbacks=[Spy()], log_every=1, log_dir=tmp_path,
+        )
+    assert result.skipped_steps == [3, 4] and result.steps == 8
+    assert [r["step"] for r in result.history] == [1, 2, 5, 6, 7, 8]
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    assert all_finite(net.state_dict())
+    assert written and all(all_finite(c["network"]) for c in written)
+    final = load_checkpoint(tmp_path)
+    assert final["step"] == 8 and final["history"]["skipped_steps"] == [3, 4]
+    assert [int(r["skipped"]) for r in read_csv(tmp_path / "log.csv")] == [0, 0, 2, 2, 2, 2]
+
+
+def test_persistent_nan_stops_with_a_clear_error_and_a_finite_checkpoint(tmp_path):
+    x, y = regression(24)
+    net = small_net()
+    with pytest.warns(RuntimeWarning):
+        with pytest.raises(NonFiniteError, match=r"3 steps in a row \(4 to 6\) were not finite") as info:
+            fit(net, x, y, steps=20, batch_size=8, elbo=PoisonedELBO(range(4, 100)), max_bad_steps=3,
+                progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert "last checkpoint is" in str(info.value) and "Try a smaller lr" in str(info.value)
+    saved = load_checkpoint(tmp_path)
+    assert saved["step"] == 5 and all_finite(saved["network"]) and all_finite(net.state_dict())
+
+
+def test_non_finite_gradient_is_skipped():
+    x, y = regression(16)
+    net = small_net()
+    calls = []
+
+    def poison_third_backward(grad):
+        calls.append(1)
+        return grad * math.inf if len(calls) == 3 else grad
+
+    net.head.weight.register_hook(poison_third_backward)
+    seen = []
+
+    class Spy:
+        def on_step_end(self, state):
+            seen.append(state.step)
+
+    with pytest.warns(RuntimeWarning, match=r"Step 3: the gradient of 'head.weight' holds NaN or inf"):
+        result = fit(net, x, y, steps=5, batch_size=8, callbacks=[Spy()], progress=False)
+    assert result.skipped_steps == [3] and result.steps == 5
+    assert seen == [1, 2, 4, 5]  # no callbacks on a skipped step
+    assert all_finite(net.state_dict())
+
+
+# ----------------------------------------------------------------------------- progress and logs
+def test_progress_bar_does_not_change_the_logs(tmp_path, capsys):
+    x, y = regression(40)
+    val = regression(10, seed=5)
+    logs = {}
+    for progress in (True, False):
+        log_dir = tmp_path / str(progress)
+        fit(small_net(), x, y, steps=6, batch_size=16, log_every=2, val_data=val, seed=3,
+            progress=progress, log_dir=log_dir)
+        err = capsys.readouterr().err
+        if progress:
+            assert "loss=" in err and "elbo/obs=" in err and "living=" in err and "6/6" in err
+        else:
+            assert err == ""
+        csv_rows = read_csv(log_dir / "log.csv")
+        json_rows = read_jsonl(log_dir / "log.jsonl")
+        for row in csv_rows + json_rows:
+            row.pop("seconds")
+        logs[progress] = (csv_rows, json_rows)
+    assert logs[True] == logs[False]
+    csv_rows, json_rows = logs[True]
+    assert list(csv_rows[0]) == [c for c in LOG_COLUMNS if c != "seconds"]
+    assert [r["step"] for r in json_rows] == [2, 4, 6]
+    assert json_rows[0]["val_loss"] is None and json_rows[-1]["val_loss"] is not None  # epoch of 3 steps
+    assert set(json_rows[0]["kl"]) == {"layers.0.z", "layers.1.z"}
+    assert len(json_rows[0]["kl"]["layers.0.z"]) == len(json_rows[0]["beta"]["layers.0.z"]) == 6
+    for row in json_rows:
+        assert 0 <= row["living"] <= 1
+        assert row["elbo_per_obs"] == -row["loss_per_obs"]
+
+
+def test_signal_handlers_are_restored():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    x, y = regression(10)
+    fit(small_net(), x, y, steps=1, progress=False)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+# ----------------------------------------------------------------------------- other processes
+SCRIPT = '''
+import json, sys
+import pyro, torch
+from vdn_pyro import VDN, fit
+
+
+def make():
+    pyro.set_rng_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, generator=gen)
+    y = x.sum(-1, keepdim=True) + 0.1 * torch.randn(64, 1, generator=gen)
+    return VDN(3, 1, units=(8,), hidden=(16,), beta=0.3), x, y
+
+
+if __name__ == "__main__":
+    run_dir, every = sys.argv[1], int(sys.argv[2])
+    net, x, y = make()
+    result = fit(net, x, y, steps=10**6, batch_size=16, seed=0, progress=False, log_every=1,
+                 log_dir=run_dir, checkpoint_dir=run_dir, checkpoint_every=every)
+    print(json.dumps({"steps": result.steps, "reason": result.stop_reason}), flush=True)
+    sys.exit(result.exit_code)
+'''
+
+
+def start_run(tmp_path, checkpoint_every):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(run_dir), str(checkpoint_every)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )
+    spec = importlib.util.spec_from_file_location("train_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return proc, run_dir, module.make
+
+
+def wait_for_rows(proc, run_dir, rows, timeout=120):
+    """Wait until the run has logged ``rows`` steps (so its signal handlers are installed)."""
+    log = Path(run_dir) / "log.csv"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training process exited early:\n{proc.stderr.read()}")
+        if log.exists() and len(read_csv(log)) >= rows:
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("training process did not start in time")
+
+
+def test_sigkill_mid_run_leaves_a_whole_checkpoint_to_resume_from(tmp_path):
+    proc, run_dir, make = start_run(tmp_path, checkpoint_every=1)
+    try:
+        wait_for_rows(proc, run_dir, rows=5)
+        time.sleep(0.3)  # checkpoints are written every step: the kill lands anywhere
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved = load_checkpoint(run_dir)  # never partial: readable and complete
+    step = saved["step"]
+    assert step >= 5 and saved["history"]["logged_steps"][-1] == step
+    leftovers = [p.name for p in run_dir.iterdir() if p.name not in ("last.pt", "log.csv", "log.jsonl")]
+    assert all(name.startswith(".last.pt.") and name.endswith(".tmp") for name in leftovers), leftovers
+
+    net, x, y = make()
+    result = fit(net, x, y, steps=step + 3, batch_size=16, progress=False, log_every=1, log_dir=run_dir,
+                 checkpoint_dir=run_dir, checkpoint_every=1, resume=True)
+    assert result.resumed_from == step and result.steps == step + 3
+    assert load_checkpoint(run_dir)["step"] == step + 3
+    logged = [int(r["step"]) for r in read_csv(run_dir / "log.csv")]
+    assert logged == list(range(1, step + 4))  # rows after the checkpoint were dropped, then rewritten
+
+
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_signal_writes_a_final_checkpoint_and_exits_with_its_code(tmp_path, sig, code):
+    proc, run_dir, make = start_run(tmp_path, checkpoint_every=10**6)  # no periodic checkpoint
+    try:
+        wait_for_rows(proc, run_dir, rows=3)
+        assert not (run_dir / "last.pt").exists()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    report = json.loads(out.strip().splitlines()[-1])
+    name = signal.Signals(sig).name
+    assert report["reason"] == name
+    assert f"fit interrupted by {name} after step {report['steps']}" in err
+    assert "resume=True" in err and "Traceback" not in err
+    saved = load_checkpoint(run_dir)
+    assert saved["step"] == report["steps"] and saved["stop_reason"] == name
+    net, x, y = make()
+    result = fit(net, x, y, steps=report["steps"] + 1, batch_size=16, progress=False, checkpoint_dir=run_dir,
+                 resume=True)
+    assert result.steps == report["steps"] + 1 and not result.interrupted and result.exit_code == 0

@@ -1,0 +1,215 @@
+import math
+
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+
+from tests.common import assert_close
+from vdn_pyro.data.text import PAD, Vocabulary, encode_texts
+from vdn_pyro.inference import LocalELBO, fit
+from vdn_pyro.models.recurrent import RecurrentVDN, evaluate_sequences
+
+VOCAB = Vocabulary(tuple("abcde"))
+TEXTS = ["abc", "a", "edcb", "bb"]
+SMALL = dict(embed_dim=4, hidden=8, units=3, posterior_token_dim=3)
+VARIANTS = {
+    "vdn": {},
+    "no-ar": {"ar": False},
+    "lstm": {"cell": "lstm"},
+    "plain-posterior": {"residual_posterior": False},
+    "deterministic": {"deterministic": True},
+}
+
+
+def make(**options):
+    return RecurrentVDN(VOCAB, **{**SMALL, **options})
+
+
+def batch(texts=TEXTS, max_len=None):
+    return encode_texts(texts, VOCAB, max_len)
+
+
+def latent_sites(trace):
+    return [n for n, s in trace.nodes.items() if s["type"] == "sample" and n.startswith("rnn.z.") and not n.endswith(".units")]
+
+
+def test_trace_sites_and_shapes():
+    net = make()
+    x, y = batch(max_len=7)  # lengths 4, 2, 5, 3 (boundary included); 2 all-padding columns
+    guide_trace = poutine.trace(net.guide).get_trace(x, y)
+    model_trace = poutine.trace(poutine.replay(net.model, trace=guide_trace)).get_trace(x, y)
+    assert latent_sites(guide_trace) == latent_sites(model_trace) == [f"rnn.z.{t}" for t in range(5)]
+    mask = y != PAD
+    for t in range(5):
+        for trace in (guide_trace, model_trace):
+            site = trace.nodes[f"rnn.z.{t}"]
+            assert site["value"].shape == (4, 3, 1)
+            assert site["fn"].batch_shape == (4, 3) and site["fn"].event_shape == (1,)
+            assert [f.name for f in site["cond_indep_stack"]] == [f"rnn.z.{t}.units", "data"]
+            assert site["mask"].shape == (4, 1) and site["mask"][:, 0].tolist() == mask[:, t].tolist()
+            assert_close(site["scale"], torch.ones(3))  # beta (H,) on both sides
+        # the model's prior at t is conditioned on the guide's z_{t-1}
+        assert torch.equal(model_trace.nodes[f"rnn.z.{t}"]["value"], guide_trace.nodes[f"rnn.z.{t}"]["value"])
+    obs = model_trace.nodes["obs"]
+    assert obs["fn"].batch_shape == (4, 1) and obs["fn"].event_shape == (5,)
+    assert obs["value"].shape == (4, 1, 5)
+    assert net.guide(x, y).shape == (4, 5, 3)
+
+
+def test_deterministic_has_no_latents():
+    net = make(deterministic=True)
+    x, y = batch()
+    assert net.guide(x, y) is None
+    trace = poutine.trace(net.model).get_trace(x, y)
+    assert [n for n, s in trace.nodes.items() if s["type"] == "sample"] == ["data", "obs"]
+    assert net.units == 0 and not hasattr(net, "prior")
+
+
+def _replay_row(net, guide_trace, row, length):
+    """Model and guide traces of one unpadded sequence, with the padded batch's latents."""
+    fake = poutine.Trace()
+    for t in range(length):
+        value = guide_trace.nodes[f"rnn.z.{t}"]["value"][row : row + 1]  # (1, H, 1)
+        fake.add_node(f"rnn.z.{t}", type="sample", is_observed=False, value=value, infer={})
+    return fake
+
+
+@pytest.mark.parametrize("variant", ["vdn", "lstm", "deterministic"])
+def test_padding_contributes_nothing(variant):
+    net = make(**VARIANTS[variant])
+    x, y = batch(max_len=8)
+    guide_trace = poutine.trace(net.guide).get_trace(x, y)
+    model_trace = poutine.trace(poutine.replay(net.model, trace=guide_trace)).get_trace(x, y)
+    padded = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+    total = 0.0
+    for row, text in enumerate(TEXTS):
+        xr, yr = batch([text])  # (1, len + 1), no padding at all
+        fake = _replay_row(net, guide_trace, row, xr.shape[1])
+        g = poutine.trace(poutine.replay(net.guide, trace=fake)).get_trace(xr, yr)
+        m = poutine.trace(poutine.replay(net.model, trace=fake)).get_trace(xr, yr)
+        total = total + m.log_prob_sum() - g.log_prob_sum()
+    assert_close(padded, total, atol=1e-4, rtol=1e-5)
+    # the padded positions would count without the mask
+    obs = model_trace.nodes["obs"]
+    unmasked = obs["fn"].base_dist.base_dist.log_prob(obs["value"]).sum()
+    assert abs(float(unmasked - obs["fn"].log_prob(obs["value"]).sum())) > 1.0
+
+
+def test_score_matches_unpadded_rows():
+    net = make()
+    x, y = batch(max_len=9)
+    scores = net.score(x, y, "posterior_mean")
+    assert scores.log_lik.shape == (1, 4, 5) and scores.kl.shape == (1, 4, 5, 3)
+    assert bool((scores.log_lik[0][~scores.mask] == 0).all())
+    for row, text in enumerate(TEXTS):
+        single = net.score(*batch([text]), "posterior_mean")
+        assert_close(scores.log_lik[0, row].sum(), single.log_lik.sum(), atol=1e-5)
+        assert_close(scores.kl[0, row].sum(), single.kl.sum(), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradients_reach_every_parameter(variant):
+    net = make(**VARIANTS[variant])
+    x, y = batch()
+    loss = LocalELBO().differentiable_loss(net.model, net.guide, x, y, num_data=10)
+    loss.backward()
+    names = [n for n, p in net.named_parameters()]
+    assert ("prior.raw_phi" in names) == (variant not in ("no-ar", "deterministic"))
+    for name, param in net.named_parameters():
+        assert param.grad is not None, name
+        assert float(param.grad.abs().sum()) > 0, name
+
+
+def test_phi_stays_inside_unit_interval():
+    net = make()
+    with torch.no_grad():
+        net.prior.raw_phi.copy_(torch.tensor([-50.0, 0.3, 50.0]))
+    phi = net.prior.phi
+    assert bool((phi.abs() < 1).all()) and phi[0] < -0.999 and phi[2] > 0.999
+    assert bool(torch.isfinite(net.prior.half_life).all())
+    no_ar = make(ar=False)
+    assert_close(no_ar.prior.phi, torch.zeros(3))
+    assert "prior.raw_phi" not in dict(no_ar.named_parameters())
+
+
+def test_generate_returns_strings_from_vocabulary():
+    net = make()
+    names = net.generate(20, max_len=6, temperature=0.8)
+    assert len(names) == 20 and all(isinstance(n, str) for n in names)
+    assert all(set(n) <= set(VOCAB.chars) and len(n) <= 6 for n in names)
+    ids = net.sample_ids(50, max_len=6)
+    assert ids.shape == (50, 6) and int(ids.min()) >= PAD and int(ids.max()) < VOCAB.size
+    for row in ids.tolist():  # after the end boundary only padding
+        if 0 in row:
+            assert all(i == PAD for i in row[row.index(0) + 1 :])
+    with pytest.raises(ValueError, match="vocabulary"):
+        RecurrentVDN(VOCAB.size, **SMALL).generate(2)
+    with pytest.raises(ValueError, match="temperature"):
+        net.generate(2, temperature=0.0)
+
+
+def test_model_samples_next_tokens_without_y():
+    net = make()
+    x, y = batch()
+    out = net.model(x)
+    assert out.shape == (4, 5) and torch.equal(out == PAD, y[:, :5] == PAD)
+    with pytest.raises(ValueError, match="reads the targets"):
+        net.guide(x)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda x, y: (x.float(), y), TypeError, "integer token ids"),
+        (lambda x, y: (x, y[:, :-1]), ValueError, "Expected y of shape"),
+        (lambda x, y: (x, torch.where(y == PAD, 1, y)), ValueError, "same positions"),
+        (lambda x, y: (x.clamp_max(9) + 9 * (x == 1), y), ValueError, r"ids in \[0, 6\)"),
+        (lambda x, y: (x[:, [0, 2, 1, 3, 4]], y[:, [0, 2, 1, 3, 4]]), ValueError, "right-padding"),
+        (lambda x, y: (x[:, 2:], y[:, 2:]), ValueError, "all padding"),
+    ],
+    ids=["float", "shape", "pad-mismatch", "range", "gap", "empty-row"],
+)
+def test_check_inputs(change, error, match):
+    net = make()
+    x, y = change(*batch())
+    with pytest.raises(error, match=match):
+        net.model(x, y)
+
+
+def test_deterministic_loss_equals_exact_nll():
+    net = make(deterministic=True)
+    x, y = batch()
+    loss = LocalELBO().loss(net.model, net.guide, x, y)
+    ev = evaluate_sequences(net, x, y)
+    assert ev.num_chars == 14
+    assert_close(loss / 14, ev.nll, rtol=1e-5)
+    assert ev.nll_bound == ev.nll and ev.replaced == {}
+
+
+def test_elbo_agrees_with_evaluation_bound():
+    pyro.set_rng_seed(1)
+    net = make()
+    x, y = batch()
+    elbo = LocalELBO(num_particles=400, vectorize_particles=True)
+    loss = elbo.loss(net.model, net.guide, x, y)
+    ev = evaluate_sequences(net, x, y, num_samples=400, replace_samples=4)
+    assert_close(loss / ev.num_chars, ev.nll_bound, rtol=0.01)
+    # importance sampling tightens the bound; every replacement is a valid log loss
+    assert ev.nll < ev.nll_bound
+    assert set(ev.replaced) == {"prior", "posterior_mean", "zeros", "prior_mean"}
+    assert ev.unit_kl.shape == (3,) and ev.unit_kl_time.shape == (x.shape[1], 3)
+    assert_close(ev.unit_kl.sum(), ev.kl, rtol=1e-5)
+    assert ev.time_counts.tolist()[:5] == [4, 4, 3, 2, 1]
+    assert ev.bits(math.log(2)) == pytest.approx(1.0)
+
+
+def test_tiny_overfit_reduces_loss():
+    net = make(hidden=16, units=4)
+    x, y = batch()
+    before = evaluate_sequences(net, x, y, num_samples=16)
+    result = fit(net, x, y, steps=150, batch_size=4, lr=0.03, seed=0, progress=False)
+    after = evaluate_sequences(net, x, y, num_samples=16)
+    assert result.history[-1]["loss"] < 0.5 * result.history[0]["loss"]
+    assert after.nll_bound < 0.5 * before.nll_bound
+    assert after.nll < 0.5 * before.nll

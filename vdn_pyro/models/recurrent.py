@@ -1,0 +1,691 @@
+r"""A distributional recurrent network for token sequences, with a per-unit AR prior over time.
+
+At every step t = 0, ..., T-1 the network reads the input token :math:`x_t` (the previous token;
+:math:`x_0` is the start boundary) and emits the target :math:`y_t` (= :math:`x_{t+1}`):
+
+.. math::
+
+    h_t &= \mathrm{GRU}\big([e(x_t), z_{t-1}],\, h_{t-1}\big), \qquad h_{-1} = 0,\ z_{-1} = 0,\\
+    p(z_{i,t} \mid z_{i,t-1}, h_t) &= \mathcal{N}\big(\phi_i z_{i,t-1} + (W h_t + c)_i,\
+        s_i^2\big), \qquad \phi_i = \tanh(\mathrm{raw}_i) \in (-1, 1),\\
+    p(y_t \mid h_t, z_t) &= \mathrm{Categorical}\big(\mathrm{softmax}(V [h_t, z_t] + b)\big),\\
+    q(z_{i,t} \mid h_t, y_t) &= \mathcal{N}\big(\mu_i(h_t, y_t), \sigma_i(h_t, y_t)^2\big)
+        \quad\text{(see :class:`~vdn_pyro.guides.RecurrentPosterior`)}.
+
+:math:`h_t` is the deterministic state that has read every earlier token and latent, so this is
+the variational RNN (VRNN) of Chung et al. (2015) with a per-unit AR(1) part in each unit's prior.
+In the notation "prior p(z_t | z_{t-1}, h_{t-1}), posterior q(z_t | h_{t-1}, x_t), emission of
+x_t" the state index is shifted by one: here :math:`h_t` is the state *before* the token
+:math:`y_t` is emitted. The posterior must read the token its step emits (``y_t``); reading only
+the input ``x_t``, which :math:`h_t` already holds, would leave the latents nothing to carry.
+
+Pyro structure: a data plate (dim -2, size N with subsampling), and inside ``pyro.markov`` one
+neuron site ``"<name>.z.<t>"`` per step (batch ``(B, H)``, event ``(1,)``, unit plate at dim -1,
+per-unit ``beta`` on both sides), masked with :func:`pyro.poutine.mask` where a row is padding.
+The tokens are one observed site ``"obs"`` (batch ``(B, 1)``, event ``(T,)``, padding masked).
+
+``deterministic=True`` builds the plain GRU (or LSTM) language model of the same width:
+:math:`h_t = \mathrm{GRU}(e(x_t), h_{t-1})`, :math:`p(y_t \mid h_t)`, no latents and an empty guide.
+``ar=False`` fixes every :math:`\phi_i = 0` (the same network without per-unit AR priors).
+"""
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule
+from torch import nn
+from torch.distributions import kl_divergence
+from torch.nn.functional import log_softmax, softplus
+
+from vdn_pyro.data.text import BOUNDARY_ID, PAD, trim_padding
+from vdn_pyro.guides.recurrent import RecurrentPosterior
+from vdn_pyro.primitives import as_beta, neurons
+
+__all__ = [
+    "CELLS",
+    "LATENT_MODES",
+    "RecurrentARPrior",
+    "RecurrentVDN",
+    "RecurrentVDNConfig",
+    "SequenceEvaluation",
+    "SequenceScores",
+    "evaluate_sequences",
+]
+
+CELLS = ("gru", "lstm")
+#: How :meth:`RecurrentVDN.score` draws the latents: from the posterior, the posterior mean path,
+#: the prior (ancestral samples along the observed tokens), the prior mean path, or zeros.
+LATENT_MODES = ("posterior", "posterior_mean", "prior", "prior_mean", "zeros")
+_PHI_BOUND = 1 - 1e-6  # |phi| < 1 even where tanh saturates in float32
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _inv_softplus(x):
+    x = torch.as_tensor(x, dtype=torch.get_default_dtype())
+    return x + torch.log(-torch.expm1(-x))
+
+
+@dataclasses.dataclass
+class RecurrentVDNConfig:
+    """Everything that defines a :class:`RecurrentVDN`; every option has a default that runs.
+
+    :ivar int vocab_size: number of token ids V (boundary included).
+    :ivar int embed_dim: width of the input token embedding.
+    :ivar int hidden: width of the deterministic recurrent state.
+    :ivar int units: number of distributional units H per step.
+    :ivar str cell: ``"gru"`` or ``"lstm"``.
+    :ivar bool ar: learn a per-unit AR coefficient phi; ``False`` fixes phi = 0.
+    :ivar float init_phi: initial phi of every unit, in (-1, 1).
+    :ivar float prior_scale: initial innovation scale s of every unit.
+    :ivar float prior_scale_min: lower bound of s.
+    :ivar bool residual_posterior: posterior mean = prior mean + a learned shift.
+    :ivar int posterior_token_dim: width of the posterior's token embedding.
+    :ivar float scale_min: posterior scale lower clamp.
+    :ivar float scale_max: posterior scale upper clamp.
+    :ivar float init_scale: initial posterior scale.
+    :ivar beta: KL coefficient, a positive number or a sequence of length H.
+    :ivar bool deterministic: the plain GRU/LSTM language model of the same width (no latents).
+    :ivar int boundary_id: the id that starts (in x) and ends (in y) every sequence.
+    :ivar str name: prefix of the site names, ``"<name>.z.<t>"``.
+    """
+
+    vocab_size: int
+    embed_dim: int = 32
+    hidden: int = 128
+    units: int = 32
+    cell: str = "gru"
+    ar: bool = True
+    init_phi: float = 0.5
+    prior_scale: float = 1.0
+    prior_scale_min: float = 1e-2
+    residual_posterior: bool = True
+    posterior_token_dim: int = 16
+    scale_min: float = 1e-3
+    scale_max: float = 5.0
+    init_scale: float = 0.5
+    beta: Any = 1.0
+    deterministic: bool = False
+    boundary_id: int = BOUNDARY_ID
+    name: str = "rnn"
+
+    def __post_init__(self):
+        for field in ("vocab_size", "embed_dim", "hidden", "units", "posterior_token_dim"):
+            value = getattr(self, field)
+            if not _is_int(value):
+                raise TypeError(f"Expected {field} to be an int >= 1, but got {value!r}.")
+            if value < 1:
+                raise ValueError(f"Expected {field} >= 1, but got {value}.")
+        if self.vocab_size < 2:
+            raise ValueError(f"Expected vocab_size >= 2 (boundary and one token), got {self.vocab_size}.")
+        if self.cell not in CELLS:
+            raise ValueError(f"Expected cell in {CELLS}, but got {self.cell!r}.")
+        if not -1 < self.init_phi < 1:
+            raise ValueError(f"Expected init_phi in (-1, 1), but got {self.init_phi}.")
+        if not 0 < self.prior_scale_min < self.prior_scale:
+            raise ValueError(
+                "Expected 0 < prior_scale_min < prior_scale, but got "
+                f"prior_scale_min={self.prior_scale_min}, prior_scale={self.prior_scale}."
+            )
+        if not _is_int(self.boundary_id) or not 0 <= self.boundary_id < self.vocab_size:
+            raise ValueError(f"Expected boundary_id in [0, {self.vocab_size}), but got {self.boundary_id!r}.")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Expected name to be a non-empty str, but got {self.name!r}.")
+        self.beta = as_beta(self.beta, self.units)
+
+
+class RecurrentARPrior(nn.Module):
+    r"""Per-unit prior of one step: :math:`p(z_{i,t} \mid z_{i,t-1}, h_t) =
+    \mathcal{N}(\phi_i z_{i,t-1} + (W h_t + c)_i,\ s_i^2)`.
+
+    :math:`\phi_i = \tanh(\mathrm{raw}_i)` (clamped to :math:`\pm(1 - 10^{-6})`, so
+    :math:`|\phi_i| < 1` even at saturation) is the unit's own memory, with half-life
+    :math:`\log 0.5 / \log|\phi_i|` steps when the input drive is constant; :math:`W h_t + c` is
+    the learned input from the deterministic state; :math:`s_i` is the innovation scale.
+
+    :param int state_features: width F of :math:`h_t`.
+    :param int units: number of units H.
+    :param bool ar: learn phi; ``False`` fixes phi = 0 (a buffer).
+    :param float init_phi: initial phi.
+    :param float init_scale: initial s.
+    :param float scale_min: lower bound of s.
+    """
+
+    def __init__(self, state_features, units, ar=True, init_phi=0.5, init_scale=1.0, scale_min=1e-2):
+        super().__init__()
+        self.units, self.ar, self.scale_min = units, bool(ar), float(scale_min)
+        self.input = nn.Linear(state_features, units)
+        raw_phi = torch.full((units,), math.atanh(init_phi) if ar else 0.0)  # (H,)
+        if ar:
+            self.raw_phi = nn.Parameter(raw_phi)
+        else:
+            self.register_buffer("raw_phi", raw_phi)
+        self.raw_scale = nn.Parameter(_inv_softplus(torch.full((units,), init_scale - scale_min)))
+
+    @property
+    def phi(self):
+        """AR coefficient per unit, ``(H,)``, strictly inside (-1, 1)."""
+        return torch.tanh(self.raw_phi).clamp(-_PHI_BOUND, _PHI_BOUND)
+
+    @property
+    def scale(self):
+        """Innovation scale per unit, ``(H,)``."""
+        return softplus(self.raw_scale) + self.scale_min
+
+    @property
+    def half_life(self):
+        """``log 0.5 / log|phi|`` per unit in steps, ``(H,)`` (0 where phi = 0)."""
+        rho = self.phi.detach().abs()
+        return torch.where(rho > 0, math.log(0.5) / torch.log(rho.clamp_min(1e-30)), torch.zeros_like(rho))
+
+    def loc(self, z_prev, state):
+        """Prior mean: ``z_prev`` ``(..., B, H)``, ``state`` ``(..., B, F)`` -> ``(..., B, H)``."""
+        return self.phi * z_prev + self.input(state)  # (..., B, H)
+
+    def forward(self, z_prev, state):
+        """``(loc, scale)``, each ``(..., B, H)``."""
+        loc = self.loc(z_prev, state)  # (..., B, H)
+        return loc, self.scale.expand(loc.shape)
+
+
+@dataclasses.dataclass
+class SequenceScores:
+    """Per-position terms of one pass of :meth:`RecurrentVDN.score` over S draws of the latents.
+
+    :ivar torch.Tensor log_lik: ``(S, B, T)`` :math:`\\log p(y_t \\mid h_t, z_t)`, 0 at padding.
+    :ivar torch.Tensor log_prior: ``(S, B, T)`` :math:`\\sum_i \\log p(z_{i,t} \\mid \\cdot)`
+        (0 for the deterministic network and at padding).
+    :ivar torch.Tensor log_q: ``(S, B, T)`` :math:`\\sum_i \\log q(z_{i,t} \\mid \\cdot)` (only for
+        ``latents="posterior"``, else 0).
+    :ivar torch.Tensor kl: ``(S, B, T, H)`` analytic per-unit :math:`\\mathrm{KL}(q \\| p)` given
+        the sampled past (only for the posterior modes, else 0).
+    :ivar torch.Tensor mask: ``(B, T)`` real (non-padding) positions.
+    """
+
+    log_lik: torch.Tensor
+    log_prior: torch.Tensor
+    log_q: torch.Tensor
+    kl: torch.Tensor
+    mask: torch.Tensor
+
+
+class RecurrentVDN(PyroModule):
+    r"""A distributional recurrent network for token sequences (see the module docstring).
+
+    Data are teacher-forcing pairs ``x``, ``y`` of long ids, each ``(B, T)``, right-padded with
+    :data:`~vdn_pyro.data.text.PAD` (-1) at the same positions (build them with
+    :func:`~vdn_pyro.data.text.encode_texts`). Trailing all-padding columns are trimmed per batch.
+
+    The negative ELBO it defines (``beta`` = 1) bounds the per-sequence NLL:
+
+    .. math:: -\log p(y) \le \sum_t \mathbb{E}_q\big[-\log p(y_t \mid h_t, z_t)\big]
+              + \sum_{t,i} \beta_i\, \mathbb{E}_q\,\mathrm{KL}\big(q(z_{i,t} \mid \cdot)
+              \,\|\, p(z_{i,t} \mid z_{i,t-1}, h_t)\big).
+
+    :param vocabulary: a :class:`~vdn_pyro.data.text.Vocabulary` (used by :meth:`generate`) or
+        the number of token ids V.
+    :param options: any other :class:`RecurrentVDNConfig` field, or ``config=``.
+
+    >>> net = RecurrentVDN(5, hidden=8, units=4)
+    >>> x = torch.tensor([[0, 1, 2], [0, 3, -1]])
+    >>> y = torch.tensor([[1, 2, 0], [3, 0, -1]])
+    >>> tr = pyro.poutine.trace(net.guide).get_trace(x, y)
+    >>> tr.nodes["rnn.z.1"]["value"].shape
+    torch.Size([2, 4, 1])
+    """
+
+    def __init__(self, vocabulary, **options):
+        super().__init__()
+        if _is_int(vocabulary):
+            self.vocabulary, vocab_size = None, int(vocabulary)
+        elif hasattr(vocabulary, "size") and hasattr(vocabulary, "decode"):
+            self.vocabulary, vocab_size = vocabulary, int(vocabulary.size)
+        else:
+            raise TypeError(
+                f"Expected a Vocabulary or an int vocabulary size, but got {type(vocabulary).__name__}."
+            )
+        config = options.pop("config", None) or RecurrentVDNConfig(vocab_size, **options)
+        if config.vocab_size != vocab_size:
+            raise ValueError(f"config.vocab_size={config.vocab_size} but the vocabulary has {vocab_size}.")
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim)
+        latent = 0 if c.deterministic else c.units
+        cell = nn.GRUCell if c.cell == "gru" else nn.LSTMCell
+        self.cell = cell(c.embed_dim + latent, c.hidden)
+        self.state_size = c.hidden * (2 if c.cell == "lstm" else 1)
+        if not c.deterministic:
+            self.prior = RecurrentARPrior(
+                c.hidden, c.units, c.ar, c.init_phi if c.ar else 0.0, c.prior_scale, c.prior_scale_min
+            )
+            self.posterior = RecurrentPosterior(
+                c.hidden,
+                c.vocab_size,
+                c.units,
+                c.posterior_token_dim,
+                c.residual_posterior,
+                c.scale_min,
+                c.scale_max,
+                c.init_scale,
+            )
+            self.register_buffer("beta", c.beta.clone())
+        self.emission = nn.Linear(c.hidden + latent, c.vocab_size)
+
+    # ------------------------------------------------------------------ info
+    @property
+    def deterministic(self):
+        """Whether this is the plain recurrent language model (no latents)."""
+        return self.config.deterministic
+
+    @property
+    def units(self):
+        """Number of distributional units H per step (0 when deterministic)."""
+        return 0 if self.deterministic else self.config.units
+
+    def site(self, t):
+        """Name of the latent site of step ``t``: ``"<name>.z.<t>"``."""
+        return f"{self.config.name}.z.{t}"
+
+    @property
+    def num_parameters(self):
+        """Number of trainable scalars."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ---------------------------------------------------------------- checks
+    def _check_ids(self, name, ids):
+        if not torch.is_tensor(ids):
+            raise TypeError(f"Expected {name} to be a torch.Tensor of token ids, got {type(ids).__name__}.")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"Expected {name} to hold integer token ids, but got dtype {ids.dtype}; use .long().")
+        if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"Expected {name} of shape (B, T) with B, T >= 1, but got {tuple(ids.shape)}.")
+        v = self.config.vocab_size
+        if int(ids.min()) < PAD or int(ids.max()) >= v:
+            raise ValueError(
+                f"Expected {name} ids in [0, {v}) or padding {PAD}, but got values in "
+                f"[{int(ids.min())}, {int(ids.max())}]. The network was built with vocab_size={v}."
+            )
+
+    def check_inputs(self, x, y=None):
+        """Raise ``TypeError``/``ValueError`` if ``x``/``y`` cannot be used.
+
+        :param torch.Tensor x: ``(B, T)`` input ids, right-padded with -1.
+        :param y: ``None`` or ``(B, T)`` target ids padded at the same positions.
+        """
+        self._check_ids("x", x)
+        mask = x != PAD  # (B, T)
+        if y is not None:
+            self._check_ids("y", y)
+            if y.shape != x.shape:
+                raise ValueError(f"Expected y of shape {tuple(x.shape)} like x, but got {tuple(y.shape)}.")
+            if not bool((mask == (y != PAD)).all()):
+                raise ValueError("Expected x and y to be padded (-1) at the same positions.")
+        if not bool(mask[:, 0].all()):
+            raise ValueError("Expected every sequence to have at least one position, but a row is all padding.")
+        if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+            raise ValueError("Expected padding only at the end of each row (right-padding), but found a gap.")
+
+    def _prepare(self, x, y):
+        """Check, trim trailing padding and zero the padded ids: ``(x, y or None, mask)``."""
+        self.check_inputs(x, y)
+        has_y = y is not None
+        x, y = trim_padding(x, y if has_y else x)  # (B, T_b)
+        mask = y != PAD  # (B, T_b)
+        # padded ids become 0: every use of a padded position is masked out or lies after the row ends
+        return x.clamp_min(0), y.clamp_min(0) if has_y else None, mask
+
+    # -------------------------------------------------------------- pieces
+    def _data_plate(self, batch, num_data, device):
+        size = batch if num_data is None else int(num_data)
+        if size < batch:
+            raise ValueError(f"Expected num_data >= batch size {batch}, but got {num_data}.")
+        subsample = None if size == batch else torch.arange(batch, device=device)
+        return pyro.plate("data", size, subsample=subsample, dim=-2)
+
+    def initial_state(self, batch, device=None):
+        """Zero recurrent state ``(B, S)`` (S = hidden, or 2 * hidden for the LSTM)."""
+        return torch.zeros(batch, self.state_size, device=device)
+
+    def readout(self, state):
+        """The part of the state the heads read: ``(..., B, S) -> (..., B, hidden)``."""
+        return state[..., : self.config.hidden]
+
+    def advance(self, state, token, z_prev=None):
+        """One recurrent update :math:`h_t = \\mathrm{cell}([e(x_t), z_{t-1}], h_{t-1})`.
+
+        :param state: ``(..., B, S)``. :param token: ``(B,)`` input ids (no padding).
+        :param z_prev: ``(..., B, H)`` previous latents, or ``None`` when deterministic.
+        :returns: the new state ``(..., B, S)``.
+        """
+        inp = self.embed(token)  # (B, E)
+        lead = state.shape[:-1] if z_prev is None else torch.broadcast_shapes(state.shape[:-1], z_prev.shape[:-1])
+        inp = inp.expand(lead + inp.shape[-1:])  # (..., B, E)
+        if z_prev is not None:
+            inp = torch.cat([inp, z_prev.expand(lead + z_prev.shape[-1:])], -1)  # (..., B, E + H)
+        flat_in = inp.reshape(-1, inp.shape[-1])  # (N, E [+ H])
+        flat_state = state.expand(lead + state.shape[-1:]).reshape(-1, self.state_size)  # (N, S)
+        if self.config.cell == "lstm":
+            h, c = self.cell(flat_in, tuple(flat_state.chunk(2, -1)))
+            new = torch.cat([h, c], -1)  # (N, 2 * hidden)
+        else:
+            new = self.cell(flat_in, flat_state)  # (N, hidden)
+        return new.reshape(lead + (self.state_size,))  # (..., B, S)
+
+    def logits(self, h, z=None):
+        """Emission logits: ``h`` ``(..., B, hidden)``, ``z`` ``(..., B, H)`` -> ``(..., B, V)``."""
+        if z is not None:
+            lead = torch.broadcast_shapes(h.shape[:-1], z.shape[:-1])
+            h = torch.cat([h.expand(lead + h.shape[-1:]), z.expand(lead + z.shape[-1:])], -1)  # (..., B, F + H)
+        return self.emission(h)  # (..., B, V)
+
+    @staticmethod
+    def _unit_dist(loc, scale):
+        """Batch ``(..., B, H)``, event ``(1,)``: the latent dim k = 1 of each unit."""
+        return dist.Normal(loc.unsqueeze(-1), scale.unsqueeze(-1)).to_event(1)
+
+    # --------------------------------------------------------- model/guide
+    def model(self, x, y=None, *, num_data=None):
+        """The generative side: per-unit AR priors, recurrence and categorical emission.
+
+        :param torch.Tensor x: ``(B, T)`` input ids (right-padded with -1).
+        :param y: ``(B, T)`` target ids, or ``None`` to sample each next token given the
+            observed prefix ``x``.
+        :param int num_data: number of sequences N in the full data set (scales by N/B).
+        :returns: the tokens ``(B, T_b)`` (-1 at padding).
+        """
+        x, y, mask = self._prepare(x, y)
+        batch, steps = x.shape
+        state = self.initial_state(batch, x.device)  # (B, S)
+        z = None if self.deterministic else torch.zeros(batch, self.units, device=x.device)  # (B, H)
+        logits = []
+        with self._data_plate(batch, num_data, x.device):
+            for t in pyro.markov(range(steps)):
+                state = self.advance(state, x[:, t], z)  # (..., B, S)
+                h = self.readout(state)  # (..., B, hidden)
+                if not self.deterministic:
+                    fn = self._unit_dist(*self.prior(z, h))  # batch (..., B, H), event (1,)
+                    with poutine.mask(mask=mask[:, t, None]):  # (B, 1)
+                        z = neurons(self.site(t), fn, self.beta).squeeze(-1)  # (..., B, H)
+                logits.append(self.logits(h, z))  # (..., B, V)
+            logits = torch.stack(logits, -2).unsqueeze(-3)  # (..., B, 1, T, V)
+            fn = dist.Categorical(logits=logits).mask(mask.unsqueeze(-2)).to_event(1)  # batch (..., B, 1)
+            obs = None if y is None else y.unsqueeze(-2)  # (B, 1, T)
+            out = pyro.sample("obs", fn, obs=obs)  # (..., B, 1, T)
+        return torch.where(mask, out.squeeze(-2), PAD)  # (..., B, T)
+
+    def guide(self, x, y=None, *, num_data=None):
+        """The inference side: per step, each unit's posterior reads the state and the target.
+
+        :param torch.Tensor x: ``(B, T)``. :param torch.Tensor y: ``(B, T)`` (required).
+        :param int num_data: full data-set size N.
+        :returns: the latents ``(..., B, T_b, H)`` (``None`` when deterministic).
+        """
+        x, y, mask = self._prepare(x, y)
+        if self.deterministic:
+            return None
+        if y is None:
+            raise ValueError("The guide q(z_t | h_t, y_t) reads the targets: pass y (B, T).")
+        batch, steps = x.shape
+        state = self.initial_state(batch, x.device)  # (B, S)
+        z = torch.zeros(batch, self.units, device=x.device)  # (B, H)
+        zs = []
+        with self._data_plate(batch, num_data, x.device):
+            for t in pyro.markov(range(steps)):
+                state = self.advance(state, x[:, t], z)  # (..., B, S)
+                h = self.readout(state)  # (..., B, hidden)
+                prior_loc = self.prior.loc(z, h) if self.posterior.residual else None  # (..., B, H)
+                fn = self._unit_dist(*self.posterior(h, y[:, t], prior_loc))
+                with poutine.mask(mask=mask[:, t, None]):  # (B, 1)
+                    z = neurons(self.site(t), fn, self.beta).squeeze(-1)  # (..., B, H)
+                zs.append(z)
+        return torch.stack(zs, -2)  # (..., B, T, H)
+
+    def forward(self, x, y=None, *, num_data=None):
+        """Same as :meth:`model`."""
+        return self.model(x, y, num_data=num_data)
+
+    # ------------------------------------------------------------- analysis
+    @torch.no_grad()
+    def score(self, x, y, latents="posterior", num_samples=1):
+        """Per-position log-likelihoods and latent terms along the observed tokens, in plain
+        PyTorch (no Pyro bookkeeping), for evaluation.
+
+        :param torch.Tensor x: ``(B, T)``. :param torch.Tensor y: ``(B, T)``.
+        :param str latents: one of :data:`LATENT_MODES`: ``"posterior"`` (samples from q, the
+            ELBO's and importance sampling's proposal), ``"posterior_mean"`` (z = loc of q along
+            the mean path), ``"prior"`` (ancestral prior samples given the observed tokens),
+            ``"prior_mean"`` or ``"zeros"``.
+        :param int num_samples: S draws of the latents (rows are repeated S times).
+        :returns: a :class:`SequenceScores`.
+        """
+        if latents not in LATENT_MODES:
+            raise ValueError(f"Expected latents in {LATENT_MODES}, but got {latents!r}.")
+        if not _is_int(num_samples) or num_samples < 1:
+            raise ValueError(f"Expected num_samples to be an int >= 1, but got {num_samples!r}.")
+        x, y, mask = self._prepare(x, y)
+        batch, steps = x.shape
+        xs, ys = x.repeat(num_samples, 1), y.repeat(num_samples, 1)  # (S * B, T)
+        state = self.initial_state(xs.shape[0], x.device)  # (S * B, S_state)
+        units = self.units
+        z = None if self.deterministic else torch.zeros(xs.shape[0], units, device=x.device)  # (S * B, H)
+        zero = torch.zeros(xs.shape[0], device=x.device)  # (S * B,)
+        log_lik, log_prior, log_q, kls = [], [], [], []
+        for t in range(steps):
+            state = self.advance(state, xs[:, t], z)  # (S * B, S_state)
+            h = self.readout(state)  # (S * B, hidden)
+            lp, lq, kl = zero, zero, torch.zeros(xs.shape[0], units, device=x.device)  # (S * B, H)
+            if not self.deterministic:
+                p_loc, p_scale = self.prior(z, h)  # (S * B, H)
+                prior = dist.Normal(p_loc, p_scale)
+                if latents.startswith("posterior"):
+                    q_loc, q_scale = self.posterior(h, ys[:, t], p_loc if self.posterior.residual else None)
+                    post = dist.Normal(q_loc, q_scale)
+                    kl = kl_divergence(post, prior)  # (S * B, H)
+                    z = post.sample() if latents == "posterior" else q_loc  # (S * B, H)
+                    if latents == "posterior":
+                        lq = post.log_prob(z).sum(-1)  # (S * B,)
+                elif latents == "prior":
+                    z = prior.sample()  # (S * B, H)
+                elif latents == "prior_mean":
+                    z = p_loc
+                else:
+                    z = torch.zeros_like(p_loc)
+                lp = prior.log_prob(z).sum(-1)  # (S * B,)
+            ll = log_softmax(self.logits(h, z), -1).gather(-1, ys[:, t, None]).squeeze(-1)  # (S * B,)
+            log_lik.append(ll)
+            log_prior.append(lp)
+            log_q.append(lq)
+            kls.append(kl)
+        m = mask.to(state.dtype)  # (B, T)
+
+        def stack(parts):
+            out = torch.stack(parts, 1).reshape((num_samples, batch, steps) + parts[0].shape[1:])
+            return out * m.reshape(m.shape + (1,) * (out.dim() - 3))  # (S, B, T[, H])
+
+        return SequenceScores(stack(log_lik), stack(log_prior), stack(log_q), stack(kls), mask)
+
+    @torch.no_grad()
+    def sample_ids(self, num, max_len=32, temperature=1.0):
+        """Sample sequences step by step from the prior and the emission.
+
+        :param int num: number of sequences.
+        :param int max_len: most positions per sequence (a sequence that has not emitted the end
+            boundary by then is cut).
+        :param float temperature: divides the emission logits (< 1 is more conservative).
+        :returns: long tensor ``(num, max_len)``: the ids, the end boundary, then -1.
+        """
+        for name, value in [("num", num), ("max_len", max_len)]:
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"Expected {name} to be an int >= 1, but got {value!r}.")
+        if not (isinstance(temperature, numbers.Real) and temperature > 0):
+            raise ValueError(f"Expected temperature > 0, but got {temperature!r}.")
+        device = self.emission.weight.device
+        token = torch.full((num,), self.config.boundary_id, dtype=torch.long, device=device)  # (N,)
+        state = self.initial_state(num, device)  # (N, S)
+        z = None if self.deterministic else torch.zeros(num, self.units, device=device)  # (N, H)
+        out = torch.full((num, max_len), PAD, dtype=torch.long, device=device)  # (N, L)
+        done = torch.zeros(num, dtype=torch.bool, device=device)  # (N,)
+        for t in range(max_len):
+            state = self.advance(state, token, z)  # (N, S)
+            h = self.readout(state)  # (N, hidden)
+            if not self.deterministic:
+                z = dist.Normal(*self.prior(z, h)).sample()  # (N, H)
+            token = dist.Categorical(logits=self.logits(h, z) / temperature).sample()  # (N,)
+            out[:, t] = torch.where(done, PAD, token)
+            done = done | (token == self.config.boundary_id)
+            if bool(done.all()):
+                break
+        return out
+
+    def generate(self, num=20, max_len=32, temperature=1.0, vocabulary=None):
+        """Sample ``num`` strings from the network (latents from the prior, step by step).
+
+        :param int num: number of strings.
+        :param int max_len: most characters + 1 per string.
+        :param float temperature: emission temperature.
+        :param vocabulary: decodes the ids (default: the network's own).
+        :returns: a list of ``num`` str.
+        """
+        vocabulary = vocabulary or self.vocabulary
+        if vocabulary is None:
+            raise ValueError(
+                "generate needs a vocabulary to decode ids: build the network from a Vocabulary or "
+                "pass vocabulary=; sample_ids returns the raw ids."
+            )
+        return [vocabulary.decode(row) for row in self.sample_ids(num, max_len, temperature)]
+
+
+# ------------------------------------------------------------------ evaluation
+@dataclasses.dataclass
+class SequenceEvaluation:
+    """Held-out scores of a :class:`RecurrentVDN`; every NLL is in nats per predicted position
+    (character or end boundary). ``bits(value)`` converts.
+
+    :ivar int num_sequences: number of sequences.
+    :ivar int num_chars: number of predicted positions.
+    :ivar float nll: the model's NLL: exact for the deterministic network, else the importance-
+        sampled estimate :math:`-\\log \\frac1K\\sum_k p(y, z^k)/q(z^k \\mid y)` with K =
+        :attr:`num_samples` (an upper bound in expectation that tightens as K grows).
+    :ivar float nll_bound: the negative ELBO (``beta`` = 1) per position, an upper bound (equal
+        to :attr:`nll` for the deterministic network).
+    :ivar int num_samples: K.
+    :ivar float reconstruction: :math:`\\mathbb{E}_q[-\\log p(y \\mid z)]` per position.
+    :ivar float kl: total KL per position (all units).
+    :ivar dict replaced: NLL per position with the latents replaced by ``"prior"`` samples,
+        ``"posterior_mean"``, ``"zeros"`` and ``"prior_mean"``: the expected log loss of the
+        emission when it sees those latents instead of posterior samples.
+    :ivar numpy.ndarray unit_kl: ``(H,)`` KL per unit per position (nats).
+    :ivar numpy.ndarray unit_kl_time: ``(T, H)`` mean KL per unit at step t over the sequences
+        that reach t.
+    :ivar numpy.ndarray time_counts: ``(T,)`` number of sequences that reach each step.
+    :ivar numpy.ndarray phi: ``(H,)`` AR coefficients.
+    """
+
+    num_sequences: int
+    num_chars: int
+    nll: float
+    nll_bound: float
+    num_samples: int
+    reconstruction: float
+    kl: float
+    replaced: dict
+    unit_kl: np.ndarray
+    unit_kl_time: np.ndarray
+    time_counts: np.ndarray
+    phi: np.ndarray
+
+    @staticmethod
+    def bits(value):
+        """Nats to bits."""
+        return value / math.log(2)
+
+    def increase(self, mode):
+        """Relative NLL increase when the latents are replaced (``mode`` in :attr:`replaced`):
+        ``replaced[mode] / nll - 1``."""
+        return self.replaced[mode] / self.nll - 1 if self.replaced else math.nan
+
+    @property
+    def latent_share(self):
+        """Share of the code length that passes through the latents, ``kl / nll_bound``
+        (bits-back: the ELBO spends ``kl`` nats per position on the latent channel)."""
+        return self.kl / self.nll_bound if self.units else 0.0
+
+    @property
+    def units(self):
+        """Number of units H."""
+        return self.unit_kl.shape[0]
+
+    def living(self, threshold=0.01):
+        """Boolean ``(H,)``: units whose KL per position exceeds ``threshold`` nats."""
+        return self.unit_kl > threshold
+
+
+def evaluate_sequences(network, x, y, *, num_samples=64, replace_samples=8, batch_size=256):
+    """Held-out NLL, ELBO bound and latent-reliance measures of a :class:`RecurrentVDN`.
+
+    :param RecurrentVDN network: the network.
+    :param torch.Tensor x: ``(N, T)``. :param torch.Tensor y: ``(N, T)``.
+    :param int num_samples: K importance samples per sequence for :attr:`SequenceEvaluation.nll`.
+    :param int replace_samples: latent draws averaged for the ``"prior"`` replacement.
+    :param int batch_size: sequences per pass (each pass holds ``K * batch_size`` rows).
+    :returns: a :class:`SequenceEvaluation`.
+    """
+    network.check_inputs(x, y)
+    was_training = network.training
+    network.eval()
+    units, steps = network.units, x.shape[1]
+    totals = dict.fromkeys(["is", "recon", "kl"] + [m for m in LATENT_MODES if m != "posterior"], 0.0)
+    unit_kl = torch.zeros(units)  # (H,)
+    unit_kl_time = torch.zeros(steps, units)  # (T, H)
+    counts = torch.zeros(steps)  # (T,)
+    num_chars = int((y != PAD).sum())
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            xb, yb = trim_padding(x[start : start + batch_size], y[start : start + batch_size])
+            tb = xb.shape[1]
+            if network.deterministic:
+                totals["is"] += float(-network.score(xb, yb).log_lik.sum())
+                continue
+            post = network.score(xb, yb, "posterior", num_samples)
+            log_w = (post.log_lik + post.log_prior - post.log_q).sum(-1)  # (K, B)
+            totals["is"] += float(-(torch.logsumexp(log_w, 0) - math.log(num_samples)).sum())
+            totals["recon"] += float(-post.log_lik.sum(-1).mean(0).sum())
+            kl = post.kl.mean(0)  # (B, T, H)
+            totals["kl"] += float(kl.sum())
+            unit_kl += kl.sum((0, 1))
+            unit_kl_time[:tb] += kl.sum(0)
+            counts[:tb] += post.mask.sum(0)
+            for mode in LATENT_MODES[1:]:
+                draws = replace_samples if mode == "prior" else 1
+                scores = network.score(xb, yb, mode, draws)
+                totals[mode] += float(-scores.log_lik.sum(-1).mean(0).sum())
+    finally:
+        network.train(was_training)
+    nll = totals["is"] / num_chars
+    if network.deterministic:
+        return SequenceEvaluation(
+            x.shape[0], num_chars, nll, nll, 0, nll, 0.0, {}, np.zeros(0), np.zeros((steps, 0)),
+            (y != PAD).sum(0).numpy(), np.zeros(0),
+        )  # fmt: skip
+    return SequenceEvaluation(
+        num_sequences=x.shape[0],
+        num_chars=num_chars,
+        nll=nll,
+        nll_bound=(totals["recon"] + totals["kl"]) / num_chars,
+        num_samples=num_samples,
+        reconstruction=totals["recon"] / num_chars,
+        kl=totals["kl"] / num_chars,
+        replaced={m: totals[m] / num_chars for m in ("prior", "posterior_mean", "zeros", "prior_mean")},
+        unit_kl=(unit_kl / num_chars).numpy(),
+        unit_kl_time=(unit_kl_time / counts.clamp_min(1)[:, None]).numpy(),
+        time_counts=counts.numpy(),
+        phi=network.prior.phi.detach().cpu().numpy(),
+    )
