@@ -288,11 +288,19 @@ class VDN(PyroModule):
         if x.shape[0] < 1:
             raise ValueError("Expected a non-empty batch, but x has 0 rows.")
         if check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError("Expected finite x, but it contains NaN or inf; clean or impute it.")
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(
+                f"Expected finite x, but got {bad} NaN or inf value(s) (x contains NaN or inf); "
+                "clean or impute them first."
+            )
         if y is not None:
             self.likelihood.check_target(y, x.shape[:-1])
             if check_finite and y.dtype.is_floating_point and not bool(torch.isfinite(y).all()):
-                raise ValueError("Expected finite y, but it contains NaN or inf; clean it first.")
+                bad = int((~torch.isfinite(y)).sum())
+                raise ValueError(
+                    f"Expected finite y, but got {bad} NaN or inf value(s) (y contains NaN or inf); "
+                    "clean them first."
+                )
 
     # --------------------------------------------------------------- forward
     def _data_plate(self, x, num_data):

@@ -111,6 +111,7 @@ def test_result_fields_have_documented_shapes():
             assert np.allclose(row, recorder.stats[step - 1][layer.site].kl.numpy())
 
     assert math.isnan(result.best_val_loss) and result.best_step == -1 and result.best_state == {}
+    assert result.stop_reason == "completed" and not result.interrupted and result.skipped_steps == []
     assert "state" in result.optimizer_state and "param_groups" in result.optimizer_state
     frame = result.history_frame()
     assert list(frame["step"]) == [10, 20, 25]
@@ -173,6 +174,7 @@ def test_callbacks_are_called_and_can_stop_early():
     assert recorder.started == 1 and recorder.ended == 1
     assert recorder.steps == [1, 2, 3, 4, 5]
     assert result.steps == 5
+    assert result.stop_reason == "callback"
     assert result.logged_steps == [2, 4]
     assert recorder.history is result
     assert all(math.isfinite(loss) for loss in recorder.losses)

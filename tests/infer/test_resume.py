@@ -21,7 +21,10 @@ from vdn_pyro import VDN, LocalELBO, fit
 from vdn_pyro.inference import (
     LOG_COLUMNS,
     IncompatibleCheckpointError,
+    KLBand,
+    LocBand,
     NonFiniteError,
+    ScaleGuard,
     load_checkpoint,
 )
 
@@ -73,6 +76,28 @@ def read_jsonl(path):
 
 
 # ----------------------------------------------------------------------------- exact resume
+def constraint_set():
+    """A toy constraint whose on_fit_start resets it, and library ones with state (KLBand) and
+    with side effects on the network at start (ScaleGuard, LocBand projection)."""
+    return [
+        Thermostat(),
+        KLBand(low=0.05, high=0.3, rate=0.1),
+        ScaleGuard(min=0.2, max=2.0),
+        LocBand(project=True),
+    ]
+
+
+def assert_same(a, b, path="state"):
+    if torch.is_tensor(a):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    else:
+        assert a == b, path
+
+
 def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
     x, y = regression(50)  # batches of 16: 4 per epoch, the last of 2 rows
     val = regression(20, seed=9)
@@ -80,39 +105,35 @@ def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
         batch_size=16, lr=2e-2, val_data=val, val_every=3, log_every=2, seed=11, progress=False,
         elbo=LocalELBO(num_particles=2),
     )
-    straight_net, straight_c = small_net(), Thermostat()
-    straight = fit(straight_net, x, y, steps=14, constraints=[straight_c], **common)
+    straight_net, straight_c = small_net(), constraint_set()
+    straight = fit(straight_net, x, y, steps=14, constraints=straight_c, **common)
 
     run_dir = tmp_path / "run"
-    first_c = Thermostat()
     first = fit(
-        small_net(), x, y, steps=7, constraints=[first_c], checkpoint_dir=run_dir, log_dir=run_dir, **common
+        small_net(), x, y, steps=7, constraints=constraint_set(), checkpoint_dir=run_dir, log_dir=run_dir,
+        **common,
     )
     assert first.checkpoint_path == str(run_dir / "last.pt") and first.steps == 7
     saved = load_checkpoint(run_dir)
     assert saved["step"] == 7 and saved["epoch"] == 1 and saved["cursor"] == 48  # mid-epoch
 
-    resumed_net, resumed_c = small_net(init_seed=99), Thermostat()  # different initial weights
+    resumed_net, resumed_c = small_net(init_seed=99), constraint_set()  # different initial weights
     common["seed"] = 12345  # a resumed run takes its random state from the checkpoint
     resumed = fit(
-        resumed_net, x, y, steps=14, constraints=[resumed_c], checkpoint_dir=run_dir, log_dir=run_dir,
+        resumed_net, x, y, steps=14, constraints=resumed_c, checkpoint_dir=run_dir, log_dir=run_dir,
         resume=True, **common,
     )
     assert resumed.resumed_from == 7 and resumed.steps == 14
-    for (name, a), b in zip(straight_net.state_dict().items(), resumed_net.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert resumed_c.updates == straight_c.updates == 14
-    opt_a, opt_b = straight.optimizer_state["state"], resumed.optimizer_state["state"]
-    for key in opt_a:
-        for field in opt_a[key]:
-            assert torch.equal(torch.as_tensor(opt_a[key][field]), torch.as_tensor(opt_b[key][field]))
+    assert_same(resumed_net.state_dict(), straight_net.state_dict(), "network")
+    assert_same(resumed.optimizer_state["state"], straight.optimizer_state["state"], "optimizer")
+    for a, b in zip(resumed_c, straight_c):
+        assert_same(a.state_dict(), b.state_dict(), type(a).__name__)
+    assert resumed_c[0].updates == 14
     # the histories agree row for row, apart from the extra row the first run logged at its end
-    extra = {"step": 7}
-    rows = [r for r in resumed.history if r["step"] != extra["step"]]
-    assert rows == straight.history
+    assert [r for r in resumed.history if r["step"] != 7] == straight.history
     assert resumed.best_val_loss == straight.best_val_loss and resumed.best_step == straight.best_step
+    keep = [i for i, step in enumerate(resumed.logged_steps) if step != 7]
     for site, kl in straight.unit_kl.items():
-        keep = [i for i, s in enumerate(resumed.logged_steps) if s != 7]
         assert (resumed.unit_kl[site][keep] == kl).all()
     # the logs hold every logged step once, in order
     steps = [int(r["step"]) for r in read_csv(run_dir / "log.csv")]

@@ -22,6 +22,15 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread avoids OpenMP contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make(**options):
     return RecurrentVDN(VOCAB, **{**SMALL, **options})
 
@@ -46,7 +55,7 @@ def test_trace_sites_and_shapes():
             site = trace.nodes[f"rnn.z.{t}"]
             assert site["value"].shape == (4, 3, 1)
             assert site["fn"].batch_shape == (4, 3) and site["fn"].event_shape == (1,)
-            assert [f.name for f in site["cond_indep_stack"]] == [f"rnn.z.{t}.units", "data"]
+            assert sorted(f.name for f in site["cond_indep_stack"]) == ["data", f"rnn.z.{t}.units"]
             assert site["mask"].shape == (4, 1) and site["mask"][:, 0].tolist() == mask[:, t].tolist()
             assert_close(site["scale"], torch.ones(3))  # beta (H,) on both sides
         # the model's prior at t is conditioned on the guide's z_{t-1}
@@ -69,7 +78,7 @@ def test_deterministic_has_no_latents():
 def _replay_row(net, guide_trace, row, length):
     """Model and guide traces of one unpadded sequence, with the padded batch's latents."""
     fake = poutine.Trace()
-    for t in range(length):
+    for t in range(length if "rnn.z.0" in guide_trace else 0):
         value = guide_trace.nodes[f"rnn.z.{t}"]["value"][row : row + 1]  # (1, H, 1)
         fake.add_node(f"rnn.z.{t}", type="sample", is_observed=False, value=value, infer={})
     return fake
@@ -92,8 +101,8 @@ def test_padding_contributes_nothing(variant):
     assert_close(padded, total, atol=1e-4, rtol=1e-5)
     # the padded positions would count without the mask
     obs = model_trace.nodes["obs"]
-    unmasked = obs["fn"].base_dist.base_dist.log_prob(obs["value"]).sum()
-    assert abs(float(unmasked - obs["fn"].log_prob(obs["value"]).sum())) > 1.0
+    unmasked = obs["fn"].base_dist.base_dist.log_prob(obs["value"]).sum().detach()
+    assert abs(float(unmasked - obs["fn"].log_prob(obs["value"]).sum().detach())) > 1.0
 
 
 def test_score_matches_unpadded_rows():

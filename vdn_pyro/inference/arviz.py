@@ -12,8 +12,11 @@ returns these groups (dims in brackets; ``chain`` and ``draw`` lead every sample
   For the deterministic twin each site holds its point value z = loc, repeated over draws.
 - ``posterior_predictive``: ``"y"`` with dims ``(obs[, time][, output])`` (no ``output`` for
   class labels);
-- ``log_likelihood``: ``"y"`` with dims ``(obs,)``: the pointwise :math:`\log p(y_n \mid z_n)`,
-  so that :func:`arviz.loo` and :func:`arviz.compare` work (only when ``y`` is given);
+- ``log_likelihood``: ``"y"`` with dims ``(obs,)``: the pointwise :math:`\log p(y_n \mid z_n)`
+  (float64), so that :func:`arviz.loo` and :func:`arviz.compare` work (only when ``y`` is given).
+  The deterministic twin's draws are all equal, which PSIS cannot smooth (arviz >= 1 raises "All
+  tail values are the same"); its log-likelihood gets a zero-mean ramp of :data:`TWIN_JITTER`
+  nats over the draws, so that LOO runs and gives the in-sample ``elpd`` with ``p_loo`` about 0;
 - ``prior``: per site, S draws from each unit's prior, dims ``(<layer>.unit[, latent][, time])``
   (absent for the deterministic twin, whose model has no latent sites);
 - ``observed_data``: ``"y"`` (when given); ``constant_data``: ``"x"`` with dims
@@ -28,9 +31,12 @@ it is an :class:`xarray.DataTree` with the same groups. :func:`_from_dict` is th
 tells the two apart; :func:`save_inference_data` / :func:`load_inference_data` round-trip either
 through netCDF.
 
-``az.summary(idata, var_names=["layers.0.z"])`` has one row per (obs, unit) latent; select
-observations with ``coords={"obs": [0]}`` for one row per unit, as in
-``az.plot_forest(idata, var_names=["layers.0.z"], coords={"obs": [0]}, combined=True)``.
+``az.summary(idata, var_names=["layers.0.z"])`` has one row per (obs, unit) latent with mean, sd
+and an interval (HDI 94% under arviz < 1; pass ``ci_kind="hdi", ci_prob=0.94`` under arviz >= 1,
+whose default is an 89% ETI); select observations with ``coords={"obs": [0]}`` for one row per
+unit, as in ``az.plot_forest(idata, var_names=["layers.0.z"], coords={"obs": [0]}, combined=True)``.
+A forecast band is ``az.plot_hdi(t, posterior_predictive["y"])`` under arviz < 1 and
+``az.plot_lm`` (or ``az.hdi``) under arviz >= 1, which has no ``plot_hdi``.
 """
 
 import dataclasses
@@ -44,6 +50,7 @@ import torch
 from pyro import poutine
 
 __all__ = [
+    "TWIN_JITTER",
     "arviz_major_version",
     "load_inference_data",
     "save_inference_data",
@@ -52,6 +59,9 @@ __all__ = [
 ]
 
 DRAWS_PLATE = "draws"
+#: Half-width (nats) of the zero-mean ramp over draws added to the deterministic twin's
+#: log-likelihood, whose draws are otherwise identical (see the module docstring).
+TWIN_JITTER = 1e-9
 
 
 def _arviz():
@@ -140,7 +150,10 @@ def load_inference_data(path):
     if arviz_major_version() >= 1:
         import xarray as xr
 
-        return xr.load_datatree(str(path))
+        if hasattr(xr, "load_datatree"):
+            return xr.load_datatree(str(path))
+        with xr.open_datatree(str(path)) as tree:
+            return tree.load()
     with az.rc_context({"data.load": "eager"}):
         return az.from_netcdf(str(path))
 
@@ -333,7 +346,10 @@ def to_inference_data(
         "constant_data": {"x": ["obs"] + time_dims + ["feature"]},
     }
     if y is not None:
-        groups["log_likelihood"] = {"y": split(draws["log_lik"])}  # (C, D, B)
+        log_lik = draws["log_lik"].astype(np.float64)  # (S, B)
+        if network.deterministic:  # identical draws: PSIS needs them to differ (see module doc)
+            log_lik = log_lik + TWIN_JITTER * np.linspace(-1.0, 1.0, num_draws)[:, None]
+        groups["log_likelihood"] = {"y": split(log_lik)}  # (C, D, B)
         groups["observed_data"] = {"y": y.cpu().numpy()}  # (B, [T,] [out])
         dims["log_likelihood"], dims["observed_data"] = {"y": ["obs"]}, {"y": y_dims}
     info = {

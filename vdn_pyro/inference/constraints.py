@@ -251,6 +251,7 @@ class KLBand(Constraint):
         *,
         granularity="unit",
         damping=0.0,
+        margin=0.0,
         every=1,
         sites=None,
     ):
@@ -269,20 +270,30 @@ class KLBand(Constraint):
             raise ValueError(f"{owner}: expected every to be an int >= 1, but got {every!r}.")
         self.every = int(every)
         self.damping = _check_real(owner, "damping", damping, low=0.0)
+        self.margin = _check_real(owner, "margin", margin, low=0.0, high=0.5, high_open=True)
         self.ema = {}  # site -> (H,) moving average of the unit KL
         self.log_beta = {}  # site -> (H,) integral part of log beta
         self.num_updates = 0
 
+    @property
+    def target(self):
+        """The inner band ``(l', h')`` the thermostat steers to (see ``margin``)."""
+        if self.low <= 0:
+            return self.low, self.high
+        width = math.log(self.high / self.low)
+        return self.low * math.exp(self.margin * width), self.high * math.exp(-self.margin * width)
+
     def log_distance(self, kl):
-        r"""Signed log-distance of a KL from the band: :math:`\log(k/h)` above it,
-        :math:`-\log(l/k)` below it, 0 inside.
+        r"""Signed log-distance of a KL from the inner band :math:`[l', h']`:
+        :math:`\log(k/h')` above it, :math:`\log(k/l')` below it, 0 inside.
 
         :param torch.Tensor kl: ``(...)`` nats.
         :returns: a tensor of the same shape.
         """
+        low, high = self.target
         kl = kl.clamp_min(_TINY)
-        above = torch.log(kl / self.high).clamp_min(0.0)
-        below = torch.log(kl / self.low).clamp_max(0.0) if self.low > 0 else torch.zeros_like(kl)
+        above = torch.log(kl / high).clamp_min(0.0)
+        below = torch.log(kl / low).clamp_max(0.0) if low > 0 else torch.zeros_like(kl)
         return above + below
 
     @torch.no_grad()

@@ -200,6 +200,15 @@ class LocalELBO(ELBO):
         :returns: ``(loss, stats)``: a scalar tensor (minus the ELBO, plus hook penalties) and a
             dict ``site -> UnitStats``.
         """
+        loss, stats = self._loss_and_stats(model, guide, args, kwargs)
+        self.last_stats = stats
+        if not torch.is_tensor(loss) or not bool(torch.isfinite(loss.detach())):
+            warnings.warn(f"Encountered non-finite loss {loss}", RuntimeWarning, stacklevel=2)
+        return loss, stats
+
+    def _loss_and_stats(self, model, guide, args, kwargs):
+        """:meth:`loss_and_stats` without its host-side checks: only tensor operations that
+        depend on the values, so that :class:`~vdn_pyro.inference.JitLocalELBO` can capture it."""
         loss, raw = 0.0, {}
         traces = []
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
@@ -213,9 +222,6 @@ class LocalELBO(ELBO):
             if hasattr(hook, "penalty"):
                 for name in stats:
                     loss = loss + hook.penalty(name, traces[-1].nodes[name], stats[name])
-        self.last_stats = stats
-        if not torch.is_tensor(loss) or not bool(torch.isfinite(loss.detach())):
-            warnings.warn(f"Encountered non-finite loss {loss}", RuntimeWarning, stacklevel=2)
         return loss, stats
 
     def differentiable_loss(self, model, guide, *args, **kwargs):

@@ -75,8 +75,9 @@ class FitState:
     :ivar network: the network being fitted.
     :ivar optimizer: the torch optimizer.
     :ivar elbo: the :class:`~vdn_pyro.inference.LocalELBO`.
-    :ivar int step: number of completed steps (on resume, ``on_fit_start`` sees the step the
-        checkpoint was taken at).
+    :ivar int step: number of completed steps (on resume, ``on_fit_start`` sees the step and
+        weights of the checkpoint; the checkpoint's network, optimizer, constraint and random
+        states are loaded again after ``on_fit_start``, so its side effects do not alter them).
     :ivar int epoch: current epoch (0-based).
     :ivar float loss: this step's loss (minus the full-data ELBO estimate, plus penalties).
     :ivar dict stats: this step's per-unit :class:`~vdn_pyro.inference.UnitStats` by site.
@@ -476,7 +477,10 @@ def fit(
         )
     network.check_inputs(x, y) if hasattr(network, "check_inputs") else None
     if (steps is None) == (epochs is None):
-        raise ValueError(f"Give exactly one of steps or epochs; got steps={steps}, epochs={epochs}.")
+        raise ValueError(
+            "Expected exactly one of steps or epochs; got steps="
+            f"{steps}, epochs={epochs}. Pass e.g. steps=1000 or epochs=10."
+        )
     _check_positive_int("steps", steps, allow_none=True)
     _check_positive_int("epochs", epochs, allow_none=True)
     _check_positive_int("batch_size", batch_size)
@@ -527,9 +531,13 @@ def fit(
             checkpoint, resume_path, network, optimizer, result, state, n, batch_size, total, digest
         )
         order = order.to(device)
+        state.step = start
+        network.load_state_dict(checkpoint["network"])  # what on_fit_start sees
     for cb in callbacks:
         getattr(cb, "on_fit_start", lambda s: None)(state)
-    if checkpoint is not None:
+    if checkpoint is not None:  # again after on_fit_start, whose side effects must not shift the state
+        network.load_state_dict(checkpoint["network"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
         _restore_constraints(checkpoint, resume_path, constraints)
         set_rng_state(checkpoint["rng"], generator)
     else:
@@ -717,7 +725,9 @@ def _log_row(row, stats, network, living, skipped, seconds):
 
 
 def _restore(checkpoint, path, network, optimizer, result, state, n, batch_size, total, digest):
-    """Load a checkpoint's network, optimizer and history; returns ``(step, order, cursor)``."""
+    """Check that a checkpoint can continue this fit and load its history (the network,
+    optimizer, constraint and random states are loaded after ``on_fit_start``); returns
+    ``(step, order, cursor)``."""
     data = checkpoint["data"]
     if data["num_data"] != n or data["batch_size"] != batch_size:
         raise IncompatibleCheckpointError(
@@ -744,8 +754,6 @@ def _restore(checkpoint, path, network, optimizer, result, state, n, batch_size,
             f"Checkpoint {path} holds the state of a {checkpoint['optimizer_class']} optimizer, "
             f"but this fit uses {_optimizer_name(optimizer)}. Resume with the same optim."
         )
-    network.load_state_dict(checkpoint["network"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
     _restore_history(result, checkpoint["history"])
     state.epoch = checkpoint["epoch"]
     return step, checkpoint["order"], checkpoint["cursor"]

@@ -1,5 +1,7 @@
-"""Model side: per-unit priors and likelihoods."""
+"""Model side: per-unit priors, likelihoods, the forecaster and its baselines."""
 
+from vdn_pyro.models.baselines import DLinear, PointForecaster, RepeatLast
+from vdn_pyro.models.forecaster import ForecastPrediction, Forecaster, ForecasterConfig
 from vdn_pyro.models.likelihoods import (
     BernoulliLikelihood,
     CategoricalLikelihood,
@@ -14,9 +16,15 @@ __all__ = [
     "ARPrior",
     "BernoulliLikelihood",
     "CategoricalLikelihood",
+    "DLinear",
+    "ForecastPrediction",
+    "Forecaster",
+    "ForecasterConfig",
     "GaussianLikelihood",
     "Likelihood",
     "NormalPrior",
+    "PointForecaster",
+    "RepeatLast",
     "StudentTLikelihood",
     "make_likelihood",
 ]

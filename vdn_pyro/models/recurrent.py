@@ -441,9 +441,14 @@ class RecurrentVDN(PyroModule):
             for t in pyro.markov(range(steps)):
                 state = self.advance(state, x[:, t], z)  # (..., B, S)
                 h = self.readout(state)  # (..., B, hidden)
-                prior_loc = self.prior.loc(z, h) if self.posterior.residual else None  # (..., B, H)
-                fn = self._unit_dist(*self.posterior(h, y[:, t], prior_loc))
-                with poutine.mask(mask=mask[:, t, None]):  # (B, 1)
+                real = mask[:, t, None]  # (B, 1)
+                padded = not bool(real.all())
+                prior_loc, prior_scale = self.prior(z, h) if padded or self.posterior.residual else (None, None)
+                loc, scale = self.posterior(h, y[:, t], prior_loc)  # (..., B, H)
+                if padded:  # q = p where a row has ended: zero KL there, even before the mask
+                    loc, scale = torch.where(real, loc, prior_loc), torch.where(real, scale, prior_scale)
+                fn = self._unit_dist(loc, scale)  # batch (..., B, H), event (1,)
+                with poutine.mask(mask=real):
                     z = neurons(self.site(t), fn, self.beta).squeeze(-1)  # (..., B, H)
                 zs.append(z)
         return torch.stack(zs, -2)  # (..., B, T, H)

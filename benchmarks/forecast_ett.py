@@ -1,0 +1,257 @@
+"""Long-horizon forecasting on ETTh1: the VDN forecaster against its deterministic twin, DLinear
+and repeat-last-value, beside the published DLinear and NLinear numbers.
+
+Protocol (../shared/data/README.md): look-back L = 336, horizons 96/192/336/720, train rows
+[0, 8640), validation [8640 - L, 11520), test [11520 - L, 14400), a scaler fitted on the training
+rows, channel-independent windows of all 7 channels, metrics on the scaled values averaged over
+every test window (stride 1), channel and horizon step. Models are selected by validation only
+(early stopping on the validation loss, best state restored); the test split is scored once.
+
+Every model is trained by the same recipe (:mod:`vdn_pyro.forecasting`): Adam, learning rate
+decayed per epoch, early stopping. To keep a full run on a 2-core CPU, the training windows are
+subsampled with ``--train-stride`` rows between them (default 4: a quarter of the windows, every
+training row still seen); validation and test windows are all used (``--quick`` subsamples them).
+
+    python benchmarks/forecast_ett.py                  # 4 horizons x 4 models x 3 seeds
+    python benchmarks/forecast_ett.py --horizons 96 --seeds 0
+    python benchmarks/forecast_ett.py --quick          # a smoke run, < 3 minutes
+
+Writes ``forecast_ett_runs.csv`` (one row per horizon, model and seed), ``forecast_ett.csv`` and
+``forecast_ett.md`` (mean and standard deviation over seeds) to ``--out-dir``.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyro
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from vdn_pyro.data import ett_hourly_splits, load_ett  # noqa: E402
+from vdn_pyro.forecasting import METRICS, TrainConfig, evaluate_forecaster, train_forecaster  # noqa: E402
+from vdn_pyro.models import DLinear, Forecaster, ForecasterConfig, RepeatLast  # noqa: E402
+
+MODELS = ("vdn", "twin", "dlinear", "repeat")
+LABELS = {
+    "vdn": "VDN forecaster",
+    "twin": "deterministic twin",
+    "dlinear": "DLinear (ours)",
+    "repeat": "repeat-last (ours)",
+}
+#: Zeng et al. (AAAI 2023), Table 2, ETTh1, L = 336: (MSE, MAE).
+PUBLISHED = {
+    "DLinear (published)": {96: (0.375, 0.399), 192: (0.405, 0.416), 336: (0.439, 0.443), 720: (0.472, 0.490)},
+    "NLinear (published)": {96: (0.374, 0.394), 192: (0.408, 0.415), 336: (0.429, 0.427), 720: (0.440, 0.453)},
+}
+COLUMNS = ("mse", "mae", "crps", "nll", "coverage_90")
+LOOKBACK = 336
+
+
+def forecaster_config(args, horizon, deterministic=False):
+    """The VDN forecaster (or its twin) for one horizon, from the command-line options."""
+    return ForecasterConfig(
+        lookback=LOOKBACK,
+        horizon=horizon,
+        units=args.units,
+        features=args.features,
+        prior=args.prior,
+        phi=args.phi,
+        beta=args.beta,
+        train_draws=args.train_draws,
+        init_scale=args.init_scale,
+        likelihood_scale=args.likelihood_scale,
+        deterministic=deterministic,
+    )
+
+
+def build_model(name, horizon, args):
+    """A fresh model by name: ``vdn``, ``twin``, ``dlinear`` or ``repeat``."""
+    if name == "vdn":
+        return Forecaster(forecaster_config(args, horizon))
+    if name == "twin":
+        return Forecaster(forecaster_config(args, horizon, deterministic=True))
+    if name == "dlinear":
+        return DLinear(LOOKBACK, horizon)
+    if name == "repeat":
+        return RepeatLast(LOOKBACK, horizon)
+    raise ValueError(f"Expected a model in {MODELS}, but got {name!r}.")
+
+
+def train_config(args):
+    """The shared training recipe."""
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_decay=args.lr_decay,
+        patience=args.patience,
+        train_stride=args.train_stride,
+        chunk=args.chunk,
+        val_stride=args.val_stride,
+        num_samples=args.num_samples,
+    )
+
+
+def run_one(name, splits, seed, args, test=None, constraints=()):
+    """Train one model on ``splits`` and score it on the test windows.
+
+    :returns: a dict row: horizon, model, seed, the metrics, best validation loss, epochs,
+        training and scoring seconds.
+    """
+    pyro.set_rng_seed(seed)
+    model = build_model(name, splits.horizon, args)
+    start = time.perf_counter()
+    result = train_forecaster(model, splits, train_config(args), seed=seed, constraints=constraints)
+    fit_seconds = time.perf_counter() - start
+    x_test, y_test = test if test is not None else splits.windows("test", stride=args.test_stride)
+    scores = evaluate_forecaster(model, x_test, y_test, args.num_samples, seed=seed, exact=not args.mc)
+    row = {"horizon": splits.horizon, "model": name, "seed": seed}
+    row.update({k: scores[k] for k in METRICS})
+    row["best_val_loss"] = result.best_val_loss if result is not None else float("nan")
+    row["epochs"] = (result.history[-1]["epoch"] + 1) if result is not None and result.history else 0
+    row["fit_seconds"], row["score_seconds"] = fit_seconds, scores["seconds"]
+    row["test_windows"] = x_test.shape[0]
+    return row, model
+
+
+def summarise(runs):
+    """Mean and standard deviation over seeds, one row per (horizon, model), plus the published
+    rows."""
+    frame = pd.DataFrame(runs)
+    keys = list(METRICS) + ["fit_seconds"]
+    grouped = frame.groupby(["horizon", "model"], sort=False)
+    mean = grouped[keys].mean()
+    std = grouped[keys].std(ddof=1).fillna(0.0)
+    out = mean.join(std, rsuffix="_std")
+    out["seeds"] = grouped.size()
+    out = out.reset_index()
+    published = [
+        {"horizon": h, "model": label, "mse": mse, "mae": mae, "seeds": 0}
+        for label, table in PUBLISHED.items()
+        for h, (mse, mae) in table.items()
+        if h in set(out["horizon"])
+    ]
+    out = pd.concat([out, pd.DataFrame(published)], ignore_index=True)
+    order = {m: i for i, m in enumerate(list(MODELS) + list(PUBLISHED))}
+    out = out.sort_values(["horizon", "model"], key=lambda c: c.map(order) if c.name == "model" else c)
+    return out.reset_index(drop=True)
+
+
+def format_table(summary):
+    """One Markdown table: MSE, MAE, CRPS, NLL and 90% coverage, mean ± std over seeds."""
+    head = ["H", "model", "MSE", "MAE", "CRPS", "NLL", "cov 90%", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in summary.iterrows():
+        cells = [str(int(r["horizon"])), LABELS.get(r["model"], r["model"])]
+        for key in COLUMNS:
+            value = r.get(key)
+            if value is None or pd.isna(value):
+                cells.append("")
+            elif r["seeds"] > 1:
+                cells.append(f"{value:.3f} ± {r[key + '_std']:.3f}")
+            else:
+                cells.append(f"{value:.3f}")
+        cells.append(str(int(r["seeds"])) if r["seeds"] else "published")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(runs, out_dir, stem="forecast_ett", note=""):
+    """Write the per-run CSV, the summary CSV and the Markdown table; return the summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(runs).to_csv(out_dir / f"{stem}_runs.csv", index=False)
+    summary = summarise(runs)
+    summary.to_csv(out_dir / f"{stem}.csv", index=False)
+    table = format_table(summary)
+    (out_dir / f"{stem}.md").write_text(f"{note}\n\n{table}\n" if note else f"{table}\n")
+    return summary, table
+
+
+def apply_quick(args):
+    """Shrink a run to a smoke test (< 3 minutes on 2 cores)."""
+    args.horizons, args.seeds = [96], [0]
+    args.epochs, args.patience = 2, 0
+    args.train_stride, args.val_stride, args.test_stride = 48, 24, 12
+    args.units, args.features, args.num_samples = 16, 16, 16
+    return args
+
+
+def main(args):
+    """Run the benchmark and return the summary :class:`pandas.DataFrame`."""
+    if args.quick:
+        args = apply_quick(args)
+    torch.set_num_threads(args.threads)
+    series = load_ett(args.data)
+    runs = []
+    note = (
+        f"ETTh1, L={LOOKBACK}; train stride {args.train_stride}, test stride {args.test_stride}"
+        f"{' (every test window)' if args.test_stride == 1 else ''}; options: "
+        + json.dumps({k: v for k, v in vars(args).items() if k not in ("data", "out_dir")})
+    )
+    for horizon in args.horizons:
+        splits = ett_hourly_splits(series, LOOKBACK, horizon)
+        test = splits.windows("test", stride=args.test_stride)
+        for seed in args.seeds:
+            for name in args.models:
+                row, _ = run_one(name, splits, seed, args, test=test)
+                runs.append(row)
+                print(
+                    f"H={horizon} seed={seed} {name:8s} "
+                    + " ".join(f"{k}={row[k]:.4f}" for k in COLUMNS)
+                    + f" epochs={row['epochs']} fit={row['fit_seconds']:.0f}s",
+                    flush=True,
+                )
+            write_outputs(runs, args.out_dir, note=note)
+    summary, table = write_outputs(runs, args.out_dir, note=note)
+    print(note)
+    print(table)
+    return summary
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_data = os.environ.get("VDN_ETT_PATH", str(ROOT.parent / "shared" / "data" / "ETT-small" / "ETTh1.csv"))
+    parser.add_argument("--data", default=default_data, help="path to ETTh1.csv (or set VDN_ETT_PATH)")
+    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--horizons", type=int, nargs="+", default=[96, 192, 336, 720])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--quick", action="store_true", help="smoke run: H=96, 1 seed, tiny")
+    # training recipe (shared by every model)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--lr-decay", type=float, default=0.6)
+    parser.add_argument("--train-stride", type=int, default=4)
+    parser.add_argument("--chunk", type=int, default=1, help="windows per training item T")
+    parser.add_argument("--val-stride", type=int, default=1)
+    parser.add_argument("--test-stride", type=int, default=1)
+    # forecaster
+    parser.add_argument("--units", type=int, default=64)
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--prior", default="ar", choices=["ar", "normal"])
+    parser.add_argument("--phi", type=float, default=0.5)
+    parser.add_argument("--beta", type=float, default=1e-3)
+    parser.add_argument("--train-draws", type=int, default=8)
+    parser.add_argument("--init-scale", type=float, default=0.5)
+    parser.add_argument("--likelihood-scale", default="learned", choices=["learned", "heteroscedastic"])
+    # scoring
+    parser.add_argument("--num-samples", type=int, default=100)
+    parser.add_argument("--mc", action="store_true", help="score the Monte Carlo mixture, not the exact marginal")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,263 @@
+r"""A forecasting harness shared by the distributional forecaster and its baselines.
+
+One recipe trains and scores every model, so comparisons are like for like:
+
+- **training** (:func:`train_forecaster`): windows (or chunks of T windows) from the training rows,
+  optionally subsampled by ``train_stride``; :func:`~vdn_pyro.fit` with Adam, a learning rate
+  multiplied by ``lr_decay`` every epoch (:class:`EpochDecay`), the validation loss computed on
+  every validation window once per epoch, early stopping after ``patience`` epochs without
+  improvement (:class:`EarlyStopping`) and the best-validation state restored; point baselines
+  then get their predictive scale from the training residuals;
+- **scoring** (:func:`evaluate_forecaster`): every window of the split, in batches, through each
+  model's ``predict(x, num_samples)``, a :class:`~vdn_pyro.models.ForecastPrediction`.
+
+Metrics (all averaged over every window, channel and horizon step, on the scaled values):
+
+- ``mse``, ``mae``: of the predictive mean;
+- ``crps``: closed form for one Gaussian; for a Monte Carlo mixture, the unbiased ("fair") sample
+  CRPS of its S draws (:func:`vdn_pyro.metrics.crps_samples`);
+- ``nll``: minus the predictive log density; for a mixture, of the S-component Gaussian mixture
+  itself (exact for that mixture; a Gaussian NLL of the moment-matched forecast would
+  misstate a non-Gaussian predictive);
+- ``coverage_50``, ``coverage_90``: fraction of observations inside the central interval, computed
+  exactly from the predictive CDF (PIT in :math:`[(1-\ell)/2, (1+\ell)/2]`), since sample
+  quantiles of S draws cover about :math:`\ell\,(S-1)/(S+1)` only;
+- ``width_50``, ``width_90``: mean interval width (closed form for one Gaussian, sample quantiles
+  for a mixture).
+
+Every one-Gaussian metric comes from :func:`vdn_pyro.metrics.forecast_metrics`; mixtures use it for
+MSE, MAE, CRPS and widths.
+"""
+
+import dataclasses
+import math
+import time
+
+import pyro
+import torch
+
+from vdn_pyro.data.windows import window_chunks
+from vdn_pyro.inference.elbo import LocalELBO
+from vdn_pyro.inference.fit import fit
+from vdn_pyro.metrics import forecast_metrics
+
+__all__ = [
+    "METRICS",
+    "EarlyStopping",
+    "EpochDecay",
+    "TrainConfig",
+    "evaluate_forecaster",
+    "score_prediction",
+    "train_forecaster",
+    "training_windows",
+]
+
+#: The metrics returned by :func:`score_prediction`, in report order.
+METRICS = ("mse", "mae", "crps", "nll", "coverage_50", "coverage_90", "width_50", "width_90")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The training and scoring recipe shared by every model.
+
+    :ivar int epochs: maximum number of passes over the training items.
+    :ivar int batch_size: training items per step.
+    :ivar float lr: initial Adam learning rate.
+    :ivar float lr_decay: learning-rate factor applied at every new epoch.
+    :ivar int patience: stop after this many epochs without a better validation loss (0: never).
+    :ivar int train_stride: rows between consecutive training windows (1: every window; larger
+        values subsample the training windows).
+    :ivar int chunk: windows per training item T (1: static windows); consecutive windows of a
+        chunk are ``train_stride`` rows apart and chunks tile the windows without overlap.
+    :ivar int val_stride: rows between validation windows (1: every window).
+    :ivar int num_samples: predictive draws S per window when scoring.
+    :ivar int eval_batch_size: windows per scoring batch.
+    :ivar int num_particles: ELBO particles.
+    """
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 5e-3
+    lr_decay: float = 0.5
+    patience: int = 3
+    train_stride: int = 1
+    chunk: int = 1
+    val_stride: int = 1
+    num_samples: int = 100
+    eval_batch_size: int = 512
+    num_particles: int = 1
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "train_stride", "chunk", "val_stride", "num_samples",
+                     "eval_batch_size", "num_particles"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Expected {name} to be an int >= 1, but got {value!r}.")
+        if not self.lr > 0 or not 0 < self.lr_decay <= 1:
+            raise ValueError(f"Expected lr > 0 and 0 < lr_decay <= 1, got {self.lr}, {self.lr_decay}.")
+        if self.patience < 0:
+            raise ValueError(f"Expected patience >= 0, but got {self.patience}.")
+
+
+class EpochDecay:
+    """Fit callback: multiply every learning rate by ``decay`` at each new epoch.
+
+    :param float decay: factor in (0, 1].
+    """
+
+    def __init__(self, decay):
+        self.decay = float(decay)
+        self.epoch = 0
+
+    def on_fit_start(self, state):
+        self.epoch = state.epoch
+
+    def on_step_end(self, state):
+        while self.epoch < state.epoch:
+            self.epoch += 1
+            for group in state.optimizer.param_groups:
+                group["lr"] *= self.decay
+
+
+class EarlyStopping:
+    """Fit callback: stop after ``patience`` validations without a new best validation loss.
+
+    :param int patience: validations to wait (0 disables stopping).
+    """
+
+    def __init__(self, patience):
+        self.patience = int(patience)
+        self.waited = 0
+        self.stopped_step = None
+
+    def on_step_end(self, state):
+        rows = state.history.history
+        if not self.patience or not rows or rows[-1]["step"] != state.step or "val_loss" not in rows[-1]:
+            return
+        if state.history.best_step == state.step:
+            self.waited = 0
+            return
+        self.waited += 1
+        if self.waited >= self.patience:
+            state.stop, self.stopped_step = True, state.step
+
+
+def training_windows(splits, config, split="train"):
+    """Training items of one split: windows ``(N, L)``, or chunks ``(N, T, L)`` when
+    ``config.chunk > 1``, with targets ``(N, [T,] H)``; channel-independent.
+
+    :param splits: a :class:`~vdn_pyro.data.ForecastSplits`.
+    :param TrainConfig config: uses ``train_stride`` and ``chunk``.
+    :returns: ``(x, y)``.
+    """
+    values = getattr(splits, split)
+    x, y = window_chunks(
+        values, splits.lookback, splits.horizon, config.chunk, config.train_stride
+    )  # (N, T, L), (N, T, H)
+    if config.chunk == 1:
+        x, y = x[:, 0], y[:, 0]  # (N, L), (N, H)
+    return x, y
+
+
+def train_forecaster(model, splits, config=None, *, seed=0, callbacks=(), constraints=(), elbo=None):
+    """Train one model with the shared recipe (see the module docstring).
+
+    Models without trainable parameters (:class:`~vdn_pyro.models.RepeatLast`) skip
+    :func:`~vdn_pyro.fit`; models with a ``calibrate(x, y)`` method (point baselines) are then
+    calibrated on the training windows.
+
+    :param model: a :class:`~vdn_pyro.models.Forecaster` or a point baseline.
+    :param splits: a :class:`~vdn_pyro.data.ForecastSplits`.
+    :param TrainConfig config: the recipe (default :class:`TrainConfig`).
+    :param int seed: seeds the minibatch order and the ELBO's draws.
+    :param callbacks: extra fit callbacks.
+    :param constraints: local constraints passed to :func:`~vdn_pyro.fit`.
+    :param elbo: the estimator (default :class:`~vdn_pyro.LocalELBO` with ``num_particles``).
+    :returns: the :class:`~vdn_pyro.FitResult`, or ``None`` when nothing was trained.
+    """
+    config = config or TrainConfig()
+    x, y = training_windows(splits, config)
+    result = None
+    if any(p.requires_grad for p in model.parameters()):
+        x_val, y_val = splits.windows("val", stride=config.val_stride)  # (W * C, L), (W * C, H)
+        batch_size = min(config.batch_size, x.shape[0])
+        per_epoch = math.ceil(x.shape[0] / batch_size)
+        stopper = EarlyStopping(config.patience)
+        result = fit(
+            model,
+            x,
+            y,
+            epochs=config.epochs,
+            batch_size=batch_size,
+            lr=config.lr,
+            elbo=elbo or LocalELBO(num_particles=config.num_particles),
+            val_data=(x_val, y_val),
+            val_every=per_epoch,
+            log_every=per_epoch,
+            seed=seed,
+            callbacks=[EpochDecay(config.lr_decay), stopper, *callbacks],
+            constraints=constraints,
+            restore_best=True,
+            progress=False,
+        )
+    if hasattr(model, "calibrate"):
+        xs, ys = (x, y) if config.chunk == 1 else (x.flatten(0, 1), y.flatten(0, 1))
+        model.calibrate(xs, ys)
+    return result
+
+
+def _mixture_scores(pred, y):
+    """NLL and exact central-interval coverage of a Gaussian-mixture prediction (means)."""
+    nll = -pred.log_prob(y).mean().item()
+    pit = pred.cdf(y)  # (B, ..., H)
+    out = {"nll": nll}
+    for level in (0.5, 0.9):
+        lo, hi = (1 - level) / 2, (1 + level) / 2
+        out[f"coverage_{round(100 * level)}"] = ((pit >= lo) & (pit <= hi)).float().mean().item()
+    return out
+
+
+def score_prediction(pred, y):
+    """All metrics of one prediction, averaged over every element of ``y``.
+
+    :param pred: a :class:`~vdn_pyro.models.ForecastPrediction` with components ``(S', ...)``.
+    :param torch.Tensor y: observations, shaped like one sample.
+    :returns: dict with the keys :data:`METRICS`.
+    """
+    if pred.num_components == 1:
+        return forecast_metrics(loc=pred.loc[0], scale=pred.scale[0], y=y)
+    out = forecast_metrics(samples=pred.samples, loc=pred.mean, scale=pred.stddev.clamp_min(1e-12), y=y)
+    out.update(_mixture_scores(pred, y))
+    return out
+
+
+@torch.no_grad()
+def evaluate_forecaster(model, x, y, num_samples=100, batch_size=512, seed=0, exact=True):
+    """Score a model on every window of ``(x, y)``.
+
+    :param model: anything with ``predict(x, num_samples)`` returning a
+        :class:`~vdn_pyro.models.ForecastPrediction`.
+    :param bool exact: use the model's exact Gaussian marginal (``predict_marginal``) when it
+        has one (``has_exact_marginal``) instead of the Monte Carlo mixture.
+    :param torch.Tensor x: windows ``(N, L)``.
+    :param torch.Tensor y: targets ``(N, H)``.
+    :param int num_samples: predictive draws S.
+    :param int batch_size: windows per batch.
+    :param int seed: seeds the predictive draws.
+    :returns: dict of :data:`METRICS` (means over all ``N * H`` elements) plus ``seconds``.
+    """
+    start = time.perf_counter()
+    pyro.set_rng_seed(seed)
+    model.eval()
+    totals, count = dict.fromkeys(METRICS, 0.0), 0
+    predict = model.predict
+    if exact and getattr(model, "has_exact_marginal", False):
+        predict = model.predict_marginal
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        scores = score_prediction(predict(xb, num_samples), yb)
+        for key in METRICS:
+            totals[key] += scores[key] * yb.numel()
+        count += yb.numel()
+    out = {key: value / count for key, value in totals.items()}
+    out["seconds"] = time.perf_counter() - start
+    return out

@@ -1,0 +1,509 @@
+r"""``Forecaster``: a DLinear skip path plus one layer of temporal distributional neurons.
+
+The forecast of a look-back window :math:`x \in \mathbb{R}^L` for the next H steps is
+
+.. math::
+
+    y \mid z, x \sim \mathcal{N}\big(o(x) + \mathrm{DLinear}(x - o(x)) + W z + b,\;
+    \mathrm{diag}\,\sigma^2\big),
+
+where :math:`o(x)` is the instance-normalisation offset (the window's last value), the DLinear
+skip path is deterministic and lives on the model side, and :math:`z \in \mathbb{R}^U` are the
+latents of U distributional neurons that model the residual. Each neuron has an amortized
+posterior :math:`q(z_i \mid x)` read from a DLinear-like trunk, a prior (an
+:class:`~vdn_pyro.models.ARPrior` over the windows of a chunk, or a
+:class:`~vdn_pyro.models.NormalPrior`) and its own KL coefficient :math:`\beta_i`.
+:math:`\sigma` is one learned scale per horizon step, or heteroscedastic (a second head on z).
+
+**Temporal neurons.** A training item may be a chunk of T consecutive windows, ``x`` of shape
+``(B, T, L)``; each unit's latent over the chunk is then one draw of its AR prior, so the KL ties
+the unit's posterior at window t to the one at window t - 1. With T = 1 (or static ``x`` of shape
+``(B, L)``) the prior is the stationary marginal and the model is the static one.
+
+**How latent uncertainty reaches the forecast.** With ``train_draws = K > 1`` the likelihood of
+an observed ``y`` is the equal-weight mixture of K posterior draws, per element,
+
+.. math::
+
+    \mathcal{L} = \sum_n \sum_{t,h} \mathbb{E}_{z^{1:K} \sim q}\Big[\log \frac1K \sum_{k=1}^K
+    \mathcal{N}(y_{n,t,h} \mid \mu_{t,h}(z^k, x_n), \sigma^2_{t,h}(z^k))\Big]
+    - \sum_i \beta_i \sum_n \mathrm{KL}\big(q(z_{i,n} \mid x_n)\,\|\,p(z_i)\big).
+
+This is the ELBO of a model in which y is drawn from K independent latent draws (each with prior
+p and the KL of each draw weighted by :math:`\beta_i / K`); for K = 1 it is the usual ELBO.
+The usual ELBO scores :math:`\mathbb{E}_q \log p(y \mid z)`, which penalises every unit of
+posterior variance whatever the error, so the units' scales cannot learn where the forecast is
+uncertain; the mixture tends to the predictive log-likelihood :math:`\log \mathbb{E}_q p(y \mid
+z)` as K grows, so they can. When sampling (``y=None``) a single draw is used, which gives the
+same predictive distribution.
+
+The deterministic twin (``deterministic=True``) is the same network with :math:`z = \mathbb{E}_q
+z` and no KL.
+"""
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+
+from vdn_pyro.guides.amortized import SCALE_MODES, AmortizedNormal
+from vdn_pyro.guides.trunks import DLinearTrunk
+from vdn_pyro.models.likelihoods import GaussianLikelihood
+from vdn_pyro.models.priors import ARPrior, NormalPrior
+from vdn_pyro.network import NeuronLayer
+from vdn_pyro.primitives import as_beta, neurons
+
+__all__ = ["ForecastPrediction", "Forecaster", "ForecasterConfig", "check_forecast_inputs"]
+
+FORECAST_PRIORS = ("ar", "normal")
+DATA_PLATE = "data"
+SITE = "layers.0.z"
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_forecast_inputs(x, y, lookback, horizon):
+    """Raise a clear ``TypeError``/``ValueError`` if ``x``/``y`` are not forecasting windows.
+
+    :param torch.Tensor x: look-back windows ``(B, L)`` or chunks ``(B, T, L)``.
+    :param y: ``None`` or horizons ``(B, H)`` / ``(B, T, H)`` matching ``x``.
+    :param int lookback: expected L.
+    :param int horizon: expected H.
+    """
+    if not torch.is_tensor(x):
+        raise TypeError(f"Expected x to be a torch.Tensor, but got {type(x).__name__}.")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"Expected x to have a floating dtype, but got {x.dtype}; use x.float().")
+    if x.dim() not in (2, 3) or x.shape[-1] != lookback:
+        raise ValueError(
+            f"Expected x of shape (B, {lookback}) or (B, T, {lookback}) (look-back windows or "
+            f"chunks of windows), but got {tuple(x.shape)}. The model was built with "
+            f"lookback={lookback}; cut windows with vdn_pyro.data.sliding_windows/window_chunks."
+        )
+    if x.shape[0] < 1 or (x.dim() == 3 and x.shape[1] < 1):
+        raise ValueError(f"Expected at least one window, but got x of shape {tuple(x.shape)}.")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("Expected finite x, but it contains NaN or inf; clean or impute it.")
+    if y is None:
+        return
+    if not torch.is_tensor(y):
+        raise TypeError(f"Expected y to be a torch.Tensor, but got {type(y).__name__}.")
+    expected = tuple(x.shape[:-1]) + (horizon,)
+    if tuple(y.shape) != expected:
+        raise ValueError(
+            f"Expected y of shape {expected} (x's windows times horizon {horizon}), but got "
+            f"{tuple(y.shape)}."
+        )
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError("Expected finite y, but it contains NaN or inf; clean it first.")
+
+
+@dataclasses.dataclass
+class ForecasterConfig:
+    """Everything that defines a :class:`Forecaster`; every option has a default that runs.
+
+    :ivar int lookback: look-back length L.
+    :ivar int horizon: forecast horizon H.
+    :ivar int units: number of distributional neurons U.
+    :ivar int latent_dim: latent dims k per neuron (pooled by their mean).
+    :ivar int features: width F of the DLinear-like trunk read by the neurons' posteriors.
+    :ivar int kernel_size: moving-average length of the trunk and skip path (odd).
+    :ivar instance_norm: ``"last"``, ``"mean"`` or ``None``: offset subtracted from each window
+        and added back to the forecast.
+    :ivar bool skip: add a deterministic DLinear path (model side); the neurons then model the
+        residual.
+    :ivar str prior: ``"ar"`` (AR(p) over the windows of a chunk) or ``"normal"``.
+    :ivar int ar_order: order p of the AR prior.
+    :ivar float phi: initial lag-1 AR coefficient.
+    :ivar phi_range: ``None`` or ``(lo, hi)`` bounding phi (the persistence band, p = 1).
+    :ivar bool learn_prior: learn the prior's parameters (phi, constant, innovation scale; loc
+        and scale for ``normal``).
+    :ivar str scale_mode: posterior scale ``"input"`` (input-dependent) or ``"unit"``.
+    :ivar float scale_min: posterior scale lower clamp.
+    :ivar float scale_max: posterior scale upper clamp.
+    :ivar float init_scale: initial posterior scale.
+    :ivar likelihood_scale: ``"learned"`` (one scale per horizon step), ``"heteroscedastic"``
+        (a second head on z) or a fixed positive number.
+    :ivar float likelihood_scale_min: lower bound added to the likelihood scale.
+    :ivar beta: KL coefficient, a positive number or a sequence of length U.
+    :ivar int train_draws: K posterior draws mixed in the likelihood of an observed y (1: the
+        usual ELBO).
+    :ivar bool deterministic: the twin: z = posterior mean, no KL, no sampling.
+    """
+
+    lookback: int = 336
+    horizon: int = 96
+    units: int = 64
+    latent_dim: int = 1
+    features: int = 64
+    kernel_size: int = 25
+    instance_norm: Any = "last"
+    skip: bool = True
+    prior: str = "ar"
+    ar_order: int = 1
+    phi: float = 0.5
+    phi_range: Any = None
+    learn_prior: bool = True
+    scale_mode: str = "input"
+    scale_min: float = 1e-3
+    scale_max: float = 10.0
+    init_scale: float = 0.5
+    likelihood_scale: Any = "learned"
+    likelihood_scale_min: float = 1e-3
+    beta: Any = 1e-3
+    train_draws: int = 8
+    deterministic: bool = False
+
+    def __post_init__(self):
+        for name in ("lookback", "horizon", "units", "latent_dim", "features", "ar_order", "train_draws"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(f"Expected {name} to be an int >= 1, but got {value!r}.")
+            if value < 1:
+                raise ValueError(f"Expected {name} >= 1, but got {value}.")
+        if self.prior not in FORECAST_PRIORS:
+            raise ValueError(f"Expected prior in {FORECAST_PRIORS}, but got {self.prior!r}.")
+        if self.scale_mode not in SCALE_MODES:
+            raise ValueError(f"Expected scale_mode in {SCALE_MODES}, but got {self.scale_mode!r}.")
+        if self.phi_range is not None:
+            self.phi_range = tuple(float(v) for v in self.phi_range)
+        self.betas = as_beta(self.beta, self.units, name="beta")  # (U,)
+
+
+@dataclasses.dataclass
+class ForecastPrediction:
+    r"""A predictive distribution over the horizon: an equal-weight mixture of S' Gaussians.
+
+    Monte Carlo forecasts have one component per posterior draw (S' = S); deterministic models
+    have one (S' = 1), an exact Gaussian.
+
+    :ivar torch.Tensor samples: predictive draws ``(S, B, [T,] H)``, one per component draw.
+    :ivar torch.Tensor loc: component means ``(S', B, [T,] H)``.
+    :ivar torch.Tensor scale: component scales ``(S', B, [T,] H)``.
+    """
+
+    samples: torch.Tensor
+    loc: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def num_components(self):
+        """S', the number of mixture components."""
+        return self.loc.shape[0]
+
+    @property
+    def mean(self):
+        """Predictive mean ``(B, [T,] H)``."""
+        return self.loc.mean(0)
+
+    @property
+    def stddev(self):
+        """Predictive standard deviation ``(B, [T,] H)`` (law of total variance)."""
+        second = (self.scale**2 + self.loc**2).mean(0)  # (B, [T,] H)
+        return (second - self.mean**2).clamp_min(0).sqrt()
+
+    def cdf(self, y):
+        """Predictive CDF at ``y`` (the PIT), shape of ``y`` = ``(B, [T,] H)``."""
+        return torch.special.ndtr((y - self.loc) / self.scale).mean(0)
+
+    def log_prob(self, y):
+        """Predictive log density of each element of ``y`` ``(B, [T,] H)``."""
+        lp = dist.Normal(self.loc, self.scale).log_prob(y)  # (S', B, [T,] H)
+        return torch.logsumexp(lp, 0) - math.log(self.num_components)
+
+    def quantile(self, level):
+        """Sample quantile at ``level`` ``(B, [T,] H)`` (exact for one component)."""
+        if not 0 < level < 1:
+            raise ValueError(f"Expected a level in (0, 1), but got {level}.")
+        if self.num_components == 1:
+            q = torch.special.ndtri(torch.tensor(float(level), dtype=self.loc.dtype))
+            return self.loc[0] + q * self.scale[0]
+        return torch.quantile(self.samples, float(level), dim=0)
+
+    def to(self, device):
+        """Move every tensor to ``device``."""
+        return ForecastPrediction(*(t.to(device) for t in (self.samples, self.loc, self.scale)))
+
+
+class Forecaster(PyroModule):
+    r"""A long-horizon forecaster: DLinear skip path plus a layer of (temporal) neurons.
+
+    See the module docstring for the model. Inputs are look-back windows ``x`` of shape
+    ``(B, L)`` or chunks of T consecutive windows ``(B, T, L)``; targets ``y`` are ``(B, H)`` or
+    ``(B, T, H)``. The neuron site is ``"layers.0.z"`` with batch ``(B, U)`` (``(K, 1, B, U)``
+    with K training draws) and event ``(k,)`` or ``(k, T)``.
+
+    :param ForecasterConfig config: the configuration (or pass its fields as keywords).
+
+    >>> net = Forecaster(lookback=48, horizon=12, units=8, features=16)
+    >>> x, y = torch.randn(4, 3, 48), torch.randn(4, 3, 12)  # 4 chunks of T = 3 windows
+    >>> loss = pyro.infer.Trace_ELBO().differentiable_loss(net.model, net.guide, x, y)
+    >>> net.predict(x[:, 0], num_samples=10).samples.shape
+    torch.Size([10, 4, 12])
+    """
+
+    def __init__(self, config=None, **options):
+        super().__init__()
+        if config is None:
+            config = ForecasterConfig(**options)
+        elif options:
+            config = dataclasses.replace(config, **options)
+        if not isinstance(config, ForecasterConfig):
+            raise TypeError(f"Expected a ForecasterConfig, but got {type(config).__name__}.")
+        self.config = c = config
+        self.trunk = DLinearTrunk(c.lookback, c.features, c.kernel_size, c.instance_norm)
+        self.skip = DLinearTrunk(c.lookback, c.horizon, c.kernel_size, c.instance_norm) if c.skip else None
+        if c.prior == "ar":
+            learn = c.learn_prior
+            prior = ARPrior(
+                c.units,
+                c.ar_order,
+                c.latent_dim,
+                phi=c.phi,
+                phi_range=c.phi_range,
+                learn_phi=learn,
+                learn_constant=learn,
+                learn_scale=learn,
+            )
+        else:
+            prior = NormalPrior(c.units, c.latent_dim, learnable=c.learn_prior)
+        posterior = AmortizedNormal(
+            c.features, c.units, c.latent_dim, c.scale_mode, c.scale_min, c.scale_max, c.init_scale
+        )
+        self.layers = nn.ModuleList([NeuronLayer(SITE, prior, posterior, c.betas, "mean")])
+        self.likelihood = GaussianLikelihood(
+            c.horizon, scale=c.likelihood_scale, scale_min=c.likelihood_scale_min, init_scale=0.5
+        )
+        self.head = nn.Linear(c.units, self.likelihood.head_features)
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def deterministic(self):
+        """Whether this is the deterministic twin."""
+        return self.config.deterministic
+
+    @property
+    def site_names(self):
+        """The latent site names (one layer)."""
+        return [SITE]
+
+    def check_inputs(self, x, y=None):
+        """Raise ``TypeError``/``ValueError`` before any computation if ``x``/``y`` are unusable.
+
+        :param torch.Tensor x: ``(B, L)`` or ``(B, T, L)``.
+        :param y: ``None`` or ``(B, H)`` / ``(B, T, H)``.
+        """
+        check_forecast_inputs(x, y, self.config.lookback, self.config.horizon)
+
+    def _draws(self, y, draws):
+        if self.deterministic:
+            return 1
+        if draws is None:
+            return self.config.train_draws if y is not None else 1
+        if not _is_int(draws) or draws < 1:
+            raise ValueError(f"Expected draws to be None or an int >= 1, but got {draws!r}.")
+        return draws
+
+    # ----------------------------------------------------------------- pieces
+    def offset(self, x):
+        """Deterministic part of the forecast: instance-norm offset plus the skip path.
+
+        :param x: ``(B, [T,] L)``. :returns: ``(B, [T,] H)`` (or ``(B, [T,] 1)`` without skip).
+        """
+        out = self.trunk.offset(x)  # (B, [T,] 1) or None
+        if self.skip is not None:
+            skip = self.skip(x)  # (B, [T,] H)
+            out = skip if out is None else out + skip
+        return out
+
+    def posterior(self, x):
+        """The neurons' posterior parameters.
+
+        :param x: ``(B, [T,] L)``.
+        :returns: ``(loc, scale)``, each ``(B, U, k)`` or ``(B, U, k, T)``.
+        """
+        return self.layers[0].posterior(self.trunk(x), x.dim() == 3)
+
+    def components(self, x, z):
+        """Per-draw Gaussian likelihood parameters of the horizon.
+
+        :param x: ``(B, [T,] L)``.
+        :param z: pooled latents ``(..., B, [T,] U)``.
+        :returns: ``(loc, scale)``, each ``(..., B, [T,] H)``.
+        """
+        raw = self.head(z)  # (..., B, [T,] H * m)
+        off = self.offset(x)  # (B, [T,] H or 1)
+        fn = self.likelihood(raw, off, 1)
+        base = fn.base_dist
+        loc = base.loc  # (..., B, [T,] H)
+        return loc, base.scale.expand_as(loc)
+
+    def _obs_dist(self, x, z, draws):
+        """Likelihood with batch ``(..., B, 1)`` and event ``(H,)`` or ``(T, H)``."""
+        loc, scale = self.components(x, z)  # (..., B, [T,] H)
+        event_dims = x.dim() - 1
+        loc = loc.unsqueeze(-1 - event_dims)  # (..., B, 1, [T,] H)
+        scale = scale.unsqueeze(-1 - event_dims)  # (..., B, 1, [T,] H)
+        if draws == 1:
+            return dist.Normal(loc, scale).to_event(event_dims)
+        # loc: (K, P, B, 1, [T,] H); the K draws become the mixture's last dim
+        loc, scale = torch.movedim(loc, 0, -1), torch.movedim(scale, 0, -1)  # (P, B, 1, [T,] H, K)
+        mix = dist.Categorical(logits=torch.zeros_like(loc))
+        return dist.MixtureSameFamily(mix, dist.Normal(loc, scale)).to_event(event_dims)
+
+    def _data_plate(self, x, num_data):
+        batch = x.shape[0]
+        size = batch if num_data is None else int(num_data)
+        if size < batch:
+            raise ValueError(f"Expected num_data >= batch size {batch}, but got {num_data}.")
+        subsample = None if size == batch else torch.arange(batch, device=x.device)
+        return pyro.plate(DATA_PLATE, size, subsample=subsample, dim=-2)
+
+    def _beta(self, draws):
+        return self.layers[0].beta / draws  # (U,)
+
+    # ------------------------------------------------------------- model/guide
+    def model(self, x, y=None, *, num_data=None, draws=None):
+        """Generative side: the neurons' priors, the skip path, the head and the likelihood.
+
+        :param torch.Tensor x: ``(B, L)`` or ``(B, T, L)``.
+        :param y: ``(B, H)`` / ``(B, T, H)`` or ``None`` (sample them).
+        :param int num_data: full data-set size N when ``x`` is a minibatch (scales by N/B).
+        :param int draws: posterior draws K mixed in the likelihood (default: ``train_draws``
+            when ``y`` is given, else 1).
+        :returns: the observations ``(..., B, [T,] H)``.
+        """
+        self.check_inputs(x, y)
+        draws = self._draws(y, draws)
+        layer, temporal = self.layers[0], x.dim() == 3
+        steps = x.shape[1] if temporal else None
+        with self._data_plate(x, num_data):
+            if self.deterministic:
+                z = layer.pool(self.posterior(x)[0], temporal)  # (B, [T,] U)
+            else:
+                lead = (x.shape[0],) if draws == 1 else (draws, 1, x.shape[0])
+                fn = layer.prior(lead, steps)  # batch (.., B, U)
+                z = layer.pool(neurons(layer.site, fn, self._beta(draws)), temporal)  # (.., B, [T,] U)
+            obs = None if y is None else y.unsqueeze(1)  # (B, 1, [T,] H)
+            out = pyro.sample("obs", self._obs_dist(x, z, draws), obs=obs)
+        return out.squeeze(-1 - (x.dim() - 1))  # (..., B, [T,] H)
+
+    def guide(self, x, y=None, *, num_data=None, draws=None):
+        """Inference side: trunk and the neurons' amortized posteriors (empty for the twin).
+
+        :returns: pooled latents ``(..., B, [T,] U)`` or ``None``.
+        """
+        self.check_inputs(x, y)
+        if self.deterministic:
+            return None
+        draws = self._draws(y, draws)
+        layer, temporal = self.layers[0], x.dim() == 3
+        loc, scale = self.posterior(x)  # (B, U, k[, T])
+        fn = dist.Normal(loc, scale).to_event(2 if temporal else 1)  # batch (B, U)
+        if draws > 1:
+            fn = fn.expand((draws, 1) + fn.batch_shape)  # batch (K, 1, B, U)
+        with self._data_plate(x, num_data):
+            return layer.pool(neurons(layer.site, fn, self._beta(draws)), temporal)
+
+    def forward(self, x, y=None, *, num_data=None, draws=None):
+        """Same as :meth:`model`."""
+        return self.model(x, y, num_data=num_data, draws=draws)
+
+    # -------------------------------------------------------------- prediction
+    @torch.no_grad()
+    def predict(self, x, num_samples=100, batch_size=None):
+        r"""Monte Carlo predictive distribution: S posterior draws, one Gaussian each.
+
+        Equivalent to ``pyro.infer.Predictive(model, guide, num_samples=S)`` on the ``obs`` site,
+        but it also returns each draw's Gaussian (for exact mixture NLL and PIT). The twin returns
+        one component and S draws from it.
+
+        :param torch.Tensor x: ``(B, L)`` or ``(B, T, L)``.
+        :param int num_samples: S.
+        :param int batch_size: windows per forward pass (default all).
+        :returns: a :class:`ForecastPrediction` with samples ``(S, B, [T,] H)``.
+        """
+        if not _is_int(num_samples) or num_samples < 1:
+            raise ValueError(f"Expected num_samples to be an int >= 1, but got {num_samples!r}.")
+        self.check_inputs(x)
+        if batch_size is not None and batch_size < x.shape[0]:
+            parts = [self.predict(xb, num_samples) for xb in x.split(batch_size)]
+            return ForecastPrediction(
+                torch.cat([p.samples for p in parts], 1),  # (S, B, [T,] H)
+                torch.cat([p.loc for p in parts], 1),  # (S', B, [T,] H)
+                torch.cat([p.scale for p in parts], 1),  # (S', B, [T,] H)
+            )
+        layer, temporal = self.layers[0], x.dim() == 3
+        loc, scale = self.posterior(x)  # (B, U, k[, T])
+        if self.deterministic:
+            z = layer.pool(loc, temporal)[None]  # (1, B, [T,] U)
+        else:
+            eps = torch.randn((num_samples,) + loc.shape, dtype=loc.dtype, device=loc.device)
+            z = layer.pool(loc + scale * eps, temporal)  # (S, B, [T,] U)
+        c_loc, c_scale = self.components(x, z)  # (S', B, [T,] H)
+        reps = num_samples // c_loc.shape[0]
+        noise = torch.randn((reps,) + c_loc.shape, dtype=loc.dtype, device=loc.device)
+        samples = (c_loc + c_scale * noise).reshape((num_samples,) + c_loc.shape[1:])  # (S, B, [T,] H)
+        return ForecastPrediction(samples, c_loc, c_scale)
+
+    @property
+    def has_exact_marginal(self):
+        """Whether the predictive distribution of one element is exactly Gaussian: the head is
+        linear in z and the likelihood scale does not depend on z (not heteroscedastic)."""
+        return self.likelihood.head_multiplier == 1
+
+    @torch.no_grad()
+    def predict_marginal(self, x, num_samples=100, batch_size=None):
+        r"""The exact predictive marginal of each element, as one Gaussian.
+
+        With a linear head and a likelihood scale that does not depend on z, integrating the
+        Gaussian posterior out gives, per horizon step h,
+
+        .. math:: y_h \mid x \sim \mathcal{N}\Big(\mu_h(ar m) ,\; \sigma_h^2 + \sum_u W_{hu}^2
+                  \,\mathrm{Var}_q[ar z_u]\Big),
+
+        where :math:`ar m` is the posterior mean of the pooled latents and :math:`ar z_u`
+        the pooled latent of unit u. This is the :math:`S 	o \infty` limit of :meth:`predict`.
+
+        :param torch.Tensor x: ``(B, L)`` or ``(B, T, L)``.
+        :param int num_samples: draws S from the marginal.
+        :param int batch_size: windows per forward pass (default all).
+        :returns: a one-component :class:`ForecastPrediction`.
+        :raises ValueError: if :attr:`has_exact_marginal` is false.
+        """
+        if not self.has_exact_marginal:
+            raise ValueError(
+                "predict_marginal needs a likelihood scale that does not depend on z, but this "
+                "model is heteroscedastic; use predict(x, num_samples) (Monte Carlo) instead."
+            )
+        if not _is_int(num_samples) or num_samples < 1:
+            raise ValueError(f"Expected num_samples to be an int >= 1, but got {num_samples!r}.")
+        self.check_inputs(x)
+        parts = x.split(batch_size) if batch_size else (x,)
+        locs, scales = [], []
+        layer, temporal = self.layers[0], x.dim() == 3
+        for xb in parts:
+            loc, scale = self.posterior(xb)  # (b, U, k[, T])
+            c_loc, c_scale = self.components(xb, layer.pool(loc, temporal))  # (b, [T,] H)
+            var = c_scale**2
+            if not self.deterministic:
+                z_var = layer.pool(scale**2, temporal) / layer.latent_dim  # (b, [T,] U)
+                var = var + z_var @ (self.head.weight**2).T  # (b, [T,] H)
+            locs.append(c_loc)
+            scales.append(var.sqrt())
+        loc, scale = torch.cat(locs)[None], torch.cat(scales)[None]  # (1, B, [T,] H)
+        noise = torch.randn((num_samples,) + loc.shape[1:], dtype=loc.dtype, device=loc.device)
+        return ForecastPrediction(loc + scale * noise, loc, scale)
+
+    def extra_repr(self):
+        c = self.config
+        kind = "deterministic" if c.deterministic else "distributional"
+        return f"{kind}, L={c.lookback}, H={c.horizon}, units={c.units}, prior={c.prior}"
