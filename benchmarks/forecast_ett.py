@@ -130,8 +130,8 @@ def summarise(runs):
     keys = list(METRICS) + ["fit_seconds"]
     grouped = frame.groupby(["horizon", "model"], sort=False)
     mean = grouped[keys].mean()
-    std = grouped[keys].std(ddof=1).fillna(0.0)
-    out = mean.join(std, rsuffix="_std")
+    std = grouped[keys].std(ddof=1).fillna(0.0).add_suffix("_std")
+    out = pd.concat([mean, std], axis=1)
     out["seeds"] = grouped.size()
     out = out.reset_index()
     published = [

@@ -283,6 +283,8 @@ class ARProcess(dist.TorchDistribution):
         new._validate_args = self._validate_args
         # The stationary start depends only on the unexpanded parameters: solve it once here and
         # hand out broadcast views, rather than once per batch element (plates expand to (B, H)).
+        # The unexpanded instance is kept for the KL, which broadcasts its small tensors itself.
+        new._unexpanded = getattr(self, "_unexpanded", self)
         for name in ("_gamma", "_init_scale_tril", "_init_tril_inv"):
             cached = getattr(self, name)  # (...old, *tail)
             tail = cached.shape[len(self.batch_shape) :]
@@ -482,10 +484,11 @@ def _kl_independent_arprocess(q, p):
     var = scale.pow(2)  # (..., T or 1)
     neg_entropy = -_time_sum(scale.log() + 0.5 * (1 + _LOG_2PI), 0, num_steps)  # (...,)
 
-    scale_tril = _compact(p._init_scale_tril, keep=2)  # (..., p', p')
-    tril_inv = _compact(p._init_tril_inv, keep=2)  # (..., p', p'), solved once per prior
+    small = getattr(p, "_unexpanded", p)  # the prior before plates expanded it: (H, k) batch
+    scale_tril = small._init_scale_tril  # (..., p', p')
+    tril_inv = small._init_tril_inv  # (..., p', p'), solved once per prior
     prec_diag = tril_inv.pow(2).sum(-2)  # (..., p'): diagonal of G^{-1}
-    mean = _compact(p.constant, keep=0) / (1 - _compact(p.coeffs, keep=1).sum(-1))  # (...,)
+    mean = small.constant / (1 - small.coeffs.sum(-1))  # (...,)
     diff = loc[..., :head] - mean.unsqueeze(-1)  # (..., p')
     white = (tril_inv * diff.unsqueeze(-2)).sum(-1)  # (..., p'): L^{-1} (m - mu)
     cross_entropy = 0.5 * (
@@ -496,10 +499,9 @@ def _kl_independent_arprocess(q, p):
     )  # (...,)
 
     if num_steps > order:
-        coeffs = _compact(p.coeffs, keep=1)  # (..., p)
-        ar_scale = _compact(p.scale, keep=0)  # (...,)
+        coeffs, ar_scale = small.coeffs, small.scale  # (..., p), (...,)
         # residual mean m_t - c - sum_j phi_j m_{t-j} for t = p..T-1, from shifted views
-        resid = loc[..., order:] - _compact(p.constant, keep=0).unsqueeze(-1)  # (..., T - p)
+        resid = loc[..., order:] - small.constant.unsqueeze(-1)  # (..., T - p)
         for j in range(1, order + 1):
             lagged = loc[..., order - j : num_steps - j]  # (..., T - p): m_{t-j}
             resid = torch.addcmul(resid, coeffs[..., j - 1 : j], lagged, value=-1)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.common import assert_close
-from vdn_pyro import VDN, fit
+from vdn_pyro import VDN, FitResult, fit
 from vdn_pyro.inference import arviz as vdn_az
-from vdn_pyro.inference import load_inference_data, save_inference_data, to_inference_data
+from vdn_pyro.inference import load_inference_data, load_network, save_inference_data, to_inference_data
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
@@ -192,6 +192,23 @@ def test_netcdf_round_trip(idata, tmp_path):
     assert group(loaded, "posterior").attrs["sites"] == "layers.0.z,layers.1.z"
     assert group(loaded, "training").attrs["stop_reason"] == "completed"
     (tmp_path / "idata.nc").unlink()  # the loaded data no longer hold the file open
+
+
+def test_export_a_saved_run_from_its_directory(tmp_path):
+    """What a command-line `evaluate RUN_DIR` does: rebuild the network and history from disk."""
+    x, y = regression(30)
+    pyro.set_rng_seed(0)
+    net = VDN(D, 1, units=(5,), hidden=(8,))
+    fit(net, x, y, steps=8, batch_size=10, log_every=4, progress=False, checkpoint_dir=tmp_path)
+    rebuilt = load_network(tmp_path)
+    history = FitResult.from_checkpoint(tmp_path, network=rebuilt)
+    idata = to_inference_data(rebuilt, x[:4], y[:4], num_samples=5, history=history, seed=0)
+    assert list(group(idata, "training")["step"].values) == [4, 8]
+    assert group(idata, "training").attrs["stop_reason"] == "completed"
+    reference = to_inference_data(net, x[:4], y[:4], num_samples=5, seed=0)
+    np.testing.assert_array_equal(
+        group(idata, "posterior")["layers.0.z"].values, group(reference, "posterior")["layers.0.z"].values
+    )
 
 
 def test_temporal_network_with_ar_prior_and_latent_dims():

@@ -19,6 +19,15 @@ from vdn_pyro.inference.diagnostics import unit_kl
 SITE = "layers.0.z"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These networks are tiny: one thread is faster, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def regression_data(n=512, d=4, seed=0):
     """y = sin(w . x) + 0.1 noise: enough signal for a few nats of useful information."""
     g = torch.Generator().manual_seed(seed)
@@ -128,7 +137,8 @@ def test_klband_thermostat_direction():
     """Above the band beta grows, below it shrinks, inside it stays; clipped to the range."""
     net = small_net(units=(3,))
     layer = net.layers[0]
-    c = KLBand(0.1, 0.4, rate=0.5, ema=0.0, beta_min=1e-3, beta_max=10.0).bind(net)
+    c = KLBand(0.1, 0.4, rate=0.5, ema=0.0, beta_min=1e-3, beta_max=10.0, damping=0.0, margin=0.0)
+    c.bind(net)
     c.observe(layer, torch.tensor([1.0, 0.01, 0.2]))
     beta = layer.beta.clone()
     assert beta[0] > 1 and beta[1] < 1 and beta[2] == 1
@@ -136,6 +146,19 @@ def test_klband_thermostat_direction():
     for _ in range(100):
         c.observe(layer, torch.tensor([1.0, 0.01, 0.2]))
     assert_close(layer.beta, torch.tensor([10.0, 1e-3, 1.0]), rtol=1e-5)
+
+
+def test_klband_damping_and_margin():
+    """log beta = u + c d with u = r d after one step, d measured from the inner band."""
+    net = small_net(units=(2,))
+    layer = net.layers[0]
+    c = KLBand(0.1, 0.4, rate=0.1, ema=0.0, damping=2.0, margin=0.25).bind(net)
+    inner = (0.1 * 4**0.25, 0.4 / 4**0.25)
+    assert_close(torch.tensor(c.target), torch.tensor(inner), rtol=1e-6)
+    c.observe(layer, torch.tensor([1.0, 0.12]))  # 0.12 is inside [l, h] but below l'
+    d = torch.tensor([math.log(1.0 / inner[1]), math.log(0.12 / inner[0])])
+    assert_close(layer.beta, torch.exp(0.1 * d + 2.0 * d), rtol=1e-5)
+    assert_close(c.log_beta[SITE], 0.1 * d, rtol=1e-5)
 
 
 def test_klband_layer_granularity_shares_one_beta():
@@ -227,7 +250,7 @@ def test_free_bits_keeps_units_from_collapsing():
     for use in (False, True):
         pyro.set_rng_seed(0)
         net = small_net(beta=5.0)
-        train(net, x, y, 300, [FreeBits(lam)] if use else [])
+        train(net, x, y, 200, [FreeBits(lam)] if use else [], lr=2e-2)
         results[use] = unit_kl(net, x)[SITE]  # (H,)
         if use:  # the term the loss charges is at least lam for every unit
             hooked = LocalELBO(hooks=[FreeBits(lam)])
@@ -245,7 +268,7 @@ def test_loc_band_penalty_brings_loc_sq_into_band():
     for use in (False, True):
         pyro.set_rng_seed(0)
         net = small_net(beta=1e-2)
-        train(net, x, y, 300, [LocBand(low, high, weight=1.0)] if use else [])
+        train(net, x, y, 150, [LocBand(low, high, weight=1.0)] if use else [], lr=2e-2)
         loc, _ = net.posteriors(x)[SITE]  # (N, H, 1)
         loc_sq[use] = (loc**2).mean((0, 2))  # (H,)
     inside = (loc_sq[True] >= low * 0.95) & (loc_sq[True] <= high * 1.05)
@@ -303,14 +326,14 @@ def test_scale_guard_holds_scale_in_range(scale_mode):
     """Tiny beta pulls scales to 0 and huge beta to the prior's 1; the guard holds [0.3, 0.6]."""
     x, y = regression_data()
     low, high = 0.3, 0.6
-    for beta, init in [(1e-4, 0.35), (5.0, 0.55)]:
+    for beta, init in [(1e-4, 0.32), (5.0, 0.58)]:
         scales = {}
         for use in (False, True):
             pyro.set_rng_seed(0)
             net = small_net(beta=beta, scale_mode=scale_mode, init_scale=init)
             seen = []
             record = type("R", (), {"on_step_end": lambda self, s: seen.append(s.stats[SITE].scale)})()
-            train(net, x, y, 200, [ScaleGuard(low, high)] if use else [], [record], lr=2e-2)
+            train(net, x, y, 60, [ScaleGuard(low, high)] if use else [], [record], lr=2e-2)
             _, scale = net.posteriors(x)[SITE]  # (N, H, 1)
             scales[use] = (scale, torch.stack(seen))
         scale, seen = scales[True]
@@ -373,4 +396,4 @@ def test_set_phi_keeps_parameter_object():
         prior.set_phi(torch.tensor([0.1, 1.5, 0.2]))
     bounded = ARPrior(2, phi=0.5, phi_range=(0.2, 0.8))
     bounded.set_phi(torch.tensor([0.9, 0.3]))
-    assert float(bounded.phi.max()) <= 0.8
+    assert float(bounded.phi.detach().max()) <= 0.8

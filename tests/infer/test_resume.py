@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from tests.common import ROOT
-from vdn_pyro import VDN, LocalELBO, fit
+from vdn_pyro import VDN, FitResult, LocalELBO, fit
 from vdn_pyro.inference import (
     LOG_COLUMNS,
     IncompatibleCheckpointError,
@@ -301,11 +302,61 @@ def test_progress_bar_does_not_change_the_logs(tmp_path, capsys):
         assert row["elbo_per_obs"] == -row["loss_per_obs"]
 
 
-def test_signal_handlers_are_restored():
+class RaiseSignal:
+    """A callback that delivers signals to this process at a given step."""
+
+    def __init__(self, step, signals):
+        self.step, self.signals = step, signals
+
+    def on_step_end(self, state):
+        if state.step == self.step:
+            for sig in self.signals:
+                signal.raise_signal(sig)
+
+
+def test_signal_stops_after_the_step_with_a_checkpoint_and_restores_handlers(tmp_path, caplog):
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    x, y = regression(10)
-    fit(small_net(), x, y, steps=1, progress=False)
+    x, y = regression(40)
+    result = fit(small_net(), x, y, steps=50, batch_size=8, progress=False, checkpoint_dir=tmp_path,
+                 callbacks=[RaiseSignal(3, [signal.SIGTERM])])
+    assert result.interrupted and result.stop_reason == "SIGTERM" and result.exit_code == 143
+    assert result.steps == 3 and load_checkpoint(tmp_path)["step"] == 3
+    assert "fit interrupted by SIGTERM after step 3 of 50; checkpoint written to" in caplog.text
     assert {sig: signal.getsignal(sig) for sig in before} == before
+    resumed = FitResult.from_checkpoint(tmp_path)
+    assert resumed.stop_reason == "SIGTERM" and resumed.interrupted and resumed.steps == 3
+
+
+def test_second_signal_stops_at_once_without_a_checkpoint(tmp_path):
+    x, y = regression(40)
+    with pytest.raises(KeyboardInterrupt, match="second signal"):
+        fit(small_net(), x, y, steps=50, batch_size=8, progress=False, checkpoint_dir=tmp_path,
+            checkpoint_every=2, callbacks=[RaiseSignal(3, [signal.SIGINT, signal.SIGINT])])
+    assert load_checkpoint(tmp_path)["step"] == 2  # the last periodic one
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_fit_in_a_worker_thread_leaves_signals_alone():
+    x, y = regression(10)
+    outcome, net = {}, small_net()
+    worker = threading.Thread(target=lambda: outcome.update(r=fit(net, x, y, steps=2, progress=False)))
+    worker.start()
+    worker.join(timeout=120)
+    assert outcome["r"].steps == 2 and not outcome["r"].interrupted
+
+
+def test_from_checkpoint_restores_the_history_of_a_run(tmp_path):
+    x, y = regression(30)
+    net = small_net()
+    done = fit(net, x, y, steps=6, batch_size=10, log_every=2, progress=False, checkpoint_dir=tmp_path,
+               checkpoint_every=4, val_data=regression(10, seed=3))
+    loaded = FitResult.from_checkpoint(tmp_path, network=net)
+    assert loaded.network is net and loaded.stop_reason == "completed" and not loaded.interrupted
+    assert loaded.history == done.history and loaded.logged_steps == done.logged_steps == [2, 4, 6]
+    assert loaded.steps == 6 and loaded.best_step == done.best_step
+    for site in done.unit_kl:
+        assert (loaded.unit_kl[site] == done.unit_kl[site]).all()
+        assert (loaded.unit_beta[site] == done.unit_beta[site]).all()
 
 
 # ----------------------------------------------------------------------------- other processes
@@ -373,7 +424,7 @@ def test_sigkill_mid_run_leaves_a_whole_checkpoint_to_resume_from(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     saved = load_checkpoint(run_dir)  # never partial: readable and complete
     step = saved["step"]
-    assert step >= 5 and saved["history"]["logged_steps"][-1] == step
+    assert step >= 5 and saved["history"]["logged_steps"][-1] == step and saved["stop_reason"] == "running"
     leftovers = [p.name for p in run_dir.iterdir() if p.name not in ("last.pt", "log.csv", "log.jsonl")]
     assert all(name.startswith(".last.pt.") and name.endswith(".tmp") for name in leftovers), leftovers
 

@@ -40,7 +40,8 @@ def batch(texts=TEXTS, max_len=None):
 
 
 def latent_sites(trace):
-    return [n for n, s in trace.nodes.items() if s["type"] == "sample" and n.startswith("rnn.z.") and not n.endswith(".units")]
+    names = [n for n, s in trace.nodes.items() if s["type"] == "sample" and n.startswith("rnn.z.")]
+    return [n for n in names if not n.endswith(".units")]
 
 
 def test_trace_sites_and_shapes():

@@ -215,27 +215,44 @@ class KLBand(Constraint):
     After every optimisation step it updates an exponential moving average of each unit's
     unscaled KL (nats per observation, from the ELBO's statistics)
     :math:`\bar k_i \leftarrow \gamma \bar k_i + (1 - \gamma) \mathrm{KL}_i` and, outside the
-    gradient, moves :math:`\log \beta_i` by ``rate`` times the log-distance of :math:`\bar k_i`
-    from the band :math:`[l, h]`:
+    gradient, moves :math:`\log \beta_i` by ``rate`` times the log-distance :math:`d_i` of
+    :math:`\bar k_i` from the band:
 
-    .. math:: \log \beta_i \leftarrow \mathrm{clip}\Big(\log \beta_i
-              + r \big[\log(\bar k_i / h)\big]_+ - r \big[\log(l / \bar k_i)\big]_+,
-              \ \log \beta_{\min}, \log \beta_{\max}\Big).
+    .. math:: d_i = \big[\log(\bar k_i / h')\big]_+ - \big[\log(l' / \bar k_i)\big]_+, \qquad
+              u_i \leftarrow \mathrm{clip}(u_i + r\, d_i), \qquad
+              \log \beta_i = \mathrm{clip}(u_i + c\, d_i),
 
-    A unit above the band pays more for its rate, a unit below pays less, a unit inside is left
-    alone. With ``granularity="layer"`` the band applies to the layer's mean unit KL and one
-    shared :math:`\beta` moves for the whole layer (the same total budget, coarser control).
+    clipped to :math:`[\log \beta_{\min}, \log \beta_{\max}]`, with :math:`u_i` starting at the
+    unit's current :math:`\log\beta_i`. A unit above the band pays more for its rate, a unit
+    below pays less, a unit inside is left alone.
+
+    Two additions to the plain integral rule (``damping=0, margin=0``) make it settle instead of
+    oscillate. A unit's KL answers a change of :math:`\beta` only after the optimiser has moved
+    its encoder (hundreds of steps), so a pure integral rule overshoots; the proportional term
+    :math:`c\, d_i` (``damping``) damps that. And a unit held only at a band edge sits outside the
+    band half the time by noise, so the rule steers to the inner band
+    :math:`[l', h'] = [l\, m, h / m]`, :math:`m = (h / l)^{\text{margin}}`, leaving a margin
+    inside :math:`[l, h]` on each side (in log space). The defaults hold >= 90% of units inside
+    the band after a few hundred steps, from any initial :math:`\beta` in [1e-4, 10], in the
+    tests and the collapse study.
+
+    With ``granularity="layer"`` the band applies to the layer's mean unit KL and one shared
+    :math:`\beta` moves for the whole layer (the same total budget, coarser control).
 
     The new :math:`\beta_i` is written in place into the layer's ``beta`` buffer, so the network's
-    ``state_dict`` holds it; the moving averages are in this object's :meth:`state_dict`.
+    ``state_dict`` holds it; the moving averages and integrals are in :meth:`state_dict`.
 
-    :param float low: lower edge of the band, nats, ``>= 0``.
-    :param float high: upper edge, ``> low``.
-    :param float rate: step size ``> 0`` of :math:`\log\beta` per unit of log-distance.
+    :param float low: lower edge :math:`l` of the band, nats, ``>= 0``.
+    :param float high: upper edge :math:`h`, ``> low``.
+    :param float rate: integral step :math:`r > 0` of :math:`\log\beta` per unit of
+        log-distance.
     :param float beta_min: lower clip of :math:`\beta`, ``> 0``.
     :param float beta_max: upper clip, ``> beta_min``.
     :param float ema: decay :math:`\gamma \in [0, 1)` of the KL moving average.
     :param str granularity: ``"unit"`` (one thermostat per unit) or ``"layer"``.
+    :param float damping: proportional gain :math:`c \ge 0`.
+    :param float margin: fraction of the band's log-width kept free on each side, in
+        ``[0, 0.5)``.
     :param int every: update :math:`\beta` every this many steps (the EMA updates every step).
     :param sites: see :class:`Constraint`.
     """
@@ -244,14 +261,14 @@ class KLBand(Constraint):
         self,
         low=0.05,
         high=0.3,
-        rate=0.05,
+        rate=0.03,
         beta_min=1e-4,
         beta_max=100.0,
         ema=0.9,
         *,
         granularity="unit",
-        damping=0.0,
-        margin=0.0,
+        damping=2.0,
+        margin=0.25,
         every=1,
         sites=None,
     ):

@@ -17,6 +17,7 @@ Around the loop, :func:`fit` provides what a long run needs:
   take a non-finite update, and a checkpoint with NaN or inf is never written.
 """
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -118,7 +119,8 @@ class FitResult:
     :ivar bool interrupted: the fit stopped on SIGINT or SIGTERM (after writing a final
         checkpoint when ``checkpoint_dir`` was given).
     :ivar str stop_reason: ``"completed"``, ``"callback"`` (a callback set ``state.stop``),
-        ``"SIGINT"`` or ``"SIGTERM"``.
+        ``"SIGINT"`` or ``"SIGTERM"`` (``"running"`` in :meth:`from_checkpoint` for a checkpoint
+        written during the run).
     :ivar list skipped_steps: steps skipped because their loss or gradient was not finite.
     :ivar checkpoint_path: path (str) of the last checkpoint written, or ``None``.
     :ivar int resumed_from: the step the run resumed from (0 for a fresh run).
@@ -151,6 +153,28 @@ class FitResult:
     def final_loss(self):
         """Loss per observation at the last logged step."""
         return self.history[-1]["loss_per_obs"] if self.history else math.nan
+
+    @classmethod
+    def from_checkpoint(cls, path, network=None):
+        """The result as it stood when a checkpoint was written by :func:`fit`, e.g. to export a
+        finished run's history with :func:`~vdn_pyro.inference.to_inference_data`.
+
+        :param path: a checkpoint file, or a directory holding ``last.pt``.
+        :param network: the network to put in :attr:`network` (its architecture is checked
+            against the checkpoint; it is not loaded, see
+            :func:`~vdn_pyro.inference.checkpoint.load_network`).
+        :returns: a :class:`FitResult`; :attr:`stop_reason` is ``"running"`` for a checkpoint
+            written during the run (e.g. the last one before a crash).
+        """
+        data = load_checkpoint(path, network=network)
+        result = cls(network, [], {}, {}, [], math.nan, -1, {}, data["step"], 0.0, data["optimizer"])
+        _restore_history(result, data["history"])
+        result.unit_kl = {k: np.stack(v) for k, v in result.unit_kl.items()}
+        result.unit_beta = {k: np.stack(v) for k, v in result.unit_beta.items()}
+        result.stop_reason = data["stop_reason"]
+        result.interrupted = result.stop_reason in _EXIT_CODES
+        result.checkpoint_path = str(resolve_checkpoint(path))
+        return result
 
     @property
     def exit_code(self):
@@ -280,7 +304,8 @@ class _RunLog:
         if self.csv_path.exists():
             with open(self.csv_path, newline="") as f:
                 for r in csv.DictReader(f):
-                    if (r.get("step") or "").isdigit() and int(r["step"]) <= step:
+                    whole = None not in r.values() and None not in r  # not cut short by a kill
+                    if whole and (r.get("step") or "").isdigit() and int(r["step"]) <= step:
                         rows.append(r)
         if self.jsonl_path.exists():
             with open(self.jsonl_path) as f:
@@ -304,6 +329,13 @@ class _RunLog:
     def close(self):
         self._csv_file.close()
         self._json_file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 class _SignalCatcher:
@@ -511,15 +543,13 @@ def fit(
     digest = _data_digest(x, y) if (checkpoint_dir is not None or checkpoint is not None) else None
     elbo = elbo or LocalELBO()
     constraints = list(constraints)
-    elbo.hooks = [h for h in elbo.hooks if h not in constraints] + constraints
     callbacks = constraints + list(callbacks)
     if device is not None:
         network.to(device)
     else:
         device = next(iter(network.parameters())).device
     x, y = x.to(device), y.to(device)
-    if val_data is not None:
-        x_val, y_val = x_val.to(device), y_val.to(device)
+    val = None if val_data is None else (x_val.to(device), y_val.to(device))
     named_params = [(name, p) for name, p in network.named_parameters() if p.requires_grad]
     optimizer = _make_optimizer(optim, [p for _, p in named_params], lr)
 
@@ -528,27 +558,14 @@ def fit(
     order, cursor, start = None, 0, 0
     if checkpoint is not None:
         start, order, cursor = _restore(
-            checkpoint, resume_path, network, optimizer, result, state, n, batch_size, total, digest
+            checkpoint, resume_path, optimizer, result, state, n, batch_size, total, digest
         )
         order = order.to(device)
-        state.step = start
+        state.step = result.resumed_from = start
         network.load_state_dict(checkpoint["network"])  # what on_fit_start sees
-    for cb in callbacks:
-        getattr(cb, "on_fit_start", lambda s: None)(state)
-    if checkpoint is not None:  # again after on_fit_start, whose side effects must not shift the state
-        network.load_state_dict(checkpoint["network"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        _restore_constraints(checkpoint, resume_path, constraints)
-        set_rng_state(checkpoint["rng"], generator)
-    else:
-        order = torch.randperm(n, generator=generator).to(device)
-
-    session_start = time.perf_counter()
     previous_seconds = result.seconds
-    state.step = result.resumed_from = start
-    written = [start if checkpoint is not None else -1]  # the step of the last checkpoint written
 
-    def write_checkpoint():
+    def write_checkpoint(final):
         payload = {
             "step": state.step,
             "epoch": state.epoch,
@@ -565,104 +582,112 @@ def fit(
             "history": _history_payload(result),
             "data": {"num_data": n, "batch_size": batch_size, "digest": digest},
             "fit": {"total_steps": total, "per_epoch": per_epoch, "seed": seed, "lr": float(lr)},
-            "stop_reason": result.stop_reason,
+            "stop_reason": result.stop_reason if final else "running",
         }
         payload["config"], payload["config_repr"] = config_payload(network)
         path = save_checkpoint(Path(checkpoint_dir) / LAST_CHECKPOINT, payload, network=network)
-        result.checkpoint_path, written[0] = str(path), state.step
+        result.checkpoint_path = str(path)
 
-    bad_in_row = 0
-    run_log = _RunLog(log_dir, resume_step=start if checkpoint is not None else None) if log_dir else None
-    bar = tqdm(
-        total=total, initial=start, disable=not progress, desc="fit", unit="step", dynamic_ncols=True,
-        file=sys.stderr,
-    )
-    network.train()
-    try:
-        with _SignalCatcher(handle_signals) as catcher:
-            for step in range(start + 1, total + 1):
-                if cursor >= n:
-                    order, cursor = torch.randperm(n, generator=generator).to(device), 0
-                    state.epoch += 1
-                idx = order[cursor : cursor + batch_size]
-                cursor += batch_size
-                state.step = step
+    with contextlib.ExitStack() as stack:
+        user_hooks = list(elbo.hooks)  # the constraints are the ELBO's hooks for this fit only
+        elbo.hooks = [h for h in user_hooks if h not in constraints] + constraints
+        stack.callback(setattr, elbo, "hooks", user_hooks)
+        for cb in callbacks:
+            getattr(cb, "on_fit_start", lambda s: None)(state)
+        if checkpoint is not None:  # again after on_fit_start, whose side effects must not shift it
+            network.load_state_dict(checkpoint["network"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            _restore_constraints(checkpoint, resume_path, constraints)
+            set_rng_state(checkpoint["rng"], generator)
+        else:
+            order = torch.randperm(n, generator=generator).to(device)
+        run_log = None
+        if log_dir is not None:
+            run_log = stack.enter_context(_RunLog(log_dir, start if checkpoint is not None else None))
+        bar = stack.enter_context(
+            tqdm(total=total, initial=start, disable=not progress, desc="fit", unit="step", file=sys.stderr)
+        )
+        catcher = stack.enter_context(_SignalCatcher(handle_signals))
+        session_start, bad_in_row = time.perf_counter(), 0
+        network.train()
+        for step in range(start + 1, total + 1):
+            if cursor >= n:
+                order, cursor = torch.randperm(n, generator=generator).to(device), 0
+                state.epoch += 1
+            idx = order[cursor : cursor + batch_size]
+            cursor += batch_size
+            state.step = step
+            optimizer.zero_grad(set_to_none=True)
+            loss, stats = elbo.loss_and_stats(network.model, network.guide, x[idx], y[idx], num_data=n)
+            problem = None
+            if not bool(torch.isfinite(loss.detach())):
+                problem = f"the loss is {float(loss.detach())}"
+            else:
+                loss.backward()
+                bad = _first_nonfinite_grad(named_params)
+                if bad is not None:
+                    problem = f"the gradient of '{bad}' holds NaN or inf"
+            if problem is not None:  # skip the update; callbacks do not see the step
                 optimizer.zero_grad(set_to_none=True)
-                loss, stats = elbo.loss_and_stats(network.model, network.guide, x[idx], y[idx], num_data=n)
-                problem = None
-                if not bool(torch.isfinite(loss.detach())):
-                    problem = f"the loss is {float(loss.detach())}"
-                else:
-                    loss.backward()
-                    bad = _first_nonfinite_grad(named_params)
-                    if bad is not None:
-                        problem = f"the gradient of '{bad}' holds NaN or inf"
-                if problem is not None:
-                    optimizer.zero_grad(set_to_none=True)
-                    bad_in_row += 1
-                    result.skipped_steps.append(step)
-                    _on_bad_step(step, problem, bad_in_row, max_bad_steps, result)
-                else:
-                    optimizer.step()
-                    bad_in_row = 0
-                    state.loss, state.stats = float(loss.detach()), stats
-                    living = _living_fraction(stats, living_kl) if (progress or run_log) else math.nan
-                    if progress:
-                        postfix = {"loss": f"{state.loss:.4g}", "elbo/obs": f"{-state.loss / n:.4g}"}
-                        if not math.isnan(living):
-                            postfix["living"] = f"{living:.0%}"
-                        bar.set_postfix(postfix, refresh=False)
-                    if step % log_every == 0 or step == total:
-                        row = _log_step(
-                            network, elbo, result, state, stats, n, step == total, val_every,
-                            (x_val, y_val) if val_data is not None else None, device,
-                        )
-                        if run_log is not None:
-                            run_log.write(
-                                _log_row(row, stats, network, living, len(result.skipped_steps),
-                                         previous_seconds + time.perf_counter() - session_start)
-                            )
-                    for cb in callbacks:
-                        getattr(cb, "on_step_end", lambda s: None)(state)
-                bar.update(1)
-                if state.stop:
-                    result.stop_reason = "callback"
-                if catcher.received is not None:
-                    result.stop_reason, result.interrupted = catcher.received, True
-                if state.stop or result.interrupted:
-                    break
-                if checkpoint_dir is not None and step % checkpoint_every == 0 and step != total:
-                    result.seconds = previous_seconds + time.perf_counter() - session_start
-                    write_checkpoint()
-            network.eval()
-            result.seconds = previous_seconds + time.perf_counter() - session_start
-            if checkpoint_dir is not None and written[0] != state.step:
-                write_checkpoint()
-    finally:
+                bad_in_row += 1
+                result.skipped_steps.append(step)
+                _on_bad_step(step, problem, bad_in_row, max_bad_steps, result)
+            else:
+                optimizer.step()
+                bad_in_row = 0
+                state.loss, state.stats = float(loss.detach()), stats
+                living = _living_fraction(stats, living_kl) if (progress or run_log) else math.nan
+                if progress:
+                    postfix = {"loss": f"{state.loss:.4g}", "elbo/obs": f"{-state.loss / n:.4g}"}
+                    if not math.isnan(living):
+                        postfix["living"] = f"{living:.0%}"
+                    bar.set_postfix(postfix, refresh=False)
+                if step % log_every == 0 or step == total:
+                    last = step == total
+                    row = _log_step(network, elbo, result, state, stats, n, last, val_every, val, device)
+                    if run_log is not None:
+                        seconds = previous_seconds + time.perf_counter() - session_start
+                        skipped = len(result.skipped_steps)
+                        run_log.write(_log_row(row, stats, network, living, skipped, seconds))
+                for cb in callbacks:
+                    getattr(cb, "on_step_end", lambda s: None)(state)
+            bar.update(1)
+            if state.stop:
+                result.stop_reason = "callback"
+            if catcher.received is not None:
+                result.stop_reason, result.interrupted = catcher.received, True
+            if state.stop or result.interrupted:
+                break
+            if checkpoint_dir is not None and step % checkpoint_every == 0 and step != total:
+                result.seconds = previous_seconds + time.perf_counter() - session_start
+                write_checkpoint(final=False)
+        network.eval()
+        result.seconds = previous_seconds + time.perf_counter() - session_start
+        if checkpoint_dir is not None:
+            write_checkpoint(final=True)
         bar.close()
-        if run_log is not None:
-            run_log.close()
-
-    if result.interrupted:
-        where = f"; checkpoint written to {result.checkpoint_path}" if checkpoint_dir is not None else ""
-        how = (
-            f" Resume with fit(..., checkpoint_dir={str(checkpoint_dir)!r}, resume=True)."
-            if checkpoint_dir is not None
-            else " Pass checkpoint_dir=... to be able to resume."
-        )
-        logger.warning(
-            "fit interrupted by %s after step %d of %d%s.%s",
-            result.stop_reason, state.step, total, where, how,
-        )
-    result.unit_kl = {k: np.stack(v) for k, v in result.unit_kl.items()}
-    result.unit_beta = {k: np.stack(v) for k, v in result.unit_beta.items()}
-    result.steps = state.step
-    result.optimizer_state = optimizer.state_dict()
-    if restore_best and result.best_state:
-        network.load_state_dict(result.best_state)
-    for cb in callbacks:
-        getattr(cb, "on_fit_end", lambda s: None)(state)
+        if result.interrupted:
+            _report_interruption(result, state.step, total, checkpoint_dir)
+        result.unit_kl = {k: np.stack(v) for k, v in result.unit_kl.items()}
+        result.unit_beta = {k: np.stack(v) for k, v in result.unit_beta.items()}
+        result.steps = state.step
+        result.optimizer_state = optimizer.state_dict()
+        if restore_best and result.best_state:
+            network.load_state_dict(result.best_state)
+        for cb in callbacks:
+            getattr(cb, "on_fit_end", lambda s: None)(state)
     return result
+
+
+def _report_interruption(result, step, total, checkpoint_dir):
+    if checkpoint_dir is not None:
+        where = f"; checkpoint written to {result.checkpoint_path}"
+        how = f" Resume with fit(..., checkpoint_dir={str(checkpoint_dir)!r}, resume=True)."
+    else:
+        where, how = "", " Pass checkpoint_dir=... to be able to resume."
+    logger.warning(
+        "fit interrupted by %s after step %d of %d%s.%s", result.stop_reason, step, total, where, how
+    )
 
 
 def _on_bad_step(step, problem, bad_in_row, max_bad_steps, result):
@@ -724,7 +749,7 @@ def _log_row(row, stats, network, living, skipped, seconds):
     return out
 
 
-def _restore(checkpoint, path, network, optimizer, result, state, n, batch_size, total, digest):
+def _restore(checkpoint, path, optimizer, result, state, n, batch_size, total, digest):
     """Check that a checkpoint can continue this fit and load its history (the network,
     optimizer, constraint and random states are loaded after ``on_fit_start``); returns
     ``(step, order, cursor)``."""

@@ -197,7 +197,8 @@ class JitLocalELBO(LocalELBO):
         )
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(module, model, guide, args, kwargs, (len(args), names, static), state, tensors)
+            layout = (len(args), names, static)
+            entry = self._capture(module, model, guide, args, kwargs, layout, state, tensors)
             self._graphs[key] = entry
             if len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)

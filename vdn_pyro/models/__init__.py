@@ -11,6 +11,14 @@ from vdn_pyro.models.likelihoods import (
     make_likelihood,
 )
 from vdn_pyro.models.priors import ARPrior, NormalPrior
+from vdn_pyro.models.recurrent import (
+    RecurrentARPrior,
+    RecurrentVDN,
+    RecurrentVDNConfig,
+    SequenceEvaluation,
+    evaluate_sequences,
+    negative_elbo,
+)
 
 __all__ = [
     "ARPrior",
@@ -24,7 +32,13 @@ __all__ = [
     "Likelihood",
     "NormalPrior",
     "PointForecaster",
+    "RecurrentARPrior",
+    "RecurrentVDN",
+    "RecurrentVDNConfig",
     "RepeatLast",
+    "SequenceEvaluation",
     "StudentTLikelihood",
+    "evaluate_sequences",
     "make_likelihood",
+    "negative_elbo",
 ]

@@ -57,6 +57,7 @@ __all__ = [
     "SequenceEvaluation",
     "SequenceScores",
     "evaluate_sequences",
+    "negative_elbo",
 ]
 
 CELLS = ("gru", "lstm")
@@ -199,15 +200,17 @@ class RecurrentARPrior(nn.Module):
 
 @dataclasses.dataclass
 class SequenceScores:
-    """Per-position terms of one pass of :meth:`RecurrentVDN.score` over S draws of the latents.
+    r"""Per-position terms of one pass of :meth:`RecurrentVDN.score` over S draws of the latents.
 
-    :ivar torch.Tensor log_lik: ``(S, B, T)`` :math:`\\log p(y_t \\mid h_t, z_t)`, 0 at padding.
-    :ivar torch.Tensor log_prior: ``(S, B, T)`` :math:`\\sum_i \\log p(z_{i,t} \\mid \\cdot)`
+    :ivar torch.Tensor log_lik: ``(S, B, T)`` :math:`\log p(y_t \mid h_t, z_t)`, 0 at padding.
+    :ivar torch.Tensor log_prior: ``(S, B, T)`` :math:`\sum_i \log p(z_{i,t} \mid \cdot)`
         (0 for the deterministic network and at padding).
-    :ivar torch.Tensor log_q: ``(S, B, T)`` :math:`\\sum_i \\log q(z_{i,t} \\mid \\cdot)` (only for
+    :ivar torch.Tensor log_q: ``(S, B, T)`` :math:`\sum_i \log q(z_{i,t} \mid \cdot)` (only for
         ``latents="posterior"``, else 0).
-    :ivar torch.Tensor kl: ``(S, B, T, H)`` analytic per-unit :math:`\\mathrm{KL}(q \\| p)` given
+    :ivar torch.Tensor kl: ``(S, B, T, H)`` analytic per-unit :math:`\mathrm{KL}(q \| p)` given
         the sampled past (only for the posterior modes, else 0).
+    :ivar torch.Tensor loc: ``(S, B, T, H)`` posterior means (posterior modes only, else 0).
+    :ivar torch.Tensor scale: ``(S, B, T, H)`` posterior scales (posterior modes only, else 0).
     :ivar torch.Tensor mask: ``(B, T)`` real (non-padding) positions.
     """
 
@@ -215,6 +218,8 @@ class SequenceScores:
     log_prior: torch.Tensor
     log_q: torch.Tensor
     kl: torch.Tensor
+    loc: torch.Tensor
+    scale: torch.Tensor
     mask: torch.Tensor
 
 
@@ -304,7 +309,7 @@ class RecurrentVDN(PyroModule):
         if not torch.is_tensor(ids):
             raise TypeError(f"Expected {name} to be a torch.Tensor of token ids, got {type(ids).__name__}.")
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"Expected {name} to hold integer token ids, but got dtype {ids.dtype}; use .long().")
+            raise TypeError(f"Expected {name} to hold integer token ids, but got {ids.dtype}; use .long().")
         if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
             raise ValueError(f"Expected {name} of shape (B, T) with B, T >= 1, but got {tuple(ids.shape)}.")
         v = self.config.vocab_size
@@ -329,7 +334,7 @@ class RecurrentVDN(PyroModule):
             if not bool((mask == (y != PAD)).all()):
                 raise ValueError("Expected x and y to be padded (-1) at the same positions.")
         if not bool(mask[:, 0].all()):
-            raise ValueError("Expected every sequence to have at least one position, but a row is all padding.")
+            raise ValueError("Expected every row to have at least one position, but a row is all padding.")
         if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
             raise ValueError("Expected padding only at the end of each row (right-padding), but found a gap.")
 
@@ -359,14 +364,16 @@ class RecurrentVDN(PyroModule):
         return state[..., : self.config.hidden]
 
     def advance(self, state, token, z_prev=None):
-        """One recurrent update :math:`h_t = \\mathrm{cell}([e(x_t), z_{t-1}], h_{t-1})`.
+        r"""One recurrent update :math:`h_t = \mathrm{cell}([e(x_t), z_{t-1}], h_{t-1})`.
 
         :param state: ``(..., B, S)``. :param token: ``(B,)`` input ids (no padding).
         :param z_prev: ``(..., B, H)`` previous latents, or ``None`` when deterministic.
         :returns: the new state ``(..., B, S)``.
         """
         inp = self.embed(token)  # (B, E)
-        lead = state.shape[:-1] if z_prev is None else torch.broadcast_shapes(state.shape[:-1], z_prev.shape[:-1])
+        lead = state.shape[:-1]
+        if z_prev is not None:
+            lead = torch.broadcast_shapes(lead, z_prev.shape[:-1])
         inp = inp.expand(lead + inp.shape[-1:])  # (..., B, E)
         if z_prev is not None:
             inp = torch.cat([inp, z_prev.expand(lead + z_prev.shape[-1:])], -1)  # (..., B, E + H)
@@ -383,7 +390,7 @@ class RecurrentVDN(PyroModule):
         """Emission logits: ``h`` ``(..., B, hidden)``, ``z`` ``(..., B, H)`` -> ``(..., B, V)``."""
         if z is not None:
             lead = torch.broadcast_shapes(h.shape[:-1], z.shape[:-1])
-            h = torch.cat([h.expand(lead + h.shape[-1:]), z.expand(lead + z.shape[-1:])], -1)  # (..., B, F + H)
+            h = torch.cat([h.expand(lead + h.shape[-1:]), z.expand(lead + z.shape[-1:])], -1)  # (..., B, F+H)
         return self.emission(h)  # (..., B, V)
 
     @staticmethod
@@ -443,7 +450,8 @@ class RecurrentVDN(PyroModule):
                 h = self.readout(state)  # (..., B, hidden)
                 real = mask[:, t, None]  # (B, 1)
                 padded = not bool(real.all())
-                prior_loc, prior_scale = self.prior(z, h) if padded or self.posterior.residual else (None, None)
+                need_prior = padded or self.posterior.residual
+                prior_loc, prior_scale = self.prior(z, h) if need_prior else (None, None)
                 loc, scale = self.posterior(h, y[:, t], prior_loc)  # (..., B, H)
                 if padded:  # q = p where a row has ended: zero KL there, even before the mask
                     loc, scale = torch.where(real, loc, prior_loc), torch.where(real, scale, prior_scale)
@@ -482,11 +490,12 @@ class RecurrentVDN(PyroModule):
         units = self.units
         z = None if self.deterministic else torch.zeros(xs.shape[0], units, device=x.device)  # (S * B, H)
         zero = torch.zeros(xs.shape[0], device=x.device)  # (S * B,)
-        log_lik, log_prior, log_q, kls = [], [], [], []
+        log_lik, log_prior, log_q, kls, locs, scales = [], [], [], [], [], []
         for t in range(steps):
             state = self.advance(state, xs[:, t], z)  # (S * B, S_state)
             h = self.readout(state)  # (S * B, hidden)
-            lp, lq, kl = zero, zero, torch.zeros(xs.shape[0], units, device=x.device)  # (S * B, H)
+            lp, lq = zero, zero
+            kl = q_loc = q_scale = torch.zeros(xs.shape[0], units, device=x.device)  # (S * B, H)
             if not self.deterministic:
                 p_loc, p_scale = self.prior(z, h)  # (S * B, H)
                 prior = dist.Normal(p_loc, p_scale)
@@ -509,13 +518,17 @@ class RecurrentVDN(PyroModule):
             log_prior.append(lp)
             log_q.append(lq)
             kls.append(kl)
+            locs.append(q_loc)
+            scales.append(q_scale)
         m = mask.to(state.dtype)  # (B, T)
 
         def stack(parts):
             out = torch.stack(parts, 1).reshape((num_samples, batch, steps) + parts[0].shape[1:])
             return out * m.reshape(m.shape + (1,) * (out.dim() - 3))  # (S, B, T[, H])
 
-        return SequenceScores(stack(log_lik), stack(log_prior), stack(log_q), stack(kls), mask)
+        return SequenceScores(
+            stack(log_lik), stack(log_prior), stack(log_q), stack(kls), stack(locs), stack(scales), mask
+        )
 
     @torch.no_grad()
     def sample_ids(self, num, max_len=32, temperature=1.0):
@@ -571,26 +584,34 @@ class RecurrentVDN(PyroModule):
 # ------------------------------------------------------------------ evaluation
 @dataclasses.dataclass
 class SequenceEvaluation:
-    """Held-out scores of a :class:`RecurrentVDN`; every NLL is in nats per predicted position
-    (character or end boundary). ``bits(value)`` converts.
+    r"""Held-out scores of a :class:`RecurrentVDN`; every NLL is in nats per predicted position
+    (character or end boundary); :meth:`bits` converts.
 
     :ivar int num_sequences: number of sequences.
     :ivar int num_chars: number of predicted positions.
     :ivar float nll: the model's NLL: exact for the deterministic network, else the importance-
-        sampled estimate :math:`-\\log \\frac1K\\sum_k p(y, z^k)/q(z^k \\mid y)` with K =
+        sampled estimate :math:`-\log \frac1K\sum_k p(y, z^k)/q(z^k \mid y)` with K =
         :attr:`num_samples` (an upper bound in expectation that tightens as K grows).
-    :ivar float nll_bound: the negative ELBO (``beta`` = 1) per position, an upper bound (equal
-        to :attr:`nll` for the deterministic network).
+    :ivar float nll_bound: the negative ELBO (every ``beta`` = 1) per position, an upper bound
+        (equal to :attr:`nll` for the deterministic network).
     :ivar int num_samples: K.
-    :ivar float reconstruction: :math:`\\mathbb{E}_q[-\\log p(y \\mid z)]` per position.
+    :ivar float reconstruction: :math:`\mathbb{E}_q[-\log p(y \mid z)]` per position.
     :ivar float kl: total KL per position (all units).
-    :ivar dict replaced: NLL per position with the latents replaced by ``"prior"`` samples,
-        ``"posterior_mean"``, ``"zeros"`` and ``"prior_mean"``: the expected log loss of the
-        emission when it sees those latents instead of posterior samples.
+    :ivar dict replaced: NLL per position with the latents replaced by ``"prior"`` samples (drawn
+        ancestrally along the observed tokens), ``"posterior_mean"``, ``"zeros"`` and
+        ``"prior_mean"``: the expected log loss of the emission when it sees those latents.
     :ivar numpy.ndarray unit_kl: ``(H,)`` KL per unit per position (nats).
     :ivar numpy.ndarray unit_kl_time: ``(T, H)`` mean KL per unit at step t over the sequences
-        that reach t.
+        that reach step t.
     :ivar numpy.ndarray time_counts: ``(T,)`` number of sequences that reach each step.
+    :ivar numpy.ndarray unit_loc_sq: ``(H,)`` mean posterior loc^2 over positions.
+    :ivar numpy.ndarray unit_scale: ``(H,)`` mean posterior scale over positions.
+    :ivar numpy.ndarray unit_mi: ``(H,)`` mutual information (nats) between a position's context
+        and the unit's latent under the aggregate posterior over positions (see
+        :func:`~vdn_pyro.inference.mutual_information`).
+    :ivar numpy.ndarray status: ``(H,)`` unit status from
+        :func:`~vdn_pyro.inference.classify_units` (``living``, ``dead``, ...), with ``dead``
+        meaning KL per position below ``kl_threshold``.
     :ivar numpy.ndarray phi: ``(H,)`` AR coefficients.
     """
 
@@ -598,42 +619,78 @@ class SequenceEvaluation:
     num_chars: int
     nll: float
     nll_bound: float
-    num_samples: int
-    reconstruction: float
-    kl: float
-    replaced: dict
-    unit_kl: np.ndarray
-    unit_kl_time: np.ndarray
-    time_counts: np.ndarray
-    phi: np.ndarray
+    num_samples: int = 0
+    reconstruction: float = math.nan
+    kl: float = 0.0
+    replaced: dict = dataclasses.field(default_factory=dict)
+    unit_kl: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    unit_kl_time: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))
+    time_counts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    unit_loc_sq: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    unit_scale: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    unit_mi: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    status: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=object))
+    phi: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
     @staticmethod
     def bits(value):
         """Nats to bits."""
         return value / math.log(2)
 
+    @property
+    def units(self):
+        """Number of units H (0 for the deterministic network)."""
+        return self.unit_kl.shape[0]
+
     def increase(self, mode):
-        """Relative NLL increase when the latents are replaced (``mode`` in :attr:`replaced`):
-        ``replaced[mode] / nll - 1``."""
-        return self.replaced[mode] / self.nll - 1 if self.replaced else math.nan
+        """Relative NLL increase when the latents are replaced: ``replaced[mode] / nll - 1``.
+
+        :param str mode: a key of :attr:`replaced`.
+        """
+        if mode not in self.replaced:
+            raise ValueError(f"Expected mode in {sorted(self.replaced)}, but got {mode!r}.")
+        return self.replaced[mode] / self.nll - 1
 
     @property
     def latent_share(self):
-        """Share of the code length that passes through the latents, ``kl / nll_bound``
-        (bits-back: the ELBO spends ``kl`` nats per position on the latent channel)."""
+        """Share of the code length sent through the latents, ``kl / nll_bound`` (bits-back: the
+        ELBO spends :attr:`kl` nats per position on the latent channel)."""
         return self.kl / self.nll_bound if self.units else 0.0
-
-    @property
-    def units(self):
-        """Number of units H."""
-        return self.unit_kl.shape[0]
 
     def living(self, threshold=0.01):
         """Boolean ``(H,)``: units whose KL per position exceeds ``threshold`` nats."""
         return self.unit_kl > threshold
 
 
-def evaluate_sequences(network, x, y, *, num_samples=64, replace_samples=8, batch_size=256):
+@torch.no_grad()
+def negative_elbo(network, x, y, *, num_samples=1, batch_size=512):
+    """The negative ELBO (every ``beta`` = 1) per predicted position, in nats: an upper bound on
+    the NLL per position (the exact NLL for the deterministic network). Cheap enough to track a
+    validation set during training.
+
+    :param RecurrentVDN network: the network.
+    :param torch.Tensor x: ``(N, T)``. :param torch.Tensor y: ``(N, T)``.
+    :param int num_samples: posterior draws averaged per sequence.
+    :param int batch_size: sequences per pass.
+    :returns: a float.
+    """
+    network.check_inputs(x, y)
+    was_training = network.training
+    network.eval()
+    total = 0.0
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            scores = network.score(xb, yb, "posterior", num_samples)
+            total += float((scores.kl.sum(-1) - scores.log_lik).sum()) / num_samples
+    finally:
+        network.train(was_training)
+    return total / int((y != PAD).sum())
+
+
+def evaluate_sequences(
+    network, x, y, *, num_samples=64, replace_samples=8, batch_size=256, kl_threshold=0.01, seed=0
+):
     """Held-out NLL, ELBO bound and latent-reliance measures of a :class:`RecurrentVDN`.
 
     :param RecurrentVDN network: the network.
@@ -641,56 +698,83 @@ def evaluate_sequences(network, x, y, *, num_samples=64, replace_samples=8, batc
     :param int num_samples: K importance samples per sequence for :attr:`SequenceEvaluation.nll`.
     :param int replace_samples: latent draws averaged for the ``"prior"`` replacement.
     :param int batch_size: sequences per pass (each pass holds ``K * batch_size`` rows).
+    :param float kl_threshold: a unit with less KL per position (nats) is ``dead``.
+    :param int seed: seed of the mutual-information draws.
     :returns: a :class:`SequenceEvaluation`.
     """
     network.check_inputs(x, y)
+    num_chars = int((y != PAD).sum())
     was_training = network.training
     network.eval()
-    units, steps = network.units, x.shape[1]
-    totals = dict.fromkeys(["is", "recon", "kl"] + [m for m in LATENT_MODES if m != "posterior"], 0.0)
-    unit_kl = torch.zeros(units)  # (H,)
-    unit_kl_time = torch.zeros(steps, units)  # (T, H)
-    counts = torch.zeros(steps)  # (T,)
-    num_chars = int((y != PAD).sum())
     try:
-        for start in range(0, x.shape[0], batch_size):
-            xb, yb = trim_padding(x[start : start + batch_size], y[start : start + batch_size])
-            tb = xb.shape[1]
-            if network.deterministic:
-                totals["is"] += float(-network.score(xb, yb).log_lik.sum())
-                continue
-            post = network.score(xb, yb, "posterior", num_samples)
-            log_w = (post.log_lik + post.log_prior - post.log_q).sum(-1)  # (K, B)
-            totals["is"] += float(-(torch.logsumexp(log_w, 0) - math.log(num_samples)).sum())
-            totals["recon"] += float(-post.log_lik.sum(-1).mean(0).sum())
-            kl = post.kl.mean(0)  # (B, T, H)
-            totals["kl"] += float(kl.sum())
-            unit_kl += kl.sum((0, 1))
-            unit_kl_time[:tb] += kl.sum(0)
-            counts[:tb] += post.mask.sum(0)
-            for mode in LATENT_MODES[1:]:
-                draws = replace_samples if mode == "prior" else 1
-                scores = network.score(xb, yb, mode, draws)
-                totals[mode] += float(-scores.log_lik.sum(-1).mean(0).sum())
+        if network.deterministic:
+            nll = -sum(
+                float(network.score(x[i : i + batch_size], y[i : i + batch_size]).log_lik.sum())
+                for i in range(0, x.shape[0], batch_size)
+            )
+            return SequenceEvaluation(x.shape[0], num_chars, nll / num_chars, nll / num_chars)
+        return _evaluate_latent(
+            network, x, y, num_chars, num_samples, replace_samples, batch_size, kl_threshold, seed
+        )
     finally:
         network.train(was_training)
-    nll = totals["is"] / num_chars
-    if network.deterministic:
-        return SequenceEvaluation(
-            x.shape[0], num_chars, nll, nll, 0, nll, 0.0, {}, np.zeros(0), np.zeros((steps, 0)),
-            (y != PAD).sum(0).numpy(), np.zeros(0),
-        )  # fmt: skip
+
+
+@torch.no_grad()
+def _evaluate_latent(network, x, y, num_chars, num_samples, replace_samples, batch_size, kl_threshold, seed):
+    # imported here: vdn_pyro.inference imports vdn_pyro.models
+    from vdn_pyro.inference.diagnostics import StatusThresholds, classify_units, mutual_information
+
+    units, steps = network.units, x.shape[1]
+    replacements = [m for m in LATENT_MODES if m != "posterior"]
+    totals = dict.fromkeys(["is", "recon", "kl"] + replacements, 0.0)
+    unit_kl_time = torch.zeros(steps, units)  # (T, H)
+    counts = torch.zeros(steps)  # (T,)
+    locs, scales = [], []
+    for start in range(0, x.shape[0], batch_size):
+        xb, yb = trim_padding(x[start : start + batch_size], y[start : start + batch_size])
+        post = network.score(xb, yb, "posterior", num_samples)
+        log_w = (post.log_lik + post.log_prior - post.log_q).sum(-1)  # (K, B)
+        totals["is"] -= float((torch.logsumexp(log_w, 0) - math.log(num_samples)).sum())
+        totals["recon"] -= float(post.log_lik.sum(-1).mean(0).sum())
+        kl = post.kl.mean(0)  # (B, T, H)
+        totals["kl"] += float(kl.sum())
+        unit_kl_time[: xb.shape[1]] += kl.sum(0)
+        counts[: xb.shape[1]] += post.mask.sum(0)
+        locs.append(post.loc[0][post.mask])  # (n, H): one draw's path, real positions
+        scales.append(post.scale[0][post.mask])  # (n, H)
+        for mode in replacements:
+            scores = network.score(xb, yb, mode, replace_samples if mode == "prior" else 1)
+            totals[mode] -= float(scores.log_lik.sum(-1).mean(0).sum())
+    unit_kl = unit_kl_time.sum(0) / num_chars  # (H,)
+    loc, scale = torch.cat(locs), torch.cat(scales)  # (P, H) over all P real positions
+    mi = mutual_information(loc, scale, generator=torch.Generator().manual_seed(seed))  # (H,)
+    loc_sq, scale_mean = (loc**2).mean(0), scale.mean(0)  # (H,)
+    status = classify_units(
+        unit_kl.numpy(),
+        mi.numpy(),
+        loc_sq.numpy(),
+        scale_mean.numpy(),
+        network.prior.scale.detach().numpy(),
+        loc_high=math.inf,  # these units have no loc^2 band: none is flagged as exploding
+        scale_floor=network.config.scale_min,
+        thresholds=StatusThresholds(dead_kl=kl_threshold),
+    )
     return SequenceEvaluation(
         num_sequences=x.shape[0],
         num_chars=num_chars,
-        nll=nll,
+        nll=totals["is"] / num_chars,
         nll_bound=(totals["recon"] + totals["kl"]) / num_chars,
         num_samples=num_samples,
         reconstruction=totals["recon"] / num_chars,
         kl=totals["kl"] / num_chars,
-        replaced={m: totals[m] / num_chars for m in ("prior", "posterior_mean", "zeros", "prior_mean")},
-        unit_kl=(unit_kl / num_chars).numpy(),
+        replaced={m: totals[m] / num_chars for m in replacements},
+        unit_kl=unit_kl.numpy(),
         unit_kl_time=(unit_kl_time / counts.clamp_min(1)[:, None]).numpy(),
         time_counts=counts.numpy(),
+        unit_loc_sq=loc_sq.numpy(),
+        unit_scale=scale_mean.numpy(),
+        unit_mi=mi.numpy(),
+        status=status,
         phi=network.prior.phi.detach().cpu().numpy(),
     )

@@ -1,0 +1,497 @@
+r"""Step speed: our training step against a hand-written PyTorch step and the deterministic twin.
+
+One process, one network architecture, four ways to take the same training step:
+
+(a) **eager**: what :func:`~vdn_pyro.inference.fit` does each step, ``LocalELBO.loss_and_stats`` +
+    ``backward`` + ``Adam.step``;
+(b) **jit**: the same with :class:`~vdn_pyro.inference.JitLocalELBO` (captured once, replayed);
+(c) **hand**: a hand-written pure-PyTorch step of the same math, reading the *same parameters*
+    from the network's modules, with the KL from ``torch.distributions.kl_divergence``; its loss
+    (and gradient) is checked against (a) before timing;
+(d) **twin**: the ``deterministic=True`` twin through the eager step (z = loc, no KL).
+
+Reference configuration (issue 6): batch 256, input 64, two neuron layers of 128 units, T = 8
+time steps under an AR(1) prior, Gaussian likelihood, per-unit beta. Repetitions are interleaved
+(a, b, c, d, a, b, ...) so background load hits every variant alike; the tables give medians of
+wall time and of the thread's CPU time, and the ratios the issue asks for. CPU time is the
+steadier of the two on a shared machine.
+
+**Peak memory** is measured in a separate process started with ``MALLOC_MMAP_THRESHOLD_=65536``,
+so that glibc serves every block of 64 KiB or more with its own ``mmap`` and returns it on free:
+the resident set then follows the live tensors. For each variant, after warm-up steps the
+kernel's high-water mark is reset (``/proc/self/clear_refs``), and the peak is ``VmHWM`` during
+one step minus ``VmRSS`` just before it: activations, gradients and temporaries, not the
+parameters, optimizer state or data. (``tracemalloc`` does not see torch's allocations.) On CUDA
+it is ``torch.cuda.max_memory_allocated`` over the step.
+
+**Syncs**: a ``torch.profiler`` run counts ``aten::_local_scalar_dense`` (a host read of a
+tensor value, i.e. a device sync on an accelerator) and ``aten::_to_copy`` per step.
+
+    python benchmarks/step_speed.py                    # reference config, validation off and on
+    python benchmarks/step_speed.py --threads 2 --reps 60
+    python benchmarks/step_speed.py --tiny             # seconds; what the test runs
+    python benchmarks/step_speed.py --profile          # where the eager step spends its time
+"""
+
+import argparse
+import cProfile
+import dataclasses
+import io
+import json
+import math
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from torch.distributions import Normal, kl_divergence
+from torch.nn.functional import gelu, linear, softplus
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from vdn_pyro import VDN, LocalELBO  # noqa: E402
+from vdn_pyro.inference.jit import JitLocalELBO  # noqa: E402
+
+VARIANTS = ("eager", "jit", "hand", "twin")
+LABELS = {
+    "eager": "(a) eager LocalELBO step",
+    "jit": "(b) JitLocalELBO step",
+    "hand": "(c) hand-written PyTorch",
+    "twin": "(d) deterministic twin",
+}
+#: (numerator, denominator, quantity, bound)
+TARGETS = (
+    ("eager", "hand", "time", 1.3),
+    ("jit", "hand", "time", 1.1),
+    ("eager", "twin", "time", 1.6),
+    ("eager", "hand", "memory", 1.3),
+)
+
+
+@dataclasses.dataclass
+class StepConfig:
+    """The benchmarked network and data.
+
+    :ivar int batch: minibatch size B.
+    :ivar int input: input width D.
+    :ivar int units: neurons H per layer.
+    :ivar int layers: number of neuron layers.
+    :ivar int steps: time steps T (AR(1) prior over them).
+    :ivar int hidden: width of the trunk's hidden layer.
+    :ivar int out: outputs per time step.
+    :ivar int data_factor: the full data set is N = data_factor * B (plate scale N / B).
+    """
+
+    batch: int = 256
+    input: int = 64
+    units: int = 128
+    layers: int = 2
+    steps: int = 8
+    hidden: int = 64
+    out: int = 1
+    data_factor: int = 4
+
+    @property
+    def num_data(self):
+        return self.data_factor * self.batch
+
+
+TINY = StepConfig(batch=8, input=4, units=6, layers=2, steps=3, hidden=5, out=2)
+
+
+def build(config, deterministic=False, seed=0, device="cpu", dtype=torch.float32):
+    """The network (per-unit beta drawn in [0.1, 1.1]) and one minibatch ``x (B, T, D)``,
+    ``y (B, T, out)``."""
+    gen = torch.Generator().manual_seed(seed)
+    betas = [0.1 + torch.rand(config.units, generator=gen) for _ in range(config.layers)]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = VDN(
+            config.input,
+            config.out,
+            units=(config.units,) * config.layers,
+            hidden=(config.hidden,),
+            prior="ar",
+            ar_order=1,
+            likelihood="gaussian",
+            beta=betas,
+            deterministic=deterministic,
+        )
+    x = torch.randn(config.batch, config.steps, config.input, generator=gen)  # (B, T, D)
+    y = torch.randn(config.batch, config.steps, config.out, generator=gen)  # (B, T, out)
+    return net.to(device=device, dtype=dtype), x.to(device, dtype), y.to(device, dtype)
+
+
+def hand_loss(net, x, y, num_data):
+    r"""Minus the ELBO of ``net`` written out in plain PyTorch, from the network's own parameters.
+
+    Same math as the network under :class:`~vdn_pyro.inference.LocalELBO`: MLP trunk, per layer
+    an amortized Normal posterior over T steps (sampled with ``rsample``, in the same order and
+    shape, so the same seed gives the same draws) and an AR(1) prior with a stationary start. The
+    AR(1) KL uses the chain rule of the prior, :math:`p(z_1) \prod_t p(z_t \mid z_{t-1})`:
+
+    .. math:: \mathrm{KL} = \mathrm{KL}(q_1 \| p_1) + \sum_{t>1} \Big[\mathrm{KL}\big(q_t \,\|\,
+              \mathcal N(c + \phi m_{t-1}, s^2)\big) + \frac{\phi^2 v_{t-1}}{2 s^2}\Big],
+
+    each term a ``torch.distributions.kl_divergence`` between Normals.
+
+    :param net: a :class:`~vdn_pyro.VDN` built by :func:`build` (MLP trunk, AR(1), k = 1).
+    :param x: ``(B, T, D)``. :param y: ``(B, T, out)``. :param int num_data: N.
+    :returns: scalar loss.
+    """
+    cfg = net.config
+    if cfg.prior != "ar" or cfg.ar_order != 1 or cfg.latent_dim != 1 or cfg.scale_mode != "unit":
+        raise ValueError("hand_loss covers AR(1) priors, latent_dim=1 and scale_mode='unit' only.")
+    scale_factor = num_data / x.shape[0]
+    trunk = net.trunk.net[0]
+    h = gelu(linear(x, trunk.weight, trunk.bias))  # (B, T, F)
+    kl_total = 0.0
+    for i, layer in enumerate(net.layers):
+        if i:
+            h = gelu(h)
+        post, prior = layer.posterior, layer.prior
+        loc = linear(h, post.loc.weight, post.loc.bias).transpose(-1, -2).unsqueeze(-2)  # (B, H, 1, T)
+        scale = softplus(post.raw_scale).clamp(post.scale_min, post.scale_max)  # (H, 1)
+        q = Normal(loc, scale.unsqueeze(-1).expand_as(loc))  # (B, H, 1, T)
+        z = q.rsample()  # (B, H, 1, T), the draws Pyro's guide makes
+        phi = torch.tanh(prior.raw_phi).clamp(-1 + 1e-6, 1 - 1e-6)  # (H, 1)
+        c, s = prior.constant[:, None], softplus(prior.raw_scale)[:, None]  # (H, 1)
+        start_loc = (c / (1 - phi)).unsqueeze(-1).expand(loc.shape[:-1] + (1,))  # (B, H, 1, 1)
+        prior_loc = torch.cat([start_loc, c.unsqueeze(-1) + phi.unsqueeze(-1) * loc[..., :-1]], -1)
+        start_scale = (s / (1 - phi**2).sqrt()).unsqueeze(-1)  # (H, 1, 1)
+        prior_scale = torch.cat([start_scale, s.unsqueeze(-1).expand(-1, -1, loc.shape[-1] - 1)], -1)
+        kl = kl_divergence(q, Normal(prior_loc, prior_scale)).sum(-1)  # (B, H, 1)
+        kl = kl + (loc.shape[-1] - 1) * phi**2 * scale**2 / (2 * s**2)  # (B, H, 1)
+        kl_total = kl_total + (kl.sum(-1) * layer.beta).sum()
+        h = z.squeeze(-2).transpose(-1, -2)  # (B, T, H)
+    out = linear(h, net.head.weight, net.head.bias)  # (B, T, out)
+    lik = net.likelihood
+    obs_scale = softplus(lik.raw_scale) + lik.scale_min  # (out,)
+    log_lik = Normal(out, obs_scale).log_prob(y).sum()
+    return scale_factor * (kl_total - log_lik)
+
+
+def make_step(variant, config, device="cpu", seed=0):
+    """A zero-argument training step (loss, backward, Adam step) for one variant, on its own copy
+    of the network (all copies start from the same parameters)."""
+    net, x, y = build(config, deterministic=variant == "twin", seed=seed, device=device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    num_data = config.num_data
+    if variant == "hand":
+
+        def loss_fn():
+            return hand_loss(net, x, y, num_data)
+
+    else:
+        elbo = JitLocalELBO() if variant == "jit" else LocalELBO()
+
+        def loss_fn():
+            return elbo.loss_and_stats(net.model, net.guide, x, y, num_data=num_data)[0]
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    step.network, step.optimizer, step.loss_fn = net, optimizer, loss_fn
+    step.elbo = None if variant == "hand" else elbo
+    return step
+
+
+def check_same_math(config, device="cpu"):
+    """Loss and gradients of (a), (b) and (c) from one random state, in float32 and float64.
+
+    :returns: dict of the largest differences (the benchmark fails above 1e-6).
+    """
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        net, x, y = build(config, device=device, dtype=dtype)
+        losses, grads = {}, {}
+        for name in ("eager", "jit", "hand"):
+            net.zero_grad(set_to_none=True)
+            pyro.set_rng_seed(123)
+            if name == "hand":
+                loss = hand_loss(net, x, y, config.num_data)
+            else:
+                elbo = JitLocalELBO() if name == "jit" else LocalELBO()
+                loss = elbo.loss_and_stats(net.model, net.guide, x, y, num_data=config.num_data)[0]
+            loss.backward()
+            losses[name] = loss.item()
+            grads[name] = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+        tag = "f32" if dtype == torch.float32 else "f64"
+        scale = max(1.0, abs(losses["hand"]))
+        out[f"loss_rel_{tag}"] = max(abs(losses[k] - losses["hand"]) for k in ("eager", "jit")) / scale
+        out[f"loss_abs_{tag}"] = max(abs(losses[k] - losses["hand"]) for k in ("eager", "jit"))
+        gscale = grads["hand"].abs().max().item()
+        out[f"grad_rel_{tag}"] = max(
+            (grads[k] - grads["hand"]).abs().max().item() / gscale for k in ("eager", "jit")
+        )
+    out["ok"] = out["loss_abs_f64"] <= 1e-6 and out["loss_rel_f32"] <= 1e-6 and out["grad_rel_f64"] <= 1e-6
+    return out
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(config, reps, warmup=3, device="cpu", validation=False):
+    """Interleaved timings of every variant: medians of wall and CPU milliseconds per step."""
+    pyro.enable_validation(validation)
+    steps = {v: make_step(v, config, device) for v in VARIANTS}
+    compile_s = {}
+    for v, step in steps.items():
+        start = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        if v == "jit":
+            compile_s[v] = sum(step.elbo.compile_seconds)
+            if step.elbo.num_compilations != 1:
+                raise RuntimeError(f"JitLocalELBO compiled {step.elbo.num_compilations} times, not once.")
+        compile_s.setdefault(v, time.perf_counter() - start)
+    wall = {v: [] for v in VARIANTS}
+    cpu = {v: [] for v in VARIANTS}
+    for _ in range(reps):
+        for v, step in steps.items():
+            w0, c0 = time.perf_counter(), time.thread_time()
+            step()
+            _sync(device)
+            cpu[v].append(time.thread_time() - c0)
+            wall[v].append(time.perf_counter() - w0)
+    if steps["jit"].elbo.num_compilations != 1:
+        raise RuntimeError("JitLocalELBO recompiled during timing.")
+    return {
+        "wall_ms": {v: 1e3 * statistics.median(t) for v, t in wall.items()},
+        "cpu_ms": {v: 1e3 * statistics.median(t) for v, t in cpu.items()},
+        "jit_capture_s": compile_s["jit"],
+    }
+
+
+# ------------------------------------------------------------------------------------- memory
+def _rss():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def peak_step_memory(step, device="cpu", warmup=2):
+    """Bytes of memory the step needs on top of what exists before it (see the module notes)."""
+    for _ in range(warmup):
+        step()
+    step.optimizer.zero_grad(set_to_none=True)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _rss()["VmRSS"]
+    step()
+    return _rss()["VmHWM"] - before
+
+
+def memory_probe(config, device="cpu", variants=VARIANTS):
+    """Run in a fresh process (see :func:`measure_memory`): peak step memory per variant."""
+    pyro.enable_validation(False)
+    return {v: peak_step_memory(make_step(v, config, device), device) for v in variants}
+
+
+def measure_memory(config, device="cpu", threads=1):
+    """Peak step memory of each variant, measured in a child process (``MALLOC_MMAP_THRESHOLD_``
+    set on CPU). :returns: dict variant -> bytes."""
+    if torch.device(device).type == "cpu" and not os.path.exists("/proc/self/clear_refs"):
+        return {v: math.nan for v in VARIANTS}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--memory-probe",
+        json.dumps(dataclasses.asdict(config)),
+        "--device",
+        str(device),
+        "--threads",
+        str(threads),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------------------- sync audit
+def count_syncs(config, device="cpu", validation=False):
+    """Counts of host reads (``aten::_local_scalar_dense``) and ``aten::_to_copy`` in one loss +
+    backward of each variant, from :mod:`torch.profiler` after warm-up (the optimizer, the same
+    for all, is left out: Adam reads its step counters on the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pyro.enable_validation(validation)
+    out = {}
+    for v in VARIANTS:
+        step = make_step(v, config, device)
+        for _ in range(2):
+            step()
+        step.optimizer.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step.loss_fn().backward()
+        names = [e.name for e in prof.events()]
+        out[v] = {
+            "host_reads": names.count("aten::_local_scalar_dense"),
+            "to_copy": names.count("aten::_to_copy"),
+        }
+    return out
+
+
+def profile_eager(config, device="cpu", steps=20, top=25):
+    """cProfile (thread CPU time) of the eager step: the report of where Python time goes."""
+    pyro.enable_validation(False)
+    step = make_step("eager", config, device)
+    for _ in range(3):
+        step()
+    prof = cProfile.Profile(time.thread_time)
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+# ----------------------------------------------------------------------------------- report
+def ratios(timing, memory):
+    rows = []
+    for num, den, quantity, bound in TARGETS:
+        if quantity == "time":
+            value = timing["cpu_ms"][num] / timing["cpu_ms"][den]
+            wall = timing["wall_ms"][num] / timing["wall_ms"][den]
+        else:
+            value = wall = memory[num] / memory[den] if memory[den] else math.nan
+        rows.append(
+            {"ratio": f"{num}/{den}", "quantity": quantity, "cpu": value, "wall": wall, "target": bound,
+             "met": bool(value <= bound)}
+        )
+    return rows
+
+
+def format_report(config, results):
+    lines = [
+        (
+            f"step_speed: B={config.batch}, D={config.input}, layers={config.layers}x{config.units} "
+            f"units, T={config.steps}, AR(1), Gaussian; {results['cores']} CPU cores, torch "
+            f"threads={results['threads']}, device={results['device']}, reps={results['reps']}"
+        ),
+        f"same math (vs hand-written): {json.dumps({k: v for k, v in results['check'].items()})}",
+        "",
+    ]
+    memory = results["memory_bytes"]
+    for mode, timing in results["timing"].items():
+        lines += [
+            f"Pyro validation {mode} (JIT capture {timing['jit_capture_s']:.1f} s, once)",
+            "",
+            "| variant | wall ms (median) | CPU ms (median) | CPU / hand | peak step memory MiB |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for v in VARIANTS:
+            lines.append(
+                f"| {LABELS[v]} | {timing['wall_ms'][v]:.2f} | {timing['cpu_ms'][v]:.2f} | "
+                f"{timing['cpu_ms'][v] / timing['cpu_ms']['hand']:.2f} | {memory[v] / 2**20:.2f} |"
+            )
+        lines += ["", "| ratio | of | CPU | wall | target | met |", "|---|---|---:|---:|---:|---|"]
+        for row in ratios(timing, memory):
+            lines.append(
+                f"| {row['ratio']} | {row['quantity']} | {row['cpu']:.2f} | {row['wall']:.2f} | "
+                f"<= {row['target']} | {'yes' if row['met'] else 'NO'} |"
+            )
+        lines.append("")
+    if results.get("syncs"):
+        lines.append(
+            "host reads (syncs) / _to_copy in loss + backward (torch.profiler): "
+            + json.dumps(results["syncs"])
+        )
+    return "\n".join(lines)
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    config = TINY if args.tiny else StepConfig(
+        batch=args.batch, input=args.input, units=args.units, layers=args.layers, steps=args.steps
+    )
+    if args.memory_probe:
+        config = StepConfig(**json.loads(args.memory_probe))
+        print(json.dumps(memory_probe(config, args.device)))
+        return None
+    if args.profile:
+        print(profile_eager(config, args.device))
+        return None
+    reps = args.reps if args.reps is not None else (3 if args.tiny else 30)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.validation]
+    results = {
+        "config": dataclasses.asdict(config),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(args.device),
+        "reps": reps,
+        "check": check_same_math(config, args.device),
+    }
+    if not results["check"]["ok"]:
+        raise AssertionError(f"the steps do not compute the same loss: {results['check']}")
+    results["timing"] = {
+        ("on" if v else "off"): time_steps(config, reps, device=args.device, validation=v) for v in modes
+    }
+    results["memory_bytes"] = measure_memory(config, args.device, args.threads)
+    results["syncs"] = {
+        ("on" if v else "off"): count_syncs(config, args.device, validation=v) for v in modes
+    }
+    results["ratios"] = {mode: ratios(t, results["memory_bytes"]) for mode, t in results["timing"].items()}
+    pyro.enable_validation(True)
+    report = format_report(config, results)
+    print(report)
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "step_speed.json").write_text(json.dumps(results, indent=1, default=str))
+        (out / "step_speed.md").write_text(report + "\n")
+    return results
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--input", type=int, default=64)
+    parser.add_argument("--units", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8, help="time steps T")
+    parser.add_argument("--reps", type=int, default=None, help="timed steps per variant (default 30)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (default 1: steadiest on a shared machine)",
+    )
+    parser.add_argument("--validation", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the eager step")
+    parser.add_argument("--out-dir", default=None, help="write step_speed.json and .md here")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
