@@ -42,6 +42,16 @@ def small_net(**options):
     return VDN(4, 1, **options)
 
 
+class Recorder:
+    """A fit callback that keeps ``fn(state)`` after every step."""
+
+    def __init__(self, fn):
+        self.fn, self.seen = fn, []
+
+    def on_step_end(self, state):
+        self.seen.append(self.fn(state))
+
+
 def train(net, x, y, steps, constraints=(), callbacks=(), lr=1e-2, batch_size=128):
     return fit(
         net, x, y, steps=steps, batch_size=batch_size, lr=lr, seed=0, constraints=constraints,
@@ -331,11 +341,10 @@ def test_scale_guard_holds_scale_in_range(scale_mode):
         for use in (False, True):
             pyro.set_rng_seed(0)
             net = small_net(beta=beta, scale_mode=scale_mode, init_scale=init)
-            seen = []
-            record = type("R", (), {"on_step_end": lambda self, s: seen.append(s.stats[SITE].scale)})()
+            record = Recorder(lambda state: state.stats[SITE].scale)
             train(net, x, y, 60, [ScaleGuard(low, high)] if use else [], [record], lr=2e-2)
             _, scale = net.posteriors(x)[SITE]  # (N, H, 1)
-            scales[use] = (scale, torch.stack(seen))
+            scales[use] = (scale, torch.stack(record.seen))  # (N, H, 1), (steps, H)
         scale, seen = scales[True]
         assert float(scale.min()) >= low - 1e-6 and float(scale.max()) <= high + 1e-6
         assert float(seen.min()) >= low - 1e-6 and float(seen.max()) <= high + 1e-6
@@ -365,10 +374,9 @@ def test_persistence_keeps_half_life_in_band():
     for use in (False, True):
         pyro.set_rng_seed(0)
         net = VDN(3, 1, units=(6,), hidden=(8,), prior="ar", learn_prior=True)
-        seen = []
-        record = type("R", (), {"on_step_end": lambda self, s: seen.append(s.network.layers[0].prior.half_life)})()
+        record = Recorder(lambda state: state.network.layers[0].prior.half_life)
         train(net, x, y, 60, [Persistence(half_life=band)] if use else [], [record], batch_size=32)
-        half_life = torch.stack(seen)  # (steps, H)
+        half_life = torch.stack(record.seen)  # (steps, H)
         inside = (half_life >= band[0]) & (half_life <= band[1])
         if use:
             assert bool(inside.all()), half_life[-1]

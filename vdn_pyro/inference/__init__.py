@@ -1,7 +1,8 @@
 """Inference: the local ELBO, fitting, local constraints, diagnostics, checkpoints and ArviZ export."""
 
-from vdn_pyro.inference.arviz import load_inference_data, save_inference_data, to_inference_data
+from vdn_pyro.inference.arviz import load_inference_data, save_inference_data, to_inference_data, unit_dim
 from vdn_pyro.inference.checkpoint import (
+    LAST_CHECKPOINT,
     CheckpointError,
     CorruptCheckpointError,
     ForeignCheckpointError,
@@ -42,6 +43,7 @@ __all__ = [
     "FreeBits",
     "IncompatibleCheckpointError",
     "KLBand",
+    "LAST_CHECKPOINT",
     "LOG_COLUMNS",
     "LocBand",
     "LocalELBO",
@@ -63,6 +65,7 @@ __all__ = [
     "save_checkpoint",
     "save_inference_data",
     "to_inference_data",
+    "unit_dim",
     "unit_kl",
     "unit_report",
 ]

@@ -35,8 +35,8 @@ through netCDF.
 and an interval (HDI 94% under arviz < 1; pass ``ci_kind="hdi", ci_prob=0.94`` under arviz >= 1,
 whose default is an 89% ETI); select observations with ``coords={"obs": [0]}`` for one row per
 unit, as in ``az.plot_forest(idata, var_names=["layers.0.z"], coords={"obs": [0]}, combined=True)``.
-A forecast band is ``az.plot_hdi(t, posterior_predictive["y"])`` under arviz < 1 and
-``az.plot_lm`` (or ``az.hdi``) under arviz >= 1, which has no ``plot_hdi``.
+A forecast band is ``az.plot_hdi(t, posterior_predictive["y"])`` under arviz < 1; arviz >= 1 has
+no ``plot_hdi``: take ``az.hdi(idata, group="posterior_predictive")`` and ``fill_between`` it.
 """
 
 import dataclasses

@@ -163,6 +163,12 @@ class RecurrentARPrior(nn.Module):
 
     def __init__(self, state_features, units, ar=True, init_phi=0.5, init_scale=1.0, scale_min=1e-2):
         super().__init__()
+        if not _is_int(units) or units < 1:
+            raise ValueError(f"Expected units to be an int >= 1, but got {units!r}.")
+        if not -1 < init_phi < 1:
+            raise ValueError(f"Expected init_phi in (-1, 1), but got {init_phi}.")
+        if not 0 < scale_min < init_scale:
+            raise ValueError(f"Expected 0 < scale_min < init_scale, got {scale_min} and {init_scale}.")
         self.units, self.ar, self.scale_min = units, bool(ar), float(scale_min)
         self.input = nn.Linear(state_features, units)
         raw_phi = torch.full((units,), math.atanh(init_phi) if ar else 0.0)  # (H,)
