@@ -150,7 +150,9 @@ def _yule_walker(coeffs, scale):
     lags = torch.arange(1, p + 1, device=coeffs.device)  # (p,)
     rows = torch.arange(p + 1, device=coeffs.device)  # (p + 1,)
     cols = (rows[None, :] - lags[:, None]).abs()  # (p, p + 1)
-    select = torch.nn.functional.one_hot(cols, p + 1).to(coeffs.dtype)  # (p, p + 1, p + 1)
+    # one-hot by comparison (one_hot() reads the values back to check them, which a traced or
+    # compiled step cannot do)
+    select = (cols.unsqueeze(-1) == rows).to(coeffs.dtype)  # (p, p + 1, p + 1)
     eye = torch.eye(p + 1, dtype=coeffs.dtype, device=coeffs.device)  # (p + 1, p + 1)
     system = eye - torch.einsum("...j,jkm->...km", coeffs, select)  # (..., p + 1, p + 1)
     rhs = torch.zeros(scale.shape + (p + 1,), dtype=scale.dtype, device=scale.device)

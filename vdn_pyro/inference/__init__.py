@@ -29,19 +29,32 @@ from vdn_pyro.inference.diagnostics import (
     unit_kl,
     unit_report,
 )
+from vdn_pyro.inference.distributed import (
+    DistributedContext,
+    DistributedLocalELBO,
+    ELBOModule,
+    distributed_fit,
+    init_distributed,
+    launch,
+)
 from vdn_pyro.inference.elbo import ESTIMATORS, LocalELBO, UnitStats
 from vdn_pyro.inference.fit import LOG_COLUMNS, FitResult, FitState, NonFiniteError, evaluate_loss, fit
+from vdn_pyro.inference.jit import JitLocalELBO
 
 __all__ = [
     "CheckpointError",
     "Constraint",
     "CorruptCheckpointError",
+    "DistributedContext",
+    "DistributedLocalELBO",
+    "ELBOModule",
     "ESTIMATORS",
     "FitResult",
     "FitState",
     "ForeignCheckpointError",
     "FreeBits",
     "IncompatibleCheckpointError",
+    "JitLocalELBO",
     "KLBand",
     "LAST_CHECKPOINT",
     "LOG_COLUMNS",
@@ -55,8 +68,11 @@ __all__ = [
     "UnitMonitor",
     "UnitStats",
     "classify_units",
+    "distributed_fit",
     "evaluate_loss",
     "fit",
+    "init_distributed",
+    "launch",
     "layer_summary",
     "load_checkpoint",
     "load_inference_data",

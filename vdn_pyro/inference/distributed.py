@@ -239,7 +239,11 @@ class DistributedLocalELBO:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        options = dict(broadcast_buffers=False, find_unused_parameters=self.find_unused_parameters)
+        # buffers (beta) are synced once at construction; afterwards the all-reduced statistics
+        # keep them identical, so no per-step broadcast (the flag was renamed in torch 2.13)
+        accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
+        options = {no_sync: False, "find_unused_parameters": self.find_unused_parameters}
         options.update(self.ddp_options)
         self._ddp = DistributedDataParallel(
             ELBOModule(network, self.elbo),
@@ -416,7 +420,10 @@ def find_free_port(host="127.0.0.1"):
         return sock.getsockname()[1]
 
 
-def _launch_worker(rank, fn, args, kwargs, world, backend, address, port, threads, results):
+def _launch_worker(rank, payload, world, backend, address, port, threads, results):
+    # a private copy per process: tensors handed to spawn() directly would be moved to shared
+    # memory, and every rank would then step the same parameters
+    fn, args, kwargs = torch.load(io.BytesIO(payload), weights_only=False)
     os.environ.update(
         MASTER_ADDR=address,
         MASTER_PORT=str(port),
@@ -444,7 +451,9 @@ def launch(fn, nproc, *args, backend=None, master_addr="127.0.0.1", master_port=
     process group, and return rank 0's result (what ``vdn fit --nproc N`` does).
 
     ``fn`` and its arguments must be picklable (a module-level function such as
-    :func:`distributed_fit`); the result is returned through :func:`torch.save`.
+    :func:`distributed_fit`). Each process gets its own copy of the arguments (serialised with
+    :func:`torch.save`, not shared memory, so that no two ranks share parameter storage), and
+    rank 0's result comes back the same way.
 
     :param fn: the per-rank function.
     :param int nproc: number of processes P.
@@ -466,11 +475,13 @@ def launch(fn, nproc, *args, backend=None, master_addr="127.0.0.1", master_port=
     if threads is None and backend == "gloo":
         threads = max(1, (os.cpu_count() or 1) // nproc)
     port = master_port or find_free_port(master_addr)
+    buffer = io.BytesIO()
+    torch.save((fn, args, kwargs), buffer)
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     procs = mp.start_processes(
         _launch_worker,
-        args=(fn, args, kwargs, nproc, backend, master_addr, port, threads, results),
+        args=(buffer.getvalue(), nproc, backend, master_addr, port, threads, results),
         nprocs=nproc,
         join=False,
         start_method="spawn",

@@ -53,7 +53,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from vdn_pyro.guides.amortized import SCALE_MODES, AmortizedNormal
-from vdn_pyro.guides.trunks import DLinearTrunk
+from vdn_pyro.guides.trunks import DLinearTrunk, make_activation
 from vdn_pyro.models.likelihoods import GaussianLikelihood
 from vdn_pyro.models.priors import ARPrior, NormalPrior
 from vdn_pyro.network import NeuronLayer
@@ -116,10 +116,15 @@ class ForecasterConfig:
     :ivar int latent_dim: latent dims k per neuron (pooled by their mean).
     :ivar int features: width F of the DLinear-like trunk read by the neurons' posteriors.
     :ivar int kernel_size: moving-average length of the trunk and skip path (odd).
-    :ivar instance_norm: ``"last"``, ``"mean"`` or ``None``: offset subtracted from each window
-        and added back to the forecast.
+    :ivar instance_norm: ``"last"``, ``"mean"`` or ``None``: the trunk's instance normalisation
+        (the offset subtracted from each window before the neurons read it). Without a skip path
+        the offset is added back to the forecast.
     :ivar bool skip: add a deterministic DLinear path (model side); the neurons then model the
         residual.
+    :ivar skip_norm: instance normalisation of the skip path: ``None`` (plain DLinear, default),
+        ``"last"`` (NLinear-style) or ``"mean"``; its offset is added back to the forecast.
+    :ivar str activation: activation applied to the trunk's features before the neurons read
+        them (``"identity"``: the posteriors are linear in the window).
     :ivar str prior: ``"ar"`` (AR(p) over the windows of a chunk) or ``"normal"``.
     :ivar int ar_order: order p of the AR prior.
     :ivar float phi: initial lag-1 AR coefficient.
@@ -147,6 +152,8 @@ class ForecasterConfig:
     kernel_size: int = 25
     instance_norm: Any = "last"
     skip: bool = True
+    skip_norm: Any = None
+    activation: str = "identity"
     prior: str = "ar"
     ar_order: int = 1
     phi: float = 0.5
@@ -260,7 +267,8 @@ class Forecaster(PyroModule):
             raise TypeError(f"Expected a ForecasterConfig, but got {type(config).__name__}.")
         self.config = c = config
         self.trunk = DLinearTrunk(c.lookback, c.features, c.kernel_size, c.instance_norm)
-        self.skip = DLinearTrunk(c.lookback, c.horizon, c.kernel_size, c.instance_norm) if c.skip else None
+        self.act = make_activation(c.activation)
+        self.skip = DLinearTrunk(c.lookback, c.horizon, c.kernel_size, c.skip_norm) if c.skip else None
         if c.prior == "ar":
             learn = c.learn_prior
             prior = ARPrior(
@@ -314,15 +322,17 @@ class Forecaster(PyroModule):
 
     # ----------------------------------------------------------------- pieces
     def offset(self, x):
-        """Deterministic part of the forecast: instance-norm offset plus the skip path.
+        """Deterministic part of the forecast: the skip path with its offset added back, or the
+        trunk's instance-normalisation offset without a skip path.
 
-        :param x: ``(B, [T,] L)``. :returns: ``(B, [T,] H)`` (or ``(B, [T,] 1)`` without skip).
+        :param x: ``(B, [T,] L)``.
+        :returns: ``(B, [T,] H)``, ``(B, [T,] 1)`` (offset only) or ``None``.
         """
-        out = self.trunk.offset(x)  # (B, [T,] 1) or None
-        if self.skip is not None:
-            skip = self.skip(x)  # (B, [T,] H)
-            out = skip if out is None else out + skip
-        return out
+        if self.skip is None:
+            return self.trunk.offset(x)  # (B, [T,] 1) or None
+        out = self.skip(x)  # (B, [T,] H)
+        offset = self.skip.offset(x)  # (B, [T,] 1) or None
+        return out if offset is None else out + offset
 
     def posterior(self, x):
         """The neurons' posterior parameters.
@@ -330,7 +340,8 @@ class Forecaster(PyroModule):
         :param x: ``(B, [T,] L)``.
         :returns: ``(loc, scale)``, each ``(B, U, k)`` or ``(B, U, k, T)``.
         """
-        return self.layers[0].posterior(self.trunk(x), x.dim() == 3)
+        features = self.act(self.trunk(x))  # (B, [T,] F)
+        return self.layers[0].posterior(features, x.dim() == 3)
 
     def components(self, x, z):
         """Per-draw Gaussian likelihood parameters of the horizon.

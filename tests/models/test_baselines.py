@@ -1,0 +1,132 @@
+"""Tests for the point baselines :class:`~vdn_pyro.models.DLinear` and
+:class:`~vdn_pyro.models.RepeatLast`."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+
+from tests.common import assert_close
+from vdn_pyro import LocalELBO, fit
+from vdn_pyro.forecasting import score_prediction
+from vdn_pyro.metrics import forecast_metrics
+from vdn_pyro.models import DLinear, ForecastPrediction, RepeatLast
+
+L, H, B = 24, 6, 5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def seasonal_windows(n=400, noise=0.05, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(float(n + L + H))
+    series = torch.sin(2 * math.pi * t / 12) + 0.01 * t + noise * torch.randn(t.shape, generator=gen)
+    windows = series.unfold(0, L + H, 1)  # (N, L + H)
+    return windows[:, :L].contiguous(), windows[:, L:].contiguous()
+
+
+def test_repeat_last_and_its_calibration():
+    x = torch.randn(B, L)
+    model = RepeatLast(L, H)
+    assert_close(model.point(x), x[:, -1:].expand(B, H))
+    assert_close(model.point(x[:, None]), x[:, None, -1:].expand(B, 1, H))
+    assert not list(model.parameters())
+    y = x[:, -1:] + torch.arange(1.0, H + 1)  # error h at step h
+    scale = model.calibrate(x, y)
+    assert_close(scale, torch.arange(1.0, H + 1), rtol=1e-6)
+    pred = model.predict(x, num_samples=7)
+    assert isinstance(pred, ForecastPrediction)
+    assert pred.num_components == 1 and pred.samples.shape == (7, B, H)
+    assert_close(pred.scale[0], scale.expand(B, H))
+
+
+def test_dlinear_matches_its_formula():
+    model = DLinear(L, H, kernel_size=5)
+    x = torch.randn(B, L)
+    trend = model.net.moving_average(x)
+    expected = model.net.trend(trend) + model.net.season(x - trend)
+    assert_close(model.point(x), expected, rtol=1e-6, atol=1e-6)
+    normed = DLinear(L, H, kernel_size=5, instance_norm="last")
+    normed.load_state_dict(model.state_dict())
+    shifted = normed.point(x + 3.0) - normed.point(x)
+    assert_close(shifted, torch.full((B, H), 3.0), atol=1e-5)  # NLinear-style: shift equivariant
+
+
+def test_point_model_is_a_gaussian_with_its_scale():
+    model = DLinear(L, H)
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    with torch.no_grad():
+        model.scale.fill_(0.5)
+    tr = poutine.trace(model.model).get_trace(x, y)
+    expected = dist.Normal(model.point(x), 0.5).log_prob(y).sum()
+    tr.compute_log_prob()
+    assert_close(tr.nodes["obs"]["log_prob_sum"], expected, rtol=1e-5)
+    assert model.guide(x, y) is None
+    loss = LocalELBO().differentiable_loss(model.model, model.guide, x, y, num_data=3 * B)
+    assert_close(loss, -3 * expected, rtol=1e-5)
+
+
+def test_dlinear_fits_and_beats_repeat_last():
+    x, y = seasonal_windows()
+    pyro.set_rng_seed(0)
+    model = DLinear(L, H, kernel_size=5)
+    result = fit(model, x, y, epochs=10, batch_size=64, lr=0.01, seed=0, progress=False)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    scale = model.calibrate(x, y)
+    repeat = RepeatLast(L, H)
+    repeat.calibrate(x, y)
+    ours = score_prediction(model.predict(x), y)
+    naive = score_prediction(repeat.predict(x), y)
+    assert ours["mse"] < 0.05 < naive["mse"]
+    assert ours["crps"] < naive["crps"] and ours["nll"] < naive["nll"]
+    assert_close(scale**2, ((model.point(x) - y) ** 2).mean(0), rtol=1e-4)
+
+
+def test_prediction_scores_are_the_closed_form_ones():
+    model = RepeatLast(L, H)
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    model.calibrate(x, y)
+    pred = model.predict(x, num_samples=3)
+    expected = forecast_metrics(loc=model.point(x), scale=model.scale.expand(B, H), y=y)
+    assert score_prediction(pred, y) == expected
+
+
+def test_chunks_are_accepted():
+    model = DLinear(L, H)
+    x, y = torch.randn(B, 3, L), torch.randn(B, 3, H)
+    assert model.point(x).shape == (B, 3, H)
+    model.calibrate(x, y)
+    assert model.predict(x, num_samples=2).samples.shape == (2, B, 3, H)
+
+
+@pytest.mark.parametrize(
+    "x, y, match",
+    [
+        (torch.randn(B, L - 1), None, "lookback=24"),
+        (torch.randn(B, L), torch.randn(B, H + 2), r"y of shape \(5, 6\)"),
+        (torch.full((B, L), math.nan), None, "finite x"),
+    ],
+    ids=["lookback", "horizon", "nan"],
+)
+def test_bad_inputs_are_rejected(x, y, match):
+    for model in (DLinear(L, H), RepeatLast(L, H)):
+        with pytest.raises(ValueError, match=match):
+            model.model(x, y)
+
+
+def test_bad_sizes_are_rejected():
+    with pytest.raises(ValueError, match="horizon"):
+        RepeatLast(L, 0)
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        DLinear(L, H, kernel_size=4)
+    with pytest.raises(ValueError, match="num_samples"):
+        RepeatLast(L, H).predict(torch.randn(B, L), num_samples=0)

@@ -1,0 +1,293 @@
+r"""Plots of a fitted network, written as PNG files with matplotlib's Agg backend.
+
+- :func:`plot_dashboard`: the living-neuron dashboard, one figure with the loss, each unit's KL
+  over training as a heatmap, the count of units in each status over training, each unit's
+  :math:`\overline{\mu^2}` (loc^2) against its band, its KL against the KL band, and its
+  :math:`\beta`;
+- :func:`plot_fan_chart`: a forecast fan chart (history, truth, median and central bands);
+- :func:`plot_forest`: the ArviZ forest plot of the unit posteriors of one observation.
+
+matplotlib is imported inside each function (with the Agg backend, so no display is needed),
+and every function takes the output path and returns it.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["STATUS_COLORS", "plot_dashboard", "plot_fan_chart", "plot_forest"]
+
+#: Colour of each unit status (see :data:`vdn_pyro.inference.STATUSES`).
+STATUS_COLORS = {
+    "living": "#2a9d8f",
+    "drifting": "#e9c46a",
+    "dead": "#8d99ae",
+    "deterministic": "#6d597a",
+    "exploding": "#e76f51",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path, dpi):
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def _positive(values, floor=1e-6):
+    """Values clipped below at ``floor`` for a log axis (NaN kept)."""
+    return np.where(np.isnan(values), np.nan, np.maximum(values, floor))
+
+
+def _status_colors(statuses, count):
+    if statuses is None:
+        return [STATUS_COLORS["living"]] * count
+    return [STATUS_COLORS.get(str(s), "black") for s in statuses]
+
+
+def _band(ax, band, axis="y", label=None):
+    if band is None:
+        return
+    span = ax.axhspan if axis == "y" else ax.axvspan
+    span(band[0] if band[0] > 0 else 1e-6, band[1], color="tab:green", alpha=0.12, lw=0, label=label)
+
+
+def plot_dashboard(
+    path,
+    steps,
+    kl,
+    beta=None,
+    *,
+    report=None,
+    monitor=None,
+    loss=None,
+    kl_band=(0.05, 0.3),
+    loc_band=(0.01, 1.0),
+    living_kl=0.01,
+    title=None,
+    dpi=110,
+):
+    r"""The living-neuron dashboard of one neuron layer, as a PNG.
+
+    Six panels: (a) the training loss per observation (and validation loss); (b) each unit's KL
+    over training as a heatmap (log colour scale); (c) how many units are in each status over
+    training (from ``monitor``; without one, a unit counts as living when its KL exceeds
+    ``living_kl`` and as dead otherwise); (d) each unit's mean loc^2 against ``loc_band``;
+    (e) each unit's KL against ``kl_band``; (f) each unit's :math:`\beta` (final value as bars,
+    its path over training as a faint line). Bars are coloured by status (:data:`STATUS_COLORS`).
+
+    :param path: the PNG file to write.
+    :param steps: ``(S,)`` logged steps.
+    :param kl: ``(S, U)`` per-unit KL (nats) at each logged step.
+    :param beta: ``(S, U)`` per-unit :math:`\beta` at each logged step, or ``None``.
+    :param report: the final per-unit table (:func:`~vdn_pyro.inference.unit_report` rows of this
+        layer; columns ``unit``, ``kl``, ``loc_sq``, ``status``), or ``None``.
+    :param monitor: the per-unit tables recorded during training (the same columns plus
+        ``step``), or ``None``.
+    :param dict loss: ``{"step": (n,), "train": (n,), "val": (n,)}`` losses per observation,
+        or ``None``.
+    :param tuple kl_band: the KL band (nats), or ``None``.
+    :param tuple loc_band: the loc^2 band, or ``None``.
+    :param float living_kl: KL threshold of the fallback living/dead count.
+    :param str title: figure title.
+    :param int dpi: resolution.
+    :returns: the :class:`pathlib.Path` written.
+    """
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    steps = np.asarray(steps, dtype=float)  # (S,)
+    kl = np.asarray(kl, dtype=float)  # (S, U)
+    if kl.ndim != 2 or kl.shape[0] != steps.shape[0]:
+        raise ValueError(f"Expected kl of shape (len(steps), U) = ({steps.shape[0]}, U), got {kl.shape}.")
+    units = kl.shape[1]
+    statuses = None
+    if report is not None and len(report):
+        report = report.sort_values("unit")
+        statuses = report["status"].to_numpy()
+    colors = _status_colors(statuses, units)
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    (ax_loss, ax_heat, ax_status), (ax_loc, ax_kl, ax_beta) = axes
+
+    # (a) loss
+    if loss is not None and len(loss.get("step", ())):
+        ax_loss.plot(loss["step"], loss["train"], color="black", lw=1, label="train")
+        val = np.asarray(loss.get("val", []), dtype=float)
+        if val.size and np.isfinite(val).any():
+            keep = np.isfinite(val)
+            ax_loss.plot(np.asarray(loss["step"])[keep], val[keep], "o-", color="tab:orange", ms=3,
+                         lw=1, label="validation")
+        ax_loss.legend(fontsize=8)
+    ax_loss.set(title="(a) loss per observation (-ELBO / N)", xlabel="step")
+
+    # (b) KL heatmap
+    if steps.size:
+        positive = kl[np.isfinite(kl) & (kl > 0)]
+        low = max(float(positive.min()) if positive.size else 1e-4, 1e-4)
+        high = max(float(positive.max()) if positive.size else 1.0, low * 10)
+        extent = (steps[0], steps[-1] if steps.size > 1 else steps[0] + 1, -0.5, units - 0.5)
+        image = ax_heat.imshow(
+            _positive(kl.T, low), aspect="auto", origin="lower", extent=extent, cmap="viridis",
+            norm=LogNorm(low, high), interpolation="nearest",
+        )  # fmt: skip
+        bar = fig.colorbar(image, ax=ax_heat, label="KL (nats)")
+        if kl_band is not None:
+            for edge in kl_band:
+                if low <= edge <= high:
+                    bar.ax.axhline(edge, color="white", lw=1.5)
+    ax_heat.set(title="(b) KL per unit over training", xlabel="step", ylabel="unit")
+
+    # (c) status counts
+    from vdn_pyro.inference.diagnostics import STATUSES
+
+    if monitor is not None and len(monitor):
+        counts = monitor.groupby(["step", "status"]).size().unstack(fill_value=0)
+        order = [s for s in reversed(STATUSES) if s in counts.columns]
+        ax_status.stackplot(
+            counts.index.to_numpy(), *(counts[s].to_numpy() for s in order),
+            labels=order, colors=[STATUS_COLORS[s] for s in order], alpha=0.9,
+        )  # fmt: skip
+        ax_status.set_title("(c) units per status (unit monitor)")
+    elif steps.size:
+        living = (kl > living_kl).sum(1)
+        ax_status.stackplot(steps, living, units - living, labels=["living", "dead"],
+                            colors=[STATUS_COLORS["living"], STATUS_COLORS["dead"]], alpha=0.9)
+        ax_status.set_title(f"(c) units with KL > {living_kl:g} nats")
+    ax_status.set(xlabel="step", ylabel="units", ylim=(0, units))
+    ax_status.legend(fontsize=7, loc="lower left")
+
+    index = np.arange(units)
+    # (d) loc^2 against its band
+    if report is not None and len(report):
+        _band(ax_loc, loc_band, label="loc$^2$ band")
+        ax_loc.bar(index, _positive(report["loc_sq"].to_numpy(dtype=float)), color=colors)
+        ax_loc.set_yscale("log")
+        ax_loc.legend(fontsize=7)
+    else:
+        ax_loc.text(0.5, 0.5, "no per-unit table", ha="center", va="center", transform=ax_loc.transAxes)
+    ax_loc.set(title="(d) mean loc$^2$ per unit against its band", xlabel="unit")
+
+    # (e) final KL against its band
+    final_kl = report["kl"].to_numpy(dtype=float) if report is not None and len(report) else kl[-1]
+    _band(ax_kl, kl_band, label="KL band")
+    ax_kl.bar(index, _positive(final_kl), color=colors)
+    ax_kl.set_yscale("log")
+    ax_kl.set(title="(e) KL per unit (nats) against the band", xlabel="unit")
+    if kl_band is not None:
+        ax_kl.legend(fontsize=7)
+
+    # (f) beta
+    if beta is not None and np.size(beta):
+        beta = np.asarray(beta, dtype=float)  # (S, U)
+        ax_beta.bar(index, _positive(beta[-1], 1e-12), color=colors)
+        ax_beta.set_yscale("log")
+        if beta.shape[0] > 1 and not np.allclose(beta[0], beta[-1]):
+            inset = ax_beta.inset_axes([0.6, 0.62, 0.38, 0.34])
+            inset.plot(steps, _positive(beta, 1e-12), color="grey", lw=0.5, alpha=0.6)
+            inset.set_yscale("log")
+            inset.tick_params(labelsize=6)
+            inset.set_title("over training", fontsize=7)
+    ax_beta.set(title=r"(f) $\beta$ per unit (final)", xlabel="unit")
+
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in STATUS_COLORS.values()]
+    fig.legend(handles, list(STATUS_COLORS), loc="lower center", ncol=len(STATUS_COLORS), fontsize=8,
+               title="status (bar colours)", title_fontsize=8, frameon=False)
+    fig.suptitle(title or "living-neuron dashboard")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    return _save(fig, path, dpi)
+
+
+def plot_fan_chart(path, history, truth, quantiles, *, title=None, xlabel="steps from the forecast origin",
+                   ylabel="value", dpi=110):
+    """A forecast fan chart: history, truth, median and the central 50% and 90% bands.
+
+    :param path: the PNG file to write.
+    :param history: ``(L,)`` observed values up to the forecast origin.
+    :param truth: ``(H,)`` what happened next (or ``None``).
+    :param dict quantiles: level -> ``(H,)`` predictive quantiles; levels 0.05, 0.25, 0.5, 0.75
+        and 0.95 are drawn when present.
+    :param str title: figure title.
+    :param str xlabel: x axis label.
+    :param str ylabel: y axis label.
+    :param int dpi: resolution.
+    :returns: the :class:`pathlib.Path` written.
+    """
+    plt = _pyplot()
+    history = np.asarray(history, dtype=float)
+    horizon = len(next(iter(quantiles.values())))
+    past = np.arange(-len(history) + 1, 1)
+    future = np.arange(1, horizon + 1)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(past, history, color="black", lw=1.2, label="history")
+    if truth is not None:
+        ax.plot(future, np.asarray(truth, dtype=float), color="black", lw=1.2, ls="--", label="truth")
+    for (lo, hi), alpha in (((0.05, 0.95), 0.2), ((0.25, 0.75), 0.4)):
+        if lo in quantiles and hi in quantiles:
+            band = f"{round(100 * (hi - lo))}% band"
+            ax.fill_between(
+                future, quantiles[lo], quantiles[hi], color="tab:blue", alpha=alpha, lw=0, label=band
+            )
+    if 0.5 in quantiles:
+        ax.plot(future, quantiles[0.5], color="tab:blue", lw=1.5, label="median forecast")
+    ax.axvline(0.5, color="grey", lw=0.8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title or "forecast")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_forest(path, idata, site="layers.0.z", *, obs=0, hdi_prob=0.94, dpi=110):
+    """ArviZ forest plot of every unit's posterior for one observation.
+
+    Under arviz < 1 this is ``az.plot_forest(idata, var_names=[site], coords={"obs": [obs]},
+    combined=True)``; arviz >= 1 draws forests with another library, so there the same chart
+    (posterior mean and central interval of each unit) is drawn with matplotlib.
+
+    :param path: the PNG file to write.
+    :param idata: the output of :func:`~vdn_pyro.inference.to_inference_data`.
+    :param str site: the neuron site.
+    :param int obs: which observation (window).
+    :param float hdi_prob: width of the interval.
+    :param int dpi: resolution.
+    :returns: the :class:`pathlib.Path` written.
+    """
+    from vdn_pyro.inference import arviz as vdn_arviz
+
+    plt = _pyplot()
+    posterior = idata["posterior"][site].sel(obs=obs)  # (chain, draw, unit[, ...])
+    extra = [d for d in posterior.dims if d not in ("chain", "draw")]
+    count = int(np.prod([posterior.sizes[d] for d in extra])) if extra else 1
+    height = max(3.0, 0.22 * count + 1.5)
+    title = f"{site}: unit posteriors of window {obs} ({hdi_prob:.0%} HDI)"
+    if vdn_arviz.arviz_major_version() < 1:
+        az = vdn_arviz._arviz()
+        axes = az.plot_forest(idata, var_names=[site], coords={"obs": [obs]}, combined=True,
+                              hdi_prob=hdi_prob, figsize=(6, height))
+        fig = np.ravel(axes)[0].figure
+        np.ravel(axes)[0].set_title(title, fontsize=9)
+    else:  # pragma: no cover - exercised where arviz >= 1 is installed
+        values = posterior.stack(sample=("chain", "draw")).transpose(..., "sample").values
+        values = values.reshape(count, -1)  # (U, S)
+        tail = (1 - hdi_prob) / 2
+        lo, hi = np.quantile(values, [tail, 1 - tail], axis=1)
+        fig, ax = plt.subplots(figsize=(6, height))
+        rows = np.arange(count)[::-1]
+        ax.hlines(rows, lo, hi, color="tab:blue", lw=2)
+        ax.plot(values.mean(1), rows, "o", color="tab:blue", ms=3)
+        ax.set_yticks(rows, [f"{site}[{i}]" for i in range(count)], fontsize=7)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
