@@ -15,6 +15,12 @@ The log-log slope of each curve is fitted by least squares over all points and o
 half (where fixed per-step costs no longer dominate); linear cost means a slope of 1. Writes
 ``scaling.csv``, ``scaling.png`` and ``scaling.md`` to ``--out-dir``.
 
+**Allocator.** glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh
+``mmap`` and unmaps it on free, so a step whose tensors exceed 32 MiB (units = 4096: B x H x T
+floats = 32 MiB) pays a page fault per 4 KiB on every allocation, every step: time then grows
+faster than the work. ``--allocator heap`` reruns the timing with ``MALLOC_MMAP_MAX_=0`` (all
+blocks from the heap, reused without faults); ``system`` (default) leaves glibc as it is.
+
     python benchmarks/scaling.py                       # about 5 minutes on 2 cores
     python benchmarks/scaling.py --sweeps units --variant jit
     python benchmarks/scaling.py --tiny                # seconds; what the test runs
@@ -104,7 +110,8 @@ def measure_memory(base, sweeps, variant, device, threads):
         sys.executable, str(Path(__file__).resolve()), "--memory-probe", payload,
         "--variant", variant, "--device", str(device), "--threads", str(threads),
     ]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{done.stderr[-3000:]}")
@@ -176,7 +183,8 @@ def plot(rows, fitted, path):
 def format_report(results):
     lines = [
         (
-            f"scaling ({results['variant']} step, one neuron layer, AR(1) over T, Gaussian): "
+            f"scaling ({results['variant']} step, one neuron layer, AR(1) over T, Gaussian, "
+            f"{results['allocator']} allocator): "
             f"{results['cores']} CPU cores, torch threads={results['threads']}, "
             f"device={results['device']}, reps={results['reps']}"
         ),
@@ -202,7 +210,27 @@ def format_report(results):
     return "\n".join(lines)
 
 
+HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+
+
 def main(args):
+    previous = torch.get_num_threads()
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _main(args):
+    if args.allocator == "heap" and not args.memory_probe and os.environ.get("MALLOC_MMAP_MAX_") != "0":
+        # glibc reads these once, at start-up: run this script again under them
+        argv = sys.argv[1:] if args.argv is None else args.argv
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), *argv],
+            env=dict(os.environ, **HEAP_ENV), check=True, capture_output=True, text=True,
+        )
+        print(done.stdout, end="")
+        return json.loads((Path(args.out_dir) / "scaling.json").read_text())
     torch.set_num_threads(args.threads)
     sweeps = TINY_SWEEPS if args.tiny else SWEEPS
     base = TINY_BASE if args.tiny else BASE
@@ -227,6 +255,7 @@ def main(args):
     pyro.enable_validation(True)
     results = {
         "variant": args.variant,
+        "allocator": args.allocator,
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(args.device),
@@ -244,6 +273,7 @@ def main(args):
         for r in rows:
             f.write(f"{r['sweep']},{r['value']},{r['wall_ms']:.4f},{r['cpu_ms']:.4f},{r['peak_mib']:.4f}\n")
     (out / "scaling.md").write_text(report + "\n")
+    (out / "scaling.json").write_text(json.dumps(results, indent=1))
     plot(rows, results["slopes"], out / "scaling.png")
     results["files"] = [str(out / n) for n in ("scaling.csv", "scaling.md", "scaling.png")]
     return results
@@ -257,9 +287,12 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--allocator", choices=("system", "heap"), default="system")
     parser.add_argument("--out-dir", default="scaling_out")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)
+    return args
 
 
 if __name__ == "__main__":

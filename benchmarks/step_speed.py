@@ -318,7 +318,8 @@ def measure_memory(config, device="cpu", threads=1):
     set on CPU). :returns: dict variant -> bytes."""
     if torch.device(device).type == "cpu" and not os.path.exists("/proc/self/clear_refs"):
         return {v: math.nan for v in VARIANTS}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -430,6 +431,14 @@ def format_report(config, results):
 
 
 def main(args):
+    previous = torch.get_num_threads()
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _main(args):
     torch.set_num_threads(args.threads)
     config = TINY if args.tiny else StepConfig(
         batch=args.batch, input=args.input, units=args.units, layers=args.layers, steps=args.steps

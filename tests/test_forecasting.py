@@ -1,0 +1,129 @@
+"""Tests for the forecasting harness :mod:`vdn_pyro.forecasting`."""
+
+import math
+
+import numpy as np
+import pytest
+import scoringrules as sr
+import torch
+
+from tests.common import assert_close
+from vdn_pyro.data import ratio_splits
+from vdn_pyro.forecasting import (
+    METRICS,
+    EarlyStopping,
+    EpochDecay,
+    TrainConfig,
+    evaluate_forecaster,
+    score_prediction,
+    train_forecaster,
+    training_windows,
+)
+from vdn_pyro.inference.fit import FitResult, FitState
+from vdn_pyro.models import DLinear, ForecastPrediction, Forecaster, RepeatLast
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy_splits(lookback=16, horizon=4, n=600, channels=2):
+    t = np.arange(n)[:, None]
+    rng = np.random.default_rng(0)
+    values = np.sin(2 * np.pi * t / 10 + np.arange(channels)) + 0.1 * rng.standard_normal((n, channels))
+    return ratio_splits(values, lookback, horizon, train=0.6, val=0.2)
+
+
+def test_mixture_scores_are_exact_for_the_mixture():
+    torch.manual_seed(0)
+    loc = torch.randn(3, 50, 4)  # (S', B, H)
+    scale = 0.5 + torch.rand(3, 50, 4)
+    comp = torch.randint(0, 3, (4000, 50, 4))
+    samples = torch.gather(loc.expand(4000, -1, -1, -1), 1, comp[:, None]).squeeze(1)  # placeholder
+    samples = loc[comp, torch.arange(50)[:, None], torch.arange(4)] + scale[
+        comp, torch.arange(50)[:, None], torch.arange(4)
+    ] * torch.randn(4000, 50, 4)
+    pred = ForecastPrediction(samples, loc, scale)
+    y = torch.randn(50, 4)
+    scores = score_prediction(pred, y)
+    assert set(METRICS) <= set(scores)
+    density = (torch.distributions.Normal(loc, scale).log_prob(y).exp()).mean(0)
+    assert_close(scores["nll"], -density.log().mean(), rtol=1e-5)
+    # exact coverage from the mixture CDF agrees with a large-sample estimate
+    inside = ((samples.quantile(0.05, 0) <= y) & (y <= samples.quantile(0.95, 0))).float().mean()
+    assert abs(scores["coverage_90"] - float(inside)) < 0.03
+    # the sample CRPS agrees with scoringrules' mixture-free ensemble CRPS
+    ref = sr.crps_ensemble(y.numpy(), samples.permute(1, 2, 0).numpy(), estimator="fair").mean()
+    assert scores["crps"] == pytest.approx(float(ref), rel=1e-4)
+
+
+def test_one_gaussian_is_scored_in_closed_form():
+    loc, scale, y = torch.zeros(1, 10, 3), torch.ones(1, 10, 3), torch.randn(10, 3)
+    scores = score_prediction(ForecastPrediction(torch.zeros(2, 10, 3), loc, scale), y)
+    assert_close(scores["nll"], 0.5 * math.log(2 * math.pi) + 0.5 * (y**2).mean(), rtol=1e-5)
+    assert_close(scores["width_90"], 2 * 1.6448536, rtol=1e-5)
+
+
+def test_training_windows_and_chunks():
+    splits = toy_splits()
+    x, y = training_windows(splits, TrainConfig(train_stride=3))
+    ref_x, ref_y = splits.windows("train", stride=3)
+    assert_close(x, ref_x) and assert_close(y, ref_y)
+    xc, yc = training_windows(splits, TrainConfig(train_stride=3, chunk=4))
+    assert xc.shape[1:] == (4, 16) and yc.shape[1:] == (4, 4)
+    # consecutive windows of a chunk are train_stride rows apart
+    assert_close(xc[0, 1, :-3], xc[0, 0, 3:])
+    with pytest.raises(ValueError, match="chunk"):
+        TrainConfig(chunk=0)
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay=1.5)
+
+
+class _Opt:
+    def __init__(self):
+        self.param_groups = [{"lr": 1.0}]
+
+
+def test_epoch_decay_and_early_stopping_callbacks():
+    state = FitState(network=None, optimizer=_Opt(), elbo=None)
+    decay = EpochDecay(0.5)
+    decay.on_fit_start(state)
+    state.epoch = 2
+    decay.on_step_end(state)
+    assert state.optimizer.param_groups[0]["lr"] == 0.25
+    history = FitResult(None, [], {}, {}, [], math.nan, -1, {}, 0, 0.0, {})
+    state.history = history
+    stop = EarlyStopping(2)
+    for step, best in [(10, 10), (20, 10), (30, 10)]:
+        state.step = step
+        history.history.append({"step": step, "val_loss": 1.0})
+        history.best_step = best
+        stop.on_step_end(state)
+    assert state.stop and stop.stopped_step == 30
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_train_and_evaluate_every_model(chunk):
+    splits = toy_splits()
+    config = TrainConfig(epochs=3, batch_size=64, lr=0.01, patience=2, chunk=chunk, num_samples=20)
+    x_test, y_test = splits.windows("test")
+    for model in (
+        Forecaster(lookback=16, horizon=4, units=4, features=8, kernel_size=5, train_draws=4),
+        Forecaster(lookback=16, horizon=4, units=4, features=8, kernel_size=5, deterministic=True),
+        DLinear(16, 4, kernel_size=5),
+        RepeatLast(16, 4),
+    ):
+        result = train_forecaster(model, splits, config, seed=0)
+        if isinstance(model, RepeatLast):
+            assert result is None
+        else:
+            assert result.best_step > 0 and math.isfinite(result.best_val_loss)
+            assert all("val_loss" in row for row in result.history)
+        for exact in (True, False):
+            scores = evaluate_forecaster(model, x_test, y_test, num_samples=20, batch_size=50, exact=exact)
+            assert all(math.isfinite(scores[k]) for k in METRICS)
+            assert 0 <= scores["coverage_50"] <= scores["coverage_90"] <= 1
