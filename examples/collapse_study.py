@@ -12,8 +12,9 @@ KL -> 0, the prediction falls back to the class prior); with it, every unit stay
 the whole sweep. Writes, under ``--out`` (default ``runs/collapse_study``):
 
 - ``collapse.csv``: one row per (beta, controller): fraction of living / dead / deterministic /
-  exploding units, fraction inside the KL band, total KL (nats per observation), total mutual
-  information, mean final beta, validation NLL and accuracy, seconds;
+  exploding units, fraction whose KL is inside the band (the same band judges both arms), total
+  KL (nats per observation), total mutual information, mean final beta, validation NLL and
+  accuracy, seconds;
 - ``collapse.png``: fraction living, total KL and validation NLL against beta;
 - ``monitor.csv``: every unit's statistics and status every ``--monitor-every`` steps of every fit
   (:class:`~vdn_pyro.inference.UnitMonitor`; ``global_beta`` and ``controller`` name the fit), to
@@ -113,7 +114,7 @@ def run_one(beta, controller, args, data):
         "fraction_dead": summary.fraction_dead,
         "fraction_deterministic": summary.fraction_deterministic,
         "fraction_exploding": summary.fraction_exploding,
-        "fraction_in_band": 1.0 - summary.fraction_out_of_band,
+        "fraction_kl_in_band": 1.0 - summary.fraction_kl_out_of_band,
         "total_kl": summary.total_kl,
         "total_mi": summary.total_mi,
         "mean_beta": summary.mean_beta,
@@ -149,6 +150,8 @@ def plot(table, path, band):
                 ax.plot(part.beta, part.fraction_dead, "x--", color=color, alpha=0.6,
                         label=f"{name}: fraction dead")
         ax.set_xscale("log")
+        if column == "total_kl":
+            ax.set_yscale("log")
         ax.set_xlabel("global beta (initial beta for KLBand)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -191,7 +194,7 @@ def main(args):
     pd.concat(frames, ignore_index=True).to_csv(out / "monitor.csv", index=False)
     plot(table, out / "collapse.png", args.band)
 
-    columns = ["beta", "controller", "fraction_living", "fraction_dead", "fraction_in_band", "total_kl",
+    columns = ["beta", "controller", "fraction_living", "fraction_dead", "fraction_kl_in_band", "total_kl",
                "mean_beta", "val_nll", "val_accuracy"]
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 140):
         print(f"\nCollapse study on digits, {args.units} units, KL band {tuple(args.band)} nats per unit:")
@@ -200,8 +203,8 @@ def main(args):
     print(
         f"\nfixed beta: fraction living {fixed.fraction_living.iloc[0]:.2f} at beta={fixed.beta.iloc[0]:g} "
         f"-> {fixed.fraction_living.iloc[-1]:.2f} at beta={fixed.beta.iloc[-1]:g}; "
-        f"KLBand: fraction living >= {held.fraction_living.min():.2f} and in band >= "
-        f"{held.fraction_in_band.min():.2f} at every beta."
+        f"KLBand: fraction living >= {held.fraction_living.min():.2f} and KL in band >= "
+        f"{held.fraction_kl_in_band.min():.2f} at every beta."
     )
     print(f"wrote {out / 'collapse.csv'}, {out / 'collapse.png'}, {out / 'monitor.csv'}")
     return table

@@ -466,7 +466,7 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
     :returns: the :class:`Run` (``run.result.interrupted`` tells whether it stopped early).
     """
     from vdn_pyro.forecasting import EpochDecay
-    from vdn_pyro.inference import LocalELBO, fit
+    from vdn_pyro.inference import LocalELBO, fit, load_checkpoint
 
     run_dir = RunDir(run_dir)
     if resume:
@@ -483,6 +483,14 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
         pyro.set_rng_seed(config.fit.seed)
         network = build_network(config)
         constraints = build_constraints(config)
+        total = _total_steps(config, x.shape[0])
+        if resume:  # refuse before touching the directory
+            step = load_checkpoint(run_dir.checkpoint, network=network)["step"]
+            if step > total:
+                raise RunError(
+                    f"the run in {run_dir.root} is already at step {step}, beyond the {total} steps asked "
+                    "for; ask for more with --set fit.steps=N (steps count from the start of the run)"
+                )
         run_dir.root.mkdir(parents=True, exist_ok=True)
         dump_config(config, run_dir.config)
         started = datetime.datetime.now().isoformat(timespec="seconds")
@@ -538,7 +546,6 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
             raise
         finally:
             fit_logger.removeFilter(quiet_filter)
-        total = _total_steps(config, x.shape[0])
         run = Run(config, run_dir, series, splits, network, result, constraints)
         status = "interrupted" if result.interrupted else "completed"
         run_dir.write_info(status=status, stop_reason=result.stop_reason, steps=result.steps, total_steps=total,

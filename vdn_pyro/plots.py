@@ -84,8 +84,9 @@ def plot_dashboard(
     over training as a heatmap (log colour scale); (c) how many units are in each status over
     training (from ``monitor``; without one, a unit counts as living when its KL exceeds
     ``living_kl`` and as dead otherwise); (d) each unit's mean loc^2 against ``loc_band``;
-    (e) each unit's KL against ``kl_band``; (f) each unit's :math:`\beta` (final value as bars,
-    its path over training as a faint line). Bars are coloured by status (:data:`STATUS_COLORS`).
+    (e) each unit's KL against ``kl_band``; (f) each unit's :math:`\beta` over training (bars of
+    the final values when it never moved). Bars and lines are coloured by each unit's final status
+    (:data:`STATUS_COLORS`).
 
     :param path: the PNG file to write.
     :param steps: ``(S,)`` logged steps.
@@ -188,24 +189,26 @@ def plot_dashboard(
     if kl_band is not None:
         ax_kl.legend(fontsize=7)
 
-    # (f) beta
+    # (f) beta: its path over training when it moves (a KL thermostat), else the final values
     if beta is not None and np.size(beta):
-        beta = np.asarray(beta, dtype=float)  # (S, U)
-        ax_beta.bar(index, _positive(beta[-1], 1e-12), color=colors)
-        ax_beta.set_yscale("log")
+        beta = _positive(np.asarray(beta, dtype=float), 1e-12)  # (S, U)
         if beta.shape[0] > 1 and not np.allclose(beta[0], beta[-1]):
-            inset = ax_beta.inset_axes([0.6, 0.62, 0.38, 0.34])
-            inset.plot(steps, _positive(beta, 1e-12), color="grey", lw=0.5, alpha=0.6)
-            inset.set_yscale("log")
-            inset.tick_params(labelsize=6)
-            inset.set_title("over training", fontsize=7)
-    ax_beta.set(title=r"(f) $\beta$ per unit (final)", xlabel="unit")
+            for unit in range(units):
+                ax_beta.plot(steps[: beta.shape[0]], beta[:, unit], color=colors[unit], lw=0.8, alpha=0.8)
+            ax_beta.set(title=r"(f) $\beta$ per unit over training", xlabel="step")
+        else:
+            ax_beta.bar(index, beta[-1], color=colors)
+            ax_beta.set(title=r"(f) $\beta$ per unit", xlabel="unit")
+        ax_beta.set_yscale("log")
+    else:
+        ax_beta.set_title(r"(f) $\beta$ per unit (not logged)")
 
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in STATUS_COLORS.values()]
     fig.legend(handles, list(STATUS_COLORS), loc="lower center", ncol=len(STATUS_COLORS), fontsize=8,
                title="status (bar colours)", title_fontsize=8, frameon=False)
     fig.suptitle(title or "living-neuron dashboard")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    # fixed margins: tight_layout measures every tick label and takes seconds on this figure
+    fig.subplots_adjust(left=0.05, right=0.97, bottom=0.14, top=0.9, wspace=0.3, hspace=0.38)
     return _save(fig, path, dpi)
 
 

@@ -18,7 +18,15 @@ from pyro.poutine.messenger import Messenger
 
 from tests.common import assert_close
 from vdn_pyro import VDN
-from vdn_pyro.inference import DistributedLocalELBO, KLBand, LocalELBO, distributed_fit, fit, launch
+from vdn_pyro.inference import (
+    DistributedLocalELBO,
+    JitLocalELBO,
+    KLBand,
+    LocalELBO,
+    distributed_fit,
+    fit,
+    launch,
+)
 from vdn_pyro.inference.distributed import find_free_port, shard
 from vdn_pyro.primitives import NEURONS_INFER_KEY
 
@@ -193,6 +201,15 @@ def test_one_rank_equals_local_elbo(monkeypatch):
         assert_close(stats["layers.0.z"].kl, ref_stats["layers.0.z"].kl)
         for p, q in zip(net.parameters(), twin.parameters()):
             assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+        # the JIT estimator runs under DDP too: same loss, gradients reach the parameters
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        jit_elbo = DistributedLocalELBO(JitLocalELBO())
+        jit_loss, _ = jit_elbo.loss_and_stats(net.model, net.guide, x, y, num_data=4 * N)
+        jit_loss.backward()
+        assert_close(jit_loss.detach(), ref.detach(), rtol=1e-6)
+        for p, q in zip(net.parameters(), twin.parameters()):
+            assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
     finally:
         dist.destroy_process_group()
 
@@ -213,3 +230,31 @@ def test_two_cuda_ranks_with_nccl():
 def _fit_state_worker(net, x, y):
     distributed_fit(net, x, y, **_fit_options())
     return _state(net)
+
+
+def _resume_worker(net, x, y, straight_dir, split_dir):
+    options = dict(_fit_options(), steps=6)
+    straight = copy.deepcopy(net)
+    distributed_fit(straight, x, y, constraints=[_thermostat()], checkpoint_dir=straight_dir, **options)
+    first = copy.deepcopy(net)
+    half = dict(options, steps=3)
+    distributed_fit(first, x, y, constraints=[_thermostat()], checkpoint_dir=split_dir, **half)
+    resumed = copy.deepcopy(net)
+    result = distributed_fit(
+        resumed, x, y, constraints=[_thermostat()], checkpoint_dir=split_dir, resume=True, **options
+    )
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (_state(straight), _state(resumed), result.resumed_from))
+    return gathered
+
+
+@pytest.mark.slow
+def test_every_rank_resumes_from_rank_zero_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    net = VDN(D, OUT, units=(5, 3), hidden=(6,), prior="ar", beta=0.5)  # sampling: the RNG matters
+    x, y = _data()
+    reports = launch(_resume_worker, 2, net, x, y, str(tmp_path / "straight"), str(tmp_path / "split"))
+    for rank, ((p_straight, b_straight), (p_resumed, b_resumed), resumed_from) in enumerate(reports):
+        assert resumed_from == 3, rank
+        assert torch.equal(p_straight, p_resumed), f"rank {rank}: the resumed run is not the original"
+        assert torch.equal(b_straight, b_resumed)

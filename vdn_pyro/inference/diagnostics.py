@@ -410,8 +410,8 @@ def layer_summary(report):
     Columns (per ``site``, and per ``step`` when the report has one): ``units``,
     ``fraction_living``, ``fraction_dead``, ``fraction_deterministic``, ``fraction_exploding``,
     ``fraction_drifting``, ``fraction_active``, ``fraction_out_of_band`` (any of the unit's bands
-    missed), ``total_kl`` (the layer's rate, nats per observation), ``total_mi`` and
-    ``mean_beta``.
+    missed), ``fraction_kl_out_of_band`` (the KL band missed), ``total_kl`` (the layer's rate,
+    nats per observation), ``total_mi`` and ``mean_beta``.
 
     :param pandas.DataFrame report: the per-unit table.
     :returns: a :class:`pandas.DataFrame`, one row per layer (and step).
@@ -427,6 +427,7 @@ def layer_summary(report):
             row[f"fraction_{status}"] = float((group.status == status).mean())
         row["fraction_active"] = float(group.active.mean())
         row["fraction_out_of_band"] = float((~group.in_band.astype(bool)).mean())
+        row["fraction_kl_out_of_band"] = float((~group.kl_in_band.astype(bool)).mean())
         row["total_kl"] = float(group.kl.sum())
         row["total_mi"] = float(group.mi.sum())
         row["mean_beta"] = float(group.beta.mean())
@@ -448,7 +449,8 @@ class UnitMonitor:
     :param torch.Tensor x: inputs to diagnose on ``(N, D)`` or ``(N, T, D)`` (e.g. held-out
         data).
     :param int every: record every this many steps.
-    :param int window: drift window in steps (default ``5 * every``).
+    :param int window: drift window in steps (default ``every``: each record is compared with
+        the one before it).
     :param float ema: decay of the KL moving average, in ``[0, 1)``.
     :param report_options: keyword arguments for :func:`unit_report` (bands, thresholds,
         ``num_samples``, ``max_points``, ``constraints``).
@@ -471,7 +473,7 @@ class UnitMonitor:
         if not (isinstance(ema, numbers.Real) and 0 <= ema < 1):
             raise ValueError(f"Expected ema in [0, 1), but got {ema!r}.")
         self.x, self.every = x, int(every)
-        self.window = int(window) if window is not None else 5 * self.every
+        self.window = int(window) if window is not None else self.every
         self.decay = float(ema)
         self.report_options = report_options
         self.reports = []  # (step, DataFrame)

@@ -395,7 +395,7 @@ def distributed_fit(network, x, y, *, elbo=None, seed=None, device=None, backend
             fit_options.get("resume", False), fit_options.get("checkpoint_dir")
         )
         for name in RANK_ZERO_OPTIONS:
-            if name in fit_options:
+            if name in accepted:
                 fit_options[name] = False if name == "progress" else None
     if "handle_signals" in accepted:
         fit_options["handle_signals"] = handle_signals
