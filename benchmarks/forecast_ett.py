@@ -56,9 +56,9 @@ COLUMNS = ("mse", "mae", "crps", "nll", "coverage_90")
 LOOKBACK = 336
 
 
-def forecaster_config(args, horizon, deterministic=False):
+def forecaster_config(args, horizon, deterministic=False, **overrides):
     """The VDN forecaster (or its twin) for one horizon, from the command-line options."""
-    return ForecasterConfig(
+    options = dict(
         lookback=LOOKBACK,
         horizon=horizon,
         units=args.units,
@@ -69,14 +69,18 @@ def forecaster_config(args, horizon, deterministic=False):
         train_draws=args.train_draws,
         init_scale=args.init_scale,
         likelihood_scale=args.likelihood_scale,
+        activation=args.activation,
         deterministic=deterministic,
     )
+    options.update(overrides)
+    return ForecasterConfig(**options)
 
 
-def build_model(name, horizon, args):
-    """A fresh model by name: ``vdn``, ``twin``, ``dlinear`` or ``repeat``."""
+def build_model(name, horizon, args, **overrides):
+    """A fresh model by name: ``vdn``, ``twin``, ``dlinear`` or ``repeat`` (``overrides`` go to
+    the VDN's :class:`~vdn_pyro.models.ForecasterConfig`)."""
     if name == "vdn":
-        return Forecaster(forecaster_config(args, horizon))
+        return Forecaster(forecaster_config(args, horizon, **overrides))
     if name == "twin":
         return Forecaster(forecaster_config(args, horizon, deterministic=True))
     if name == "dlinear":
@@ -86,31 +90,33 @@ def build_model(name, horizon, args):
     raise ValueError(f"Expected a model in {MODELS}, but got {name!r}.")
 
 
-def train_config(args):
-    """The shared training recipe."""
+def train_config(args, name="vdn"):
+    """The shared training recipe. Only the VDN (whose AR prior runs over time) trains on chunks
+    of ``--chunk`` windows; every model sees the same number of windows per step."""
+    chunk = args.chunk if name == "vdn" else 1
     return TrainConfig(
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=max(1, args.batch_size // chunk),
         lr=args.lr,
         lr_decay=args.lr_decay,
         patience=args.patience,
         train_stride=args.train_stride,
-        chunk=args.chunk,
+        chunk=chunk,
         val_stride=args.val_stride,
         num_samples=args.num_samples,
     )
 
 
-def run_one(name, splits, seed, args, test=None, constraints=()):
+def run_one(name, splits, seed, args, test=None, constraints=(), overrides=None):
     """Train one model on ``splits`` and score it on the test windows.
 
-    :returns: a dict row: horizon, model, seed, the metrics, best validation loss, epochs,
-        training and scoring seconds.
+    :returns: ``(row, model)``; the row holds horizon, model, seed, the metrics, best validation
+        loss, epochs, training and scoring seconds.
     """
     pyro.set_rng_seed(seed)
-    model = build_model(name, splits.horizon, args)
+    model = build_model(name, splits.horizon, args, **(overrides or {}))
     start = time.perf_counter()
-    result = train_forecaster(model, splits, train_config(args), seed=seed, constraints=constraints)
+    result = train_forecaster(model, splits, train_config(args, name), seed=seed, constraints=constraints)
     fit_seconds = time.perf_counter() - start
     x_test, y_test = test if test is not None else splits.windows("test", stride=args.test_stride)
     scores = evaluate_forecaster(model, x_test, y_test, args.num_samples, seed=seed, exact=not args.mc)
@@ -123,7 +129,7 @@ def run_one(name, splits, seed, args, test=None, constraints=()):
     return row, model
 
 
-def summarise(runs):
+def summarise(runs, published=True):
     """Mean and standard deviation over seeds, one row per (horizon, model), plus the published
     rows."""
     frame = pd.DataFrame(runs)
@@ -134,14 +140,16 @@ def summarise(runs):
     out = pd.concat([mean, std], axis=1)
     out["seeds"] = grouped.size()
     out = out.reset_index()
-    published = [
-        {"horizon": h, "model": label, "mse": mse, "mae": mae, "seeds": 0}
-        for label, table in PUBLISHED.items()
-        for h, (mse, mae) in table.items()
-        if h in set(out["horizon"])
-    ]
-    out = pd.concat([out, pd.DataFrame(published)], ignore_index=True)
-    order = {m: i for i, m in enumerate(list(MODELS) + list(PUBLISHED))}
+    if published:
+        rows = [
+            {"horizon": h, "model": label, "mse": mse, "mae": mae, "seeds": 0}
+            for label, table in PUBLISHED.items()
+            for h, (mse, mae) in table.items()
+            if h in set(out["horizon"])
+        ]
+        out = pd.concat([out, pd.DataFrame(rows)], ignore_index=True)
+    names = list(dict.fromkeys(list(MODELS) + list(PUBLISHED) + list(out["model"])))
+    order = {m: i for i, m in enumerate(names)}
     out = out.sort_values(["horizon", "model"], key=lambda c: c.map(order) if c.name == "model" else c)
     return out.reset_index(drop=True)
 
@@ -165,12 +173,13 @@ def format_table(summary):
     return "\n".join(lines)
 
 
-def write_outputs(runs, out_dir, stem="forecast_ett", note=""):
-    """Write the per-run CSV, the summary CSV and the Markdown table; return the summary."""
+def write_outputs(runs, out_dir, stem="forecast_ett", note="", published=True):
+    """Write the per-run CSV, the summary CSV and the Markdown table; return the summary and
+    the table."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(runs).to_csv(out_dir / f"{stem}_runs.csv", index=False)
-    summary = summarise(runs)
+    summary = summarise(runs, published)
     summary.to_csv(out_dir / f"{stem}.csv", index=False)
     table = format_table(summary)
     (out_dir / f"{stem}.md").write_text(f"{note}\n\n{table}\n" if note else f"{table}\n")
@@ -218,8 +227,9 @@ def main(args):
     return summary
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description):
+    """The command-line options shared with ``ar_study.py``."""
+    parser = argparse.ArgumentParser(description=description)
     default_data = os.environ.get("VDN_ETT_PATH", str(ROOT.parent / "shared" / "data" / "ETT-small" / "ETTh1.csv"))
     parser.add_argument("--data", default=default_data, help="path to ETTh1.csv (or set VDN_ETT_PATH)")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -246,11 +256,16 @@ def parse_args(argv=None):
     parser.add_argument("--train-draws", type=int, default=8)
     parser.add_argument("--init-scale", type=float, default=0.5)
     parser.add_argument("--likelihood-scale", default="learned", choices=["learned", "heteroscedastic"])
+    parser.add_argument("--activation", default="gelu", help="on the trunk features read by the neurons")
     # scoring
     parser.add_argument("--num-samples", type=int, default=100)
     parser.add_argument("--mc", action="store_true", help="score the Monte Carlo mixture, not the exact marginal")
-    parser.add_argument("--threads", type=int, default=2)
-    return parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest when the CPU is shared)")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser(__doc__.splitlines()[0]).parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ LABELS = {
     "jit": "(b) JitLocalELBO step",
     "hand": "(c) hand-written PyTorch",
     "twin": "(d) deterministic twin",
+    "inductor": "(b') JitLocalELBO + inductor",
 }
 #: (numerator, denominator, quantity, bound)
 TARGETS = (
@@ -181,6 +182,8 @@ def hand_loss(net, x, y, num_data):
 def make_step(variant, config, device="cpu", seed=0):
     """A zero-argument training step (loss, backward, Adam step) for one variant, on its own copy
     of the network (all copies start from the same parameters)."""
+    if variant not in LABELS:
+        raise ValueError(f"Expected a variant in {list(LABELS)}, but got {variant!r}.")
     net, x, y = build(config, deterministic=variant == "twin", seed=seed, device=device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     num_data = config.num_data
@@ -190,7 +193,10 @@ def make_step(variant, config, device="cpu", seed=0):
             return hand_loss(net, x, y, num_data)
 
     else:
-        elbo = JitLocalELBO() if variant == "jit" else LocalELBO()
+        if variant == "inductor":
+            elbo = JitLocalELBO(backend="inductor")
+        else:
+            elbo = JitLocalELBO() if variant == "jit" else LocalELBO()
 
         def loss_fn():
             return elbo.loss_and_stats(net.model, net.guide, x, y, num_data=num_data)[0]
@@ -245,10 +251,10 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(config, reps, warmup=3, device="cpu", validation=False):
+def time_steps(config, reps, warmup=3, device="cpu", validation=False, variants=VARIANTS):
     """Interleaved timings of every variant: medians of wall and CPU milliseconds per step."""
     pyro.enable_validation(validation)
-    steps = {v: make_step(v, config, device) for v in VARIANTS}
+    steps = {v: make_step(v, config, device) for v in variants}
     compile_s = {}
     for v, step in steps.items():
         start = time.perf_counter()
@@ -260,8 +266,8 @@ def time_steps(config, reps, warmup=3, device="cpu", validation=False):
             if step.elbo.num_compilations != 1:
                 raise RuntimeError(f"JitLocalELBO compiled {step.elbo.num_compilations} times, not once.")
         compile_s.setdefault(v, time.perf_counter() - start)
-    wall = {v: [] for v in VARIANTS}
-    cpu = {v: [] for v in VARIANTS}
+    wall = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
     for _ in range(reps):
         for v, step in steps.items():
             w0, c0 = time.perf_counter(), time.thread_time()
@@ -434,10 +440,11 @@ def format_report(config, results):
             "| variant | wall ms (median) | CPU ms (median) | CPU / hand | peak step memory MiB |",
             "|---|---:|---:|---:|---:|",
         ]
-        for v in VARIANTS:
+        for v in timing["cpu_ms"]:
             lines.append(
                 f"| {LABELS[v]} | {timing['wall_ms'][v]:.2f} | {timing['cpu_ms'][v]:.2f} | "
-                f"{timing['cpu_ms'][v] / timing['cpu_ms']['hand']:.2f} | {memory[v] / 2**20:.2f} |"
+                f"{timing['cpu_ms'][v] / timing['cpu_ms']['hand']:.2f} | "
+                f"{memory.get(v, math.nan) / 2**20:.2f} |"
             )
         lines += ["", "| ratio | of | CPU | wall | target | met |", "|---|---|---:|---:|---:|---|"]
         for row in ratios(timing, memory):
@@ -494,9 +501,12 @@ def _main(args):
     if not results["check"]["ok"]:
         raise AssertionError(f"the steps do not compute the same loss: {results['check']}")
     results["timing"], results["syncs"] = {}, {}
+    variants = VARIANTS + (("inductor",) if args.inductor else ())
     for validation in modes:
         mode = "on" if validation else "off"
-        results["timing"][mode], steps = time_steps(config, reps, device=args.device, validation=validation)
+        results["timing"][mode], steps = time_steps(
+            config, reps, device=args.device, validation=validation, variants=variants
+        )
         results["syncs"][mode] = count_syncs(steps, validation=validation)
         del steps
     results["memory_bytes"] = measure_memory(config, args.device, args.threads)
@@ -528,6 +538,10 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the eager step")
+    parser.add_argument(
+        "--inductor", action="store_true",
+        help="also time JitLocalELBO(backend='inductor') (needs a C++ compiler; compiles for minutes)",
+    )
     parser.add_argument("--out-dir", default=None, help="write step_speed.json and .md here")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

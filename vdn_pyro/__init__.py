@@ -11,8 +11,30 @@ pyro.settings.set(module_local_params=True)
 
 from vdn_pyro.distributions import ARProcess  # noqa: E402
 from vdn_pyro.guides import AmortizedNormal, DLinearTrunk, MLPTrunk  # noqa: E402
-from vdn_pyro.inference import FitResult, LocalELBO, UnitStats, fit  # noqa: E402
-from vdn_pyro.models import ARPrior, NormalPrior  # noqa: E402
+from vdn_pyro.inference import (  # noqa: E402
+    FitResult,
+    FreeBits,
+    JitLocalELBO,
+    KLBand,
+    LocalELBO,
+    LocBand,
+    Persistence,
+    ScaleGuard,
+    UnitMonitor,
+    UnitStats,
+    fit,
+    layer_summary,
+    to_inference_data,
+    unit_report,
+)
+from vdn_pyro.models import (  # noqa: E402
+    ARPrior,
+    Forecaster,
+    ForecasterConfig,
+    NormalPrior,
+    RecurrentVDN,
+    RecurrentVDNConfig,
+)
 from vdn_pyro.network import VDN, Prediction, VDNConfig  # noqa: E402
 from vdn_pyro.primitives import BETA_FLOOR, neurons  # noqa: E402
 
@@ -25,13 +47,27 @@ __all__ = [
     "BETA_FLOOR",
     "DLinearTrunk",
     "FitResult",
+    "Forecaster",
+    "ForecasterConfig",
+    "FreeBits",
+    "JitLocalELBO",
+    "KLBand",
+    "LocBand",
     "LocalELBO",
     "MLPTrunk",
     "NormalPrior",
+    "Persistence",
     "Prediction",
+    "RecurrentVDN",
+    "RecurrentVDNConfig",
+    "ScaleGuard",
+    "UnitMonitor",
     "UnitStats",
     "VDN",
     "VDNConfig",
     "fit",
+    "layer_summary",
     "neurons",
+    "to_inference_data",
+    "unit_report",
 ]

@@ -492,6 +492,8 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
                     "for; ask for more with --set fit.steps=N (steps count from the start of the run)"
                 )
         run_dir.root.mkdir(parents=True, exist_ok=True)
+        echo(f"run directory: {run_dir.root}")
+        sys.stdout.flush()
         dump_config(config, run_dir.config)
         started = datetime.datetime.now().isoformat(timespec="seconds")
         run_dir.write_info(status="running", started=started, command=argv, versions=_versions())
@@ -839,9 +841,6 @@ def _command_fit(args, argv):
     else:
         config = load_config(args.config, preset=args.preset, overrides=args.overrides)
         run_dir = RunDir(args.run_dir or _new_run_dir(config.output.root))
-    say = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    print(f"run directory: {run_dir.root}", flush=True)
-    say("resuming from " + str(run_dir.checkpoint) if args.resume else "writing config.yaml, logs and checkpoints")
     run = fit_run(config, run_dir.root, resume=args.resume is not None, progress=not args.quiet, argv=argv)
     result = run.result
     if result.interrupted:

@@ -323,11 +323,11 @@ class FitConfig(_Section):
     :ivar pyro_validation: run with Pyro's distribution validation (several times slower).
     """
 
-    epochs: PositiveInt = 20
+    epochs: PositiveInt = 40
     steps: PositiveInt | None = None
     batch_size: PositiveInt = 32
-    lr: PositiveFloat = 5e-3
-    lr_decay: Annotated[float, Field(gt=0, le=1)] = 0.9
+    lr: PositiveFloat = 1e-2
+    lr_decay: Annotated[float, Field(gt=0, le=1)] = 0.95
     optim: Literal["adam", "clipped_adam", "adamw"] = "adam"
     num_particles: PositiveInt = 1
     seed: NonNegativeInt = 0
@@ -404,7 +404,7 @@ class OutputConfig(_Section):
     dpi: PositiveInt = 110
     fan_window: NonNegativeInt = 0
     idata: bool = True
-    idata_obs: PositiveInt = 32
+    idata_obs: PositiveInt = 16
     idata_draws: PositiveInt = 100
     idata_chains: PositiveInt = 2
 
@@ -436,7 +436,7 @@ PRESETS = {
             "train_stride": 4,
         },
         "neurons": {"units": 64, "features": 64},
-        "fit": {"epochs": 10, "batch_size": 256, "lr_decay": 0.6, "patience": 3},
+        "fit": {"epochs": 10, "batch_size": 256, "lr": 5e-3, "lr_decay": 0.6, "patience": 3},
         "diagnostics": {"monitor_every": 50},
     },
     "quick": {

@@ -22,7 +22,10 @@ expose it through ``state_dict()``/``load_state_dict()`` so that checkpoints can
 >>> from vdn_pyro import VDN, fit
 >>> net = VDN(4, 1, units=(8,))
 >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
->>> result = fit(net, x, y, steps=5, constraints=[KLBand(0.05, 0.3), ScaleGuard(0.15, 5.0)])
+>>> bands = [KLBand(0.05, 0.3), ScaleGuard(0.15, 5.0)]
+>>> result = fit(net, x, y, steps=5, constraints=bands, progress=False)
+>>> float(net.posteriors(x)["layers.0.z"][1].min()) >= 0.15
+True
 """
 
 import math
@@ -370,8 +373,8 @@ class KLBand(Constraint):
     def __repr__(self):
         return (
             f"KLBand(low={self.low}, high={self.high}, rate={self.rate}, beta_min={self.beta_min}, "
-            f"beta_max={self.beta_max}, ema={self.decay}, granularity={self.granularity!r}"
-            f"{self._scope_repr()})"
+            f"beta_max={self.beta_max}, ema={self.decay}, granularity={self.granularity!r}, "
+            f"damping={self.damping}, margin={self.margin}{self._scope_repr()})"
         )
 
 

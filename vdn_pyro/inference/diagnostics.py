@@ -457,7 +457,7 @@ class UnitMonitor:
 
     >>> from vdn_pyro import VDN, fit
     >>> net, x, y = VDN(4, 1, units=(3,)), torch.randn(64, 4), torch.randn(64, 1)
-    >>> result = fit(net, x, y, steps=4, callbacks=[UnitMonitor(x, every=2)])
+    >>> result = fit(net, x, y, steps=4, callbacks=[UnitMonitor(x, every=2)], progress=False)
     >>> result.monitor.step.unique().tolist()
     [0, 2, 4]
     """

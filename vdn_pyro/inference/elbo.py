@@ -165,6 +165,7 @@ class LocalELBO(ELBO):
                 elbo = elbo + model_site["log_prob_sum"] - guide_site["log_prob_sum"]
                 continue
             kl, _ = self._site_kl(name, model_site, guide_site)  # (..., B, H)
+            raw_kl = kl  # statistics report the real KL, not a hook's transform of it
             if is_neuron:
                 for hook in self.hooks:
                     if hasattr(hook, "transform_kl"):
@@ -172,7 +173,7 @@ class LocalELBO(ELBO):
             scaled = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
             elbo = elbo - scaled.sum()
             if is_neuron:
-                self._record(name, kl, guide_site, stats)
+                self._record(name, raw_kl, guide_site, stats)
         for name, guide_site in guide_trace.nodes.items():
             if guide_site["type"] == "sample" and name not in model_trace.nodes:
                 elbo = elbo - guide_site["fn"].log_prob(guide_site["value"]).sum()

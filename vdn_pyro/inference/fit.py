@@ -124,6 +124,8 @@ class FitResult:
     :ivar list skipped_steps: steps skipped because their loss or gradient was not finite.
     :ivar checkpoint_path: path (str) of the last checkpoint written, or ``None``.
     :ivar int resumed_from: the step the run resumed from (0 for a fresh run).
+    :ivar monitor: what a monitoring callback recorded (e.g. the
+        :class:`~vdn_pyro.inference.diagnostics.UnitMonitor` table), else ``None``.
     """
 
     network: object
@@ -142,6 +144,7 @@ class FitResult:
     skipped_steps: list = dataclasses.field(default_factory=list)
     checkpoint_path: object = None
     resumed_from: int = 0
+    monitor: object = None
 
     def history_frame(self):
         """The history as a :class:`pandas.DataFrame`."""
@@ -216,11 +219,21 @@ def evaluate_loss(network, x, y, elbo=None, batch_size=1024):
 
     :param network: a :class:`~vdn_pyro.VDN` (anything with ``model``/``guide``).
     :param x: inputs ``(N, ...)``. :param y: targets ``(N, ...)``.
-    :param elbo: the estimator (default :class:`LocalELBO`).
+    :param elbo: the estimator (default :class:`LocalELBO`). Its hooks (constraint penalties,
+        free-bits floors) are training devices and are left out: the result is the plain ELBO
+        with the same estimator and number of particles.
     :param int batch_size: evaluation batch size.
     :returns: a float.
     """
-    elbo = elbo or LocalELBO()
+    if elbo is None:
+        elbo = LocalELBO()
+    elif getattr(elbo, "hooks", None):
+        elbo = LocalELBO(
+            estimator=elbo.estimator,
+            num_particles=elbo.num_particles,
+            vectorize_particles=elbo.vectorize_particles,
+            max_plate_nesting=elbo.max_plate_nesting,
+        )
     total, n = 0.0, x.shape[0]
     with torch.no_grad():
         for start in range(0, n, batch_size):

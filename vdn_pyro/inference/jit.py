@@ -12,13 +12,15 @@ Two things make the replay correct where Pyro 1.9's ``JitTraceMeanField_ELBO`` i
   ``model``/``guide`` are passed to the graph on every call (through
   :func:`torch.func.functional_call`), as are all tensor arguments. A layer's ``beta`` buffer that
   a thermostat updates in place, or replaces, is read fresh each step instead of being frozen
-  into the trace. Pyro's version reads parameters from the param store only, so module state is
-  baked in as constants.
+  into the trace. Pyro's version passes only the global param store's entries, so buffers such as
+  ``beta`` become constants of its trace (and with this library's module-local parameters it
+  fails outright: it looks ``likelihood.raw_scale`` up in the empty store, a ``KeyError``).
 - **It compiles once.** Graphs are cached under a key made of everything the capture depends on:
   the module, the model and guide functions, the shapes, dtypes and devices of the tensor
   arguments and of the module state, the values of the other arguments (``num_data``), the
-  training and grad modes and the ELBO settings. Pyro's cache check reads a different attribute
-  from the one it stores, so it recompiles on every call (and its key ignores shapes).
+  training and grad modes and the ELBO settings. Pyro's check looks for
+  ``_loss_and_surrogate_loss`` but stores ``_differentiable_loss``, so it builds and traces a new
+  function on every call (and its key ignores shapes).
   :attr:`JitLocalELBO.num_compilations` counts captures.
 
 Random draws are operations in the graph (``normal_``), so each replay samples afresh, from the

@@ -1,0 +1,75 @@
+"""Smoke tests of the ETTh1 forecasting benchmark and the AR study (``--quick``)."""
+
+import importlib.util
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.common import ETT_PATH, ROOT, requires_ett
+
+pytestmark = requires_ett()
+
+
+def load(name):
+    """Import a benchmark script as a module."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_benchmark_writes_one_table(tmp_path, capsys):
+    bench = load("forecast_ett")
+    start = time.perf_counter()
+    summary = bench.main(bench.parse_args(["--quick", "--data", str(ETT_PATH), "--out-dir", str(tmp_path)]))
+    elapsed = time.perf_counter() - start
+    assert elapsed < 180, f"--quick took {elapsed:.0f}s"
+    models = list(summary["model"])
+    assert models == ["vdn", "twin", "dlinear", "repeat", "DLinear (published)", "NLinear (published)"]
+    ours = summary[summary["seeds"] > 0]
+    for key in ("mse", "mae", "crps", "nll", "coverage_90"):
+        assert ours[key].notna().all() and (ours[key] > 0).all()
+    assert (ours["coverage_90"] <= 1).all()
+    published = summary[summary["model"] == "DLinear (published)"].iloc[0]
+    assert (published["mse"], published["mae"]) == (0.375, 0.399)
+    runs = pd.read_csv(tmp_path / "forecast_ett_runs.csv")
+    assert len(runs) == 4 and set(runs["horizon"]) == {96}
+    assert (tmp_path / "forecast_ett.csv").exists()
+    table = (tmp_path / "forecast_ett.md").read_text()
+    assert "| 96 | VDN forecaster |" in table and "NLinear (published)" in table
+    out = capsys.readouterr().out
+    assert out.count("| H | model | MSE | MAE | CRPS | NLL | cov 90% | seeds |") == 1
+
+
+def test_quick_ar_study_writes_the_half_life_histogram(tmp_path):
+    study = load("ar_study")
+    args = study.parse_args(["--quick", "--data", str(ETT_PATH), "--out-dir", str(tmp_path),
+                             "--variants", "normal", "ar-band"])
+    summary = study.main(args)
+    assert list(summary["model"]) == ["normal", "ar-band"]
+    runs = pd.read_csv(tmp_path / "ar_study_runs.csv")
+    band = runs[runs["model"] == "ar-band"].iloc[0]
+    lo, hi = (b * args.train_stride for b in args.band)
+    assert lo - 1e-3 <= band["half_life_median_h"] <= hi + 1e-3
+    png = tmp_path / "ar_half_lives.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    bench = load("forecast_ett")
+    with pytest.raises(FileNotFoundError, match="ETTh1.csv"):
+        bench.main(bench.parse_args(["--quick", "--data", str(tmp_path / "ETTh1.csv"), "--out-dir", str(tmp_path)]))
