@@ -117,7 +117,9 @@ def main(args):
                     + f" half-life={row.get('half_life_median_h', float('nan')):.1f}h",
                     flush=True,
                 )
-    summary, table = forecast_ett.write_outputs(runs, args.out_dir, stem="ar_study", note=note, published=False)
+    summary, table = forecast_ett.write_outputs(
+        runs, args.out_dir, stem="ar_study", note=note, published=False
+    )
     band_hours = [b * hours for b in args.band]
     half_life_figure(Path(args.out_dir) / "ar_half_lives.png", half_lives, band_hours)
     print(note)

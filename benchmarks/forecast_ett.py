@@ -21,7 +21,6 @@ Writes ``forecast_ett_runs.csv`` (one row per horizon, model and seed), ``foreca
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -49,8 +48,12 @@ LABELS = {
 }
 #: Zeng et al. (AAAI 2023), Table 2, ETTh1, L = 336: (MSE, MAE).
 PUBLISHED = {
-    "DLinear (published)": {96: (0.375, 0.399), 192: (0.405, 0.416), 336: (0.439, 0.443), 720: (0.472, 0.490)},
-    "NLinear (published)": {96: (0.374, 0.394), 192: (0.408, 0.415), 336: (0.429, 0.427), 720: (0.440, 0.453)},
+    "DLinear (published)": {
+        96: (0.375, 0.399), 192: (0.405, 0.416), 336: (0.439, 0.443), 720: (0.472, 0.490)
+    },
+    "NLinear (published)": {
+        96: (0.374, 0.394), 192: (0.408, 0.415), 336: (0.429, 0.427), 720: (0.440, 0.453)
+    },
 }
 COLUMNS = ("mse", "mae", "crps", "nll", "coverage_90")
 LOOKBACK = 336
@@ -230,7 +233,9 @@ def main(args):
 def build_parser(description):
     """The command-line options shared with ``ar_study.py``."""
     parser = argparse.ArgumentParser(description=description)
-    default_data = os.environ.get("VDN_ETT_PATH", str(ROOT.parent / "shared" / "data" / "ETT-small" / "ETTh1.csv"))
+    default_data = os.environ.get(
+        "VDN_ETT_PATH", str(ROOT.parent / "shared" / "data" / "ETT-small" / "ETTh1.csv")
+    )
     parser.add_argument("--data", default=default_data, help="path to ETTh1.csv (or set VDN_ETT_PATH)")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--horizons", type=int, nargs="+", default=[96, 192, 336, 720])
@@ -244,7 +249,7 @@ def build_parser(description):
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--lr-decay", type=float, default=0.6)
     parser.add_argument("--train-stride", type=int, default=4)
-    parser.add_argument("--chunk", type=int, default=1, help="windows per training item T")
+    parser.add_argument("--chunk", type=int, default=4, help="windows per VDN training item T")
     parser.add_argument("--val-stride", type=int, default=1)
     parser.add_argument("--test-stride", type=int, default=1)
     # forecaster
@@ -253,14 +258,18 @@ def build_parser(description):
     parser.add_argument("--prior", default="ar", choices=["ar", "normal"])
     parser.add_argument("--phi", type=float, default=0.5)
     parser.add_argument("--beta", type=float, default=1e-3)
-    parser.add_argument("--train-draws", type=int, default=8)
+    parser.add_argument("--train-draws", type=int, default=16)
     parser.add_argument("--init-scale", type=float, default=0.5)
     parser.add_argument("--likelihood-scale", default="learned", choices=["learned", "heteroscedastic"])
     parser.add_argument("--activation", default="gelu", help="on the trunk features read by the neurons")
     # scoring
     parser.add_argument("--num-samples", type=int, default=100)
-    parser.add_argument("--mc", action="store_true", help="score the Monte Carlo mixture, not the exact marginal")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest when the CPU is shared)")
+    parser.add_argument(
+        "--mc", action="store_true", help="score the Monte Carlo mixture, not the exact marginal"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)"
+    )
     return parser
 
 

@@ -78,7 +78,8 @@ def main(args):
     print(f"test metrics over {x_test.shape[0]} windows (standardised units):")
     for name, model in models.items():
         scores = evaluate_forecaster(model, x_test, y_test, args.num_samples, exact=False)
-        print(f"  {name:5s} " + " ".join(f"{k}={scores[k]:.3f}" for k in ("mse", "crps", "nll", "coverage_90")))
+        shown = ("mse", "crps", "nll", "coverage_90")
+        print(f"  {name:5s} " + " ".join(f"{k}={scores[k]:.3f}" for k in shown))
 
     index = min(args.window, x_test.shape[0] - 1)
     pyro.set_rng_seed(args.seed)

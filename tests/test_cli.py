@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vdn_pyro.cli import main
+from vdn_pyro.cli import _RunMonitor, main
 from vdn_pyro.inference import load_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -202,8 +202,35 @@ def test_new_user_from_a_fresh_directory(tmp_path):
     assert_one_line_error(bad.stderr, "no run directory at runs/nope")
 
 
+def test_interrupted_fit_writes_a_final_checkpoint_and_exits_130(tmp_path, monkeypatch, capsys):
+    """SIGINT during training (delivered at step 3 by the unit monitor's hook, in this process):
+    status 130, a final checkpoint at that step, and a resume command that works."""
+    on_step_end = _RunMonitor.on_step_end
+
+    def interrupt_at_step_3(self, state):
+        on_step_end(self, state)
+        if state.step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(_RunMonitor, "on_step_end", interrupt_at_step_3)
+    run = tmp_path / "run"
+    assert main(["fit", "--preset", "quick", "--run-dir", str(run), "--quiet", *NO_EXTRAS]) == 130
+    err = capsys.readouterr().err
+    assert "vdn: interrupted by SIGINT at step 3" in err and f"vdn fit --resume {run}" in err
+    checkpoint = load_checkpoint(run / "checkpoints")
+    assert checkpoint["step"] == 3 and checkpoint["stop_reason"] == "SIGINT"
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    assert not (run / "metrics.json").exists()  # no report for an unfinished run
+    monkeypatch.undo()
+    assert main(["fit", "--resume", str(run), "--quiet"]) == 0
+    assert load_checkpoint(run / "checkpoints")["step"] == 6
+    assert (run / "metrics.json").is_file()
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigint_writes_a_final_checkpoint_and_exits_130(tmp_path):
+def test_sigint_to_the_process_exits_130(tmp_path):
+    """Ctrl-C as a user sends it: SIGINT to a running ``vdn fit`` process."""
     run = tmp_path / "run"
     argv = [*vdn_command(), "fit", "--preset", "quick", "--run-dir", str(run), "--quiet",
             "--set", "fit.steps=1000000", "--set", "fit.checkpoint_every=100000"]  # fmt: skip

@@ -72,4 +72,5 @@ def test_quick_ar_study_writes_the_half_life_histogram(tmp_path):
 def test_missing_data_file_is_a_clear_error(tmp_path):
     bench = load("forecast_ett")
     with pytest.raises(FileNotFoundError, match="ETTh1.csv"):
-        bench.main(bench.parse_args(["--quick", "--data", str(tmp_path / "ETTh1.csv"), "--out-dir", str(tmp_path)]))
+        missing = str(tmp_path / "ETTh1.csv")
+        bench.main(bench.parse_args(["--quick", "--data", missing, "--out-dir", str(tmp_path)]))

@@ -20,7 +20,7 @@ from vdn_pyro.forecasting import (
     training_windows,
 )
 from vdn_pyro.inference.fit import FitResult, FitState
-from vdn_pyro.models import DLinear, ForecastPrediction, Forecaster, RepeatLast
+from vdn_pyro.models import DLinear, Forecaster, ForecastPrediction, RepeatLast
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from torch.distributions import kl_divergence
 
 from tests.common import assert_close
 from vdn_pyro import LocalELBO, fit
-from vdn_pyro.models import ARPrior, ForecastPrediction, Forecaster, ForecasterConfig, NormalPrior
+from vdn_pyro.models import ARPrior, Forecaster, ForecasterConfig, ForecastPrediction, NormalPrior
 
 L, H, U, B, T = 24, 6, 5, 4, 3
 
@@ -230,7 +230,8 @@ def test_one_draw_is_the_usual_elbo():
     """K = 1 is the mean-field ELBO of the plain model: Trace_ELBO agrees in expectation."""
     net = make(train_draws=1, beta=0.5)
     x, y = torch.randn(B, L), torch.randn(B, H)
-    mean_field = torch.stack([LocalELBO().differentiable_loss(net.model, net.guide, x, y) for _ in range(200)])
+    elbo = LocalELBO()
+    mean_field = torch.stack([elbo.differentiable_loss(net.model, net.guide, x, y) for _ in range(200)])
     trace = pyro.infer.Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=2)
     mc = trace.differentiable_loss(net.model, net.guide, x, y)
     assert_close(mc, mean_field.mean(), rtol=0.02)

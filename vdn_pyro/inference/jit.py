@@ -136,7 +136,10 @@ class JitLocalELBO(LocalELBO):
 
     :param backend: ``None`` (replay the captured graph; no compiler needed) or a
         :func:`torch.compile` backend such as ``"inductor"`` to compile the captured graph
-        further (fuses elementwise operations; needs a C++ compiler and compiles for a while).
+        further (fuses elementwise operations; needs a C++ compiler and compiles for minutes).
+        A compiler may draw random numbers its own way (inductor does unless
+        ``torch._inductor.config.fallback_random`` is set), so the equality with the eager loss
+        for a given seed holds for ``backend=None`` only.
     :param module: the module owning the parameters and buffers (default: ``model.__self__``).
     :param int max_graphs: cached graphs kept (least recently used dropped); a warning is
         issued when the cache overflows, which means the shapes keep changing.

@@ -1,7 +1,7 @@
 """Model side: per-unit priors, likelihoods, the forecaster and its baselines."""
 
 from vdn_pyro.models.baselines import DLinear, PointForecaster, RepeatLast
-from vdn_pyro.models.forecaster import ForecastPrediction, Forecaster, ForecasterConfig
+from vdn_pyro.models.forecaster import Forecaster, ForecasterConfig, ForecastPrediction
 from vdn_pyro.models.likelihoods import (
     BernoulliLikelihood,
     CategoricalLikelihood,
