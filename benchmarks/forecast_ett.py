@@ -94,9 +94,9 @@ def build_model(name, horizon, args, **overrides):
 
 
 def train_config(args, name="vdn"):
-    """The shared training recipe. Only the VDN (whose AR prior runs over time) trains on chunks
-    of ``--chunk`` windows; every model sees the same number of windows per step."""
-    chunk = args.chunk if name == "vdn" else 1
+    """The shared training recipe: every trained model sees the same chunks of ``--chunk``
+    windows (the VDN's AR prior runs over them), ``--batch-size`` windows per step."""
+    chunk = args.chunk
     return TrainConfig(
         epochs=args.epochs,
         batch_size=max(1, args.batch_size // chunk),
@@ -249,7 +249,7 @@ def build_parser(description):
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--lr-decay", type=float, default=0.6)
     parser.add_argument("--train-stride", type=int, default=4)
-    parser.add_argument("--chunk", type=int, default=4, help="windows per VDN training item T")
+    parser.add_argument("--chunk", type=int, default=4, help="windows per training item T")
     parser.add_argument("--val-stride", type=int, default=1)
     parser.add_argument("--test-stride", type=int, default=1)
     # forecaster

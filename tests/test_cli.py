@@ -20,10 +20,22 @@ from vdn_pyro.inference import load_checkpoint
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NO_EXTRAS = ["--set", "output.plots=false", "--set", "output.idata=false"]
 RUN_FILES = [
-    "config.yaml", "run.json", "checkpoints/last.pt", "log.csv", "log.jsonl", "monitor.csv", "units.csv",
-    "layers.csv", "metrics.json", "metrics.csv", "idata.nc", "arviz_summary.csv", "plots/dashboard.png",
-    "plots/fan_chart.png", "plots/forest.png",
-]  # fmt: skip
+    "config.yaml",
+    "run.json",
+    "checkpoints/last.pt",
+    "log.csv",
+    "log.jsonl",
+    "monitor.csv",
+    "units.csv",
+    "layers.csv",
+    "metrics.json",
+    "metrics.csv",
+    "idata.nc",
+    "arviz_summary.csv",
+    "plots/dashboard.png",
+    "plots/fan_chart.png",
+    "plots/forest.png",
+]
 PLOTS = ["plots/dashboard.png", "plots/fan_chart.png", "plots/forest.png"]
 
 
@@ -95,8 +107,22 @@ def test_report_regenerates_tables_and_plots(quick_run, tmp_path):
 def test_resume_continues_exactly(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(["fit", "--preset", "quick", "--run-dir", str(straight), "--quiet", *NO_EXTRAS]) == 0
-    assert main(["fit", "--preset", "quick", "--run-dir", str(split), "--quiet", "--set", "fit.steps=4",
-                 *NO_EXTRAS]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "fit",
+                "--preset",
+                "quick",
+                "--run-dir",
+                str(split),
+                "--quiet",
+                "--set",
+                "fit.steps=4",
+                *NO_EXTRAS,
+            ]
+        )
+        == 0
+    )
     assert main(["fit", "--resume", str(split), "--quiet", "--set", "fit.steps=6"]) == 0
     info = json.loads((split / "run.json").read_text())
     assert info["resumed_from"] == 4 and info["steps"] == 6 and info["status"] == "completed"
@@ -109,6 +135,26 @@ def test_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+
+
+def test_deterministic_twin_run(tmp_path):
+    run = tmp_path / "twin"
+    argv = [
+        "fit",
+        "--preset",
+        "quick",
+        "--run-dir",
+        str(run),
+        "--quiet",
+        "--set",
+        "neurons.deterministic=true",
+    ]
+    assert main(argv) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"twin", "repeat_last"}
+    assert_png(run / "plots" / "dashboard.png")
+    assert_png(run / "plots" / "fan_chart.png")
+    assert not (run / "units.csv").exists()  # a twin has no distributional units to diagnose
 
 
 def _corrupt_checkpoint(run):
@@ -124,8 +170,10 @@ def _other_architecture(run):
 @pytest.mark.parametrize(
     "argv, fragments",
     [
-        (["fit", "--preset", "quick", "--set", "neurons.prior.order=two"],
-         ["neurons.prior.order: expected int >= 1, got 'two'"]),
+        (
+            ["fit", "--preset", "quick", "--set", "neurons.prior.order=two"],
+            ["neurons.prior.order: expected int >= 1, got 'two'"],
+        ),
         (["fit", "--preset", "quick", "--set", "neurons.unitz=3"], ["neurons.unitz: unknown key", "'units'"]),
         (["fit", "missing.yaml"], ["config file missing.yaml does not exist"]),
         (["fit", "--preset", "quik"], ["unknown preset 'quik'"]),
@@ -134,9 +182,17 @@ def _other_architecture(run):
         (["report", "no/such/run"], ["no run directory at no/such/run"]),
         (["fit", "--resume", "no/such/run"], ["no run directory at no/such/run"]),
     ],
-    ids=["ill-typed", "unknown-key", "missing-file", "unknown-preset", "unsplittable-data", "evaluate-missing",
-         "report-missing", "resume-missing"],
-)  # fmt: skip
+    ids=[
+        "ill-typed",
+        "unknown-key",
+        "missing-file",
+        "unknown-preset",
+        "unsplittable-data",
+        "evaluate-missing",
+        "report-missing",
+        "resume-missing",
+    ],
+)
 def test_errors_are_one_line_with_status_2(tmp_path, monkeypatch, capsys, argv, fragments):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
@@ -152,9 +208,14 @@ def test_errors_are_one_line_with_status_2(tmp_path, monkeypatch, capsys, argv, 
         (None, "refit", ["is not empty", "--resume"]),
         (None, "resume-backwards", ["already at step 6"]),
     ],
-    ids=["corrupt-checkpoint", "incompatible-checkpoint", "incompatible-resume", "run-dir-in-use",
-         "resume-fewer-steps"],
-)  # fmt: skip
+    ids=[
+        "corrupt-checkpoint",
+        "incompatible-checkpoint",
+        "incompatible-resume",
+        "run-dir-in-use",
+        "resume-fewer-steps",
+    ],
+)
 def test_bad_run_directories(quick_run, tmp_path, capsys, damage, command, fragments):
     run = tmp_path / "run"
     shutil.copytree(quick_run, run)
@@ -181,23 +242,41 @@ def test_config_command_prints_the_resolved_config(capsys):
 def test_new_user_from_a_fresh_directory(tmp_path):
     """``vdn fit --preset quick`` then ``vdn report`` as subprocesses, as a new user would."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    fit = subprocess.run([*vdn_command(), "fit", "--preset", "quick"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300, env=env)  # fmt: skip
+    fit = subprocess.run(
+        [*vdn_command(), "fit", "--preset", "quick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert fit.returncode == 0, fit.stderr
     lines = [line for line in fit.stdout.splitlines() if line.startswith("run directory: ")]
     run = tmp_path / lines[-1].removeprefix("run directory: ")
     assert run.parent == tmp_path / "runs"  # runs/<timestamp>
     for name in PLOTS:
         (run / name).unlink()
-    report = subprocess.run([*vdn_command(), "report", str(run)], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env=env)  # fmt: skip
+    report = subprocess.run(
+        [*vdn_command(), "report", str(run)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert report.returncode == 0, report.stderr
     for name in RUN_FILES:
         assert (run / name).is_file(), f"missing {name}"
     for name in PLOTS:
         assert_png(run / name)
-    bad = subprocess.run([*vdn_command(), "evaluate", "runs/nope"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300, env=env)  # fmt: skip
+    bad = subprocess.run(
+        [*vdn_command(), "evaluate", "runs/nope"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert bad.returncode == 2
     assert_one_line_error(bad.stderr, "no run directory at runs/nope")
 
@@ -232,8 +311,19 @@ def test_interrupted_fit_writes_a_final_checkpoint_and_exits_130(tmp_path, monke
 def test_sigint_to_the_process_exits_130(tmp_path):
     """Ctrl-C as a user sends it: SIGINT to a running ``vdn fit`` process."""
     run = tmp_path / "run"
-    argv = [*vdn_command(), "fit", "--preset", "quick", "--run-dir", str(run), "--quiet",
-            "--set", "fit.steps=1000000", "--set", "fit.checkpoint_every=100000"]  # fmt: skip
+    argv = [
+        *vdn_command(),
+        "fit",
+        "--preset",
+        "quick",
+        "--run-dir",
+        str(run),
+        "--quiet",
+        "--set",
+        "fit.steps=1000000",
+        "--set",
+        "fit.checkpoint_every=100000",
+    ]
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240

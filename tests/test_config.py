@@ -105,7 +105,11 @@ def test_parse_overrides_types():
         ({"neurons": {"unitz": 3}}, "neurons.unitz", "unknown key (did you mean 'units'?)"),
         ({"fit": {"lr": -1}}, "fit.lr", "expected number > 0, got -1"),
         ({"fit": {"pyro_validation": "maybe"}}, "fit.pyro_validation", "expected true or false, got 'maybe'"),
-        ({"neurons": {"instance_norm": "max"}}, "neurons.instance_norm", "expected one of 'last', 'mean' or null"),
+        (
+            {"neurons": {"instance_norm": "max"}},
+            "neurons.instance_norm",
+            "expected one of 'last', 'mean' or null",
+        ),
         ({"neurons": {"prior": {"phi_range": [0.1, "a"]}}}, "neurons.prior.phi_range[1]", "expected number"),
         ({"neurons": {"beta": [0.1, 0.2]}}, "neurons.beta", "list of 32 numbers (one per unit)"),
         ({"data": {"train": 0.9, "val": 0.2}}, "data.val", "expected train + val < 1"),
@@ -115,10 +119,21 @@ def test_parse_overrides_types():
         ({"colour": "blue"}, "colour", "unknown key; expected one of data, neurons"),
     ],
     ids=[
-        "ill-typed-int", "out-of-range", "unknown-key", "negative-lr", "ill-typed-bool", "bad-choice",
-        "list-item", "beta-length", "cross-field", "not-a-section", "band-order", "band-length", "top-level",
+        "ill-typed-int",
+        "out-of-range",
+        "unknown-key",
+        "negative-lr",
+        "ill-typed-bool",
+        "bad-choice",
+        "list-item",
+        "beta-length",
+        "cross-field",
+        "not-a-section",
+        "band-order",
+        "band-length",
+        "top-level",
     ],
-)  # fmt: skip
+)
 def test_errors_name_the_dotted_path(data, path, message):
     with pytest.raises(ConfigError) as info:
         validate_config(data)

@@ -14,6 +14,7 @@ from vdn_pyro.forecasting import (
     EarlyStopping,
     EpochDecay,
     TrainConfig,
+    ValidationSelector,
     evaluate_forecaster,
     score_prediction,
     train_forecaster,
@@ -79,11 +80,58 @@ def test_training_windows_and_chunks():
         TrainConfig(chunk=0)
     with pytest.raises(ValueError, match="lr_decay"):
         TrainConfig(lr_decay=1.5)
+    with pytest.raises(ValueError, match="select"):
+        TrainConfig(select="accuracy")
 
 
 class _Opt:
     def __init__(self):
         self.param_groups = [{"lr": 1.0}]
+
+
+class _Model:
+    """Stand-in with a scripted validation score per call."""
+
+    def __init__(self, scores):
+        self.scores, self.state = list(scores), 0
+
+    def state_dict(self):
+        return {"state": self.state}
+
+    def load_state_dict(self, state):
+        self.state = state["state"]
+
+    def train(self):
+        pass
+
+    def eval(self):
+        pass
+
+
+def test_validation_selector_keeps_the_best_state(monkeypatch):
+    import vdn_pyro.forecasting as forecasting
+
+    model = _Model([3.0, 1.0, 2.0, 2.5, 0.5])
+    calls = []
+
+    def fake_evaluate(m, x, y, num_samples, seed=None):
+        return {"crps": m.scores.pop(0)}
+
+    monkeypatch.setattr(forecasting, "evaluate_forecaster", fake_evaluate)
+    selector = ValidationSelector(model, None, None, "crps", every=10, patience=2, before=lambda: calls.append(1))
+    state = FitState(network=model, optimizer=None, elbo=None)
+    for step in range(1, 51):
+        state.step = step
+        model.state = step
+        selector.on_step_end(state)
+        if state.stop:
+            break
+    assert state.step == 40 and selector.best_step == 20 and selector.best == 1.0
+    assert len(calls) == 4
+    selector.on_fit_end(state)
+    assert model.state == 20
+    with pytest.raises(ValueError, match="metric"):
+        ValidationSelector(model, None, None, "accuracy")
 
 
 def test_epoch_decay_and_early_stopping_callbacks():
@@ -104,10 +152,10 @@ def test_epoch_decay_and_early_stopping_callbacks():
     assert state.stop and stop.stopped_step == 30
 
 
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_train_and_evaluate_every_model(chunk):
+@pytest.mark.parametrize("chunk, select", [(1, "crps"), (3, "crps"), (1, "loss")])
+def test_train_and_evaluate_every_model(chunk, select):
     splits = toy_splits()
-    config = TrainConfig(epochs=3, batch_size=64, lr=0.01, patience=2, chunk=chunk, num_samples=20)
+    config = TrainConfig(epochs=3, batch_size=64, lr=0.01, patience=2, chunk=chunk, num_samples=20, select=select)
     x_test, y_test = splits.windows("test")
     for model in (
         Forecaster(lookback=16, horizon=4, units=4, features=8, kernel_size=5, train_draws=4),
@@ -120,7 +168,7 @@ def test_train_and_evaluate_every_model(chunk):
             assert result is None
         else:
             assert result.best_step > 0 and math.isfinite(result.best_val_loss)
-            assert all("val_loss" in row for row in result.history)
+            assert all(("val_loss" in row) == (select == "loss") for row in result.history)
         for exact in (True, False):
             scores = evaluate_forecaster(model, x_test, y_test, num_samples=20, batch_size=50, exact=exact)
             assert all(math.isfinite(scores[k]) for k in METRICS)

@@ -44,7 +44,11 @@ def _report(units=5, step=None, seed=0):
 @pytest.mark.parametrize("with_tables", [True, False], ids=["report-and-monitor", "history-only"])
 def test_dashboard_writes_a_png(tmp_path, with_tables):
     steps, kl, beta = _history()
-    loss = {"step": steps, "train": np.linspace(3, 1, len(steps)), "val": np.where(steps % 10 == 0, 1.5, np.nan)}
+    loss = {
+        "step": steps,
+        "train": np.linspace(3, 1, len(steps)),
+        "val": np.where(steps % 10 == 0, 1.5, np.nan),
+    }
     options = {}
     if with_tables:
         monitor = pd.concat([_report(step=s, seed=int(s)) for s in (0, 20, 40, 60)], ignore_index=True)
@@ -64,8 +68,14 @@ def test_fan_chart_writes_a_png(tmp_path):
     horizon = 10
     levels = {0.05: -2.0, 0.25: -0.7, 0.5: 0.0, 0.75: 0.7, 0.95: 2.0}
     quantiles = {q: np.linspace(1, 2, horizon) + z for q, z in levels.items()}
-    path = plot_fan_chart(tmp_path / "fan.png", np.sin(np.arange(30) / 3), np.linspace(1, 2, horizon), quantiles,
-                          title="test", ylabel="ppm")  # fmt: skip
+    path = plot_fan_chart(
+        tmp_path / "fan.png",
+        np.sin(np.arange(30) / 3),
+        np.linspace(1, 2, horizon),
+        quantiles,
+        title="test",
+        ylabel="ppm",
+    )
     assert_png(path)
 
 

@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from vdn_pyro.cli import main
 from vdn_pyro.config import load_config
@@ -20,13 +21,17 @@ def readme_blocks(language):
     """``(line, code)`` of every fenced block of ``language``, in order."""
     text = README.read_text()
     return [
-        (text.count("\n", 0, m.start()) + 1, m.group(2)) for m in FENCE.finditer(text) if m.group(1) == language
+        (text.count("\n", 0, m.start()) + 1, m.group(2))
+        for m in FENCE.finditer(text)
+        if m.group(1) == language
     ]
 
 
 def _block_id(block):
     line, code = block
-    first = next((row for row in code.splitlines() if row.strip() and not row.startswith(("import", "from"))), "")
+    first = next(
+        (row for row in code.splitlines() if row.strip() and not row.startswith(("import", "from"))), ""
+    )
     return f"line{line}-" + re.sub(r"\W+", "_", first.strip())[:30]
 
 
@@ -48,8 +53,17 @@ def test_readme_commands_match_ci():
     assert "pip install torch==2.13.0 && pip install -e . && vdn fit" in bash
 
 
+@pytest.fixture
+def one_thread():
+    """Small networks run many times faster on one thread on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[_block_id(b) for b in PYTHON_BLOCKS])
-def test_python_block_runs(block, tmp_path, monkeypatch):
+def test_python_block_runs(block, tmp_path, monkeypatch, one_thread):
     line, code = block
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
@@ -95,4 +109,6 @@ def test_cli_lines_run(tmp_path, monkeypatch, capsys):
     for row in lines:
         argv = _quick(shlex.split(row, comments=True)[1:])
         status = main(argv)
-        assert status == 0, f"`{row}` (run as `vdn {' '.join(argv)}`) exited with {status}: {capsys.readouterr().err}"
+        assert status == 0, (
+            f"`{row}` (run as `vdn {' '.join(argv)}`) exited with {status}: {capsys.readouterr().err}"
+        )

@@ -52,7 +52,38 @@ import numpy as np
 import pyro
 import torch
 
+from vdn_pyro import __version__
 from vdn_pyro.config import ConfigError, dump_config, load_config
+from vdn_pyro.data import (
+    TimeSeries,
+    ett_hourly_splits,
+    load_csv,
+    load_default,
+    load_ett,
+    ratio_splits,
+    window_chunks,
+)
+from vdn_pyro.forecasting import METRICS, EarlyStopping, EpochDecay, evaluate_forecaster
+from vdn_pyro.inference import (
+    CheckpointError,
+    FitResult,
+    FreeBits,
+    KLBand,
+    LocalELBO,
+    LocBand,
+    NonFiniteError,
+    Persistence,
+    ScaleGuard,
+    UnitMonitor,
+    fit,
+    layer_summary,
+    load_checkpoint,
+    save_inference_data,
+    to_inference_data,
+    unit_report,
+)
+from vdn_pyro.inference import arviz as vdn_arviz
+from vdn_pyro.models import Forecaster, ForecasterConfig, RepeatLast
 
 __all__ = [
     "Run",
@@ -151,13 +182,13 @@ def _new_run_dir(root):
 
 # ----------------------------------------------------------------------------- building blocks
 def _select_columns(series, columns):
-    from vdn_pyro.data import TimeSeries
-
     if not columns:
         return series
     missing = [c for c in columns if c not in series.columns]
     if missing:
-        raise ConfigError.at("data.columns", f"expected columns of {series.name} {series.columns}, got {missing}")
+        raise ConfigError.at(
+            "data.columns", f"expected columns of {series.name} {series.columns}, got {missing}"
+        )
     index = [series.columns.index(c) for c in columns]
     return TimeSeries(series.values[:, index], list(columns), series.index, series.name)
 
@@ -170,8 +201,6 @@ def load_data(config):
         :class:`~vdn_pyro.data.ForecastSplits`.
     :raises ConfigError: if the series cannot be split as configured.
     """
-    from vdn_pyro.data import ett_hourly_splits, load_csv, load_default, load_ett, ratio_splits
-
     data = config.data
     try:
         if data.source == "default":
@@ -179,7 +208,9 @@ def load_data(config):
         elif data.source == "ett":
             series = _select_columns(load_ett(data.path), data.columns)
         else:
-            series = load_csv(data.path, date_column=data.date_column, target_columns=data.columns, fill=data.fill)
+            series = load_csv(
+                data.path, date_column=data.date_column, target_columns=data.columns, fill=data.fill
+            )
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -190,26 +221,32 @@ def load_data(config):
         else:
             splits = ratio_splits(series, data.lookback, data.horizon, data.train, data.val)
     except ValueError as e:
-        raise ConfigError.at("data", f"{series.name} ({len(series)} rows) cannot be split as configured: {e}") from None
+        raise ConfigError.at(
+            "data", f"{series.name} ({len(series)} rows) cannot be split as configured: {e}"
+        ) from None
     return series, splits
 
 
 def _training_items(config, splits):
     """Training items ``(N, T, L)``/``(N, T, H)`` (``(N, L)``/``(N, H)`` when ``chunk = 1``)."""
-    from vdn_pyro.data import window_chunks
-
     data = config.data
     try:
         x, y = window_chunks(splits.train, data.lookback, data.horizon, data.chunk, data.train_stride)
     except ValueError as e:
-        raise ConfigError.at("data.chunk", f"the training split holds no chunk of {data.chunk} windows: {e}") from None
+        raise ConfigError.at(
+            "data.chunk", f"the training split holds no chunk of {data.chunk} windows: {e}"
+        ) from None
     if data.chunk == 1:
         x, y = x[:, 0], y[:, 0]  # (N, L), (N, H)
     return x, y
 
 
 def _windows(config, splits, split):
-    stride = {"train": config.data.train_stride, "val": config.data.val_stride, "test": config.data.test_stride}
+    stride = {
+        "train": config.data.train_stride,
+        "val": config.data.val_stride,
+        "test": config.data.test_stride,
+    }
     return splits.windows(split, stride=stride[split])  # (W * C, L), (W * C, H)
 
 
@@ -219,8 +256,6 @@ def build_network(config):
 
     :raises ConfigError: if the forecaster refuses the options.
     """
-    from vdn_pyro.models import Forecaster, ForecasterConfig
-
     n, prior = config.neurons, config.neurons.prior
     try:
         options = ForecasterConfig(
@@ -257,16 +292,26 @@ def build_network(config):
 def build_constraints(config):
     """The enabled local constraints, in the order of ``config.constraints`` (none for the
     deterministic twin, which has no distributional units)."""
-    from vdn_pyro.inference import FreeBits, KLBand, LocBand, Persistence, ScaleGuard
-
     if config.neurons.deterministic:
         return []
     c, out = config.constraints, []
     try:
         if c.kl_band.enabled:
             k = c.kl_band
-            out.append(KLBand(k.low, k.high, k.rate, k.beta_min, k.beta_max, k.ema, granularity=k.granularity,
-                              damping=k.damping, margin=k.margin, every=k.every))
+            out.append(
+                KLBand(
+                    k.low,
+                    k.high,
+                    k.rate,
+                    k.beta_min,
+                    k.beta_max,
+                    k.ema,
+                    granularity=k.granularity,
+                    damping=k.damping,
+                    margin=k.margin,
+                    every=k.every,
+                )
+            )
         if c.free_bits.enabled:
             out.append(FreeBits(c.free_bits.lam))
         if c.loc_band.enabled:
@@ -279,6 +324,16 @@ def build_constraints(config):
     except (TypeError, ValueError) as e:
         raise ConfigError.at("constraints", str(e)) from None
     return out
+
+
+def _check_constraints(constraints, network):
+    """Bind each constraint to the network now (no side effect), so that one that does not fit
+    it (e.g. ``persistence`` without an AR prior) is a configuration error before training."""
+    for constraint in constraints:
+        try:
+            constraint.bind(network)
+        except (TypeError, ValueError) as e:
+            raise ConfigError.at("constraints", str(e)) from None
 
 
 class _AnalysisConfig:
@@ -334,70 +389,61 @@ def _diagnostic_windows(x, count):
 
 # ----------------------------------------------------------------------------- callbacks
 class _RunMonitor:
-    """Records the per-unit table every ``every`` steps (and at the start and end of the fit)
-    to ``monitor.csv``; on resume it keeps the rows before the checkpoint's step, so the file
-    reads as one run."""
+    """A :class:`~vdn_pyro.inference.UnitMonitor` that appends each per-unit table it records to
+    ``monitor.csv``. On resume it keeps the rows before the checkpoint's step (and reads them back
+    for the drift), so the file reads as one run."""
 
     def __init__(self, x, path, every, **report_options):
-        from vdn_pyro.inference import UnitMonitor
-
         self.path = Path(path)
         self.monitor = UnitMonitor(x, every, **report_options)
-
-    def _state(self, state):
-        return dataclasses.replace(state, network=_analysis_view(state.network))
 
     def _append(self, report):
         header = not self.path.exists() or self.path.stat().st_size == 0
         report.to_csv(self.path, mode="a", header=header, index=False)
 
+    def _forward(self, hook, state):
+        """Call the monitor's hook on a view of the network it can read; save new records."""
+        before = len(self.monitor.reports)
+        getattr(self.monitor, hook)(dataclasses.replace(state, network=_analysis_view(state.network)))
+        for _, report in self.monitor.reports[before:]:
+            self._append(report)
+
     def on_fit_start(self, state):
         import pandas as pd
 
-        kept = None
+        kept = []
         if state.step > 0 and self.path.exists() and self.path.stat().st_size:
             frame = pd.read_csv(self.path)
-            kept = frame[frame.step < state.step]
+            kept = [
+                (int(s), rows.reset_index(drop=True))
+                for s, rows in frame[frame.step < state.step].groupby("step")
+            ]
         self.path.unlink(missing_ok=True)
-        monitor = self.monitor
-        monitor.reports, monitor.ema = [], {}
-        if kept is not None and len(kept):
-            self._append(kept)
-            monitor.reports = [(int(step), rows.reset_index(drop=True)) for step, rows in kept.groupby("step")]
-        self._append(monitor.record(self._state(state)))
+        for _, report in kept:
+            self._append(report)
+        self._forward("on_fit_start", state)  # resets the monitor's records, then takes one
+        self.monitor.reports[:0] = kept
 
     def on_step_end(self, state):
-        monitor = self.monitor
-        for site, stats in state.stats.items():
-            kl = stats.kl.detach()
-            old = monitor.ema.get(site)
-            monitor.ema[site] = kl.clone() if old is None else monitor.decay * old + (1 - monitor.decay) * kl
-        if state.step % monitor.every == 0:
-            self._append(monitor.record(self._state(state)))
+        self._forward("on_step_end", state)
 
     def on_fit_end(self, state):
-        if not self.monitor.reports or self.monitor.reports[-1][0] != state.step:
-            self._append(self.monitor.record(self._state(state)))
+        self._forward("on_fit_end", state)
 
 
-def _early_stopping(patience):
-    from vdn_pyro.forecasting import EarlyStopping
+class _ResumableEarlyStopping(EarlyStopping):
+    """Early stopping whose wait count is rebuilt from the history on resume."""
 
-    class _ResumableEarlyStopping(EarlyStopping):
-        """Early stopping whose wait count is rebuilt from the history on resume."""
-
-        def on_fit_start(self, state):
-            best, self.waited = math.inf, 0
-            for row in state.history.history:
-                val = row.get("val_loss")
-                if val is None or not math.isfinite(val):
-                    continue
-                if val < best:
-                    best, self.waited = val, 0
-                else:
-                    self.waited += 1
-
-    return _ResumableEarlyStopping(patience)
+    def on_fit_start(self, state):
+        best, self.waited = math.inf, 0
+        for row in state.history.history:
+            val = row.get("val_loss")
+            if val is None or not math.isfinite(val):
+                continue
+            if val < best:
+                best, self.waited = val, 0
+            else:
+                self.waited += 1
 
 
 # ----------------------------------------------------------------------------- the run
@@ -447,10 +493,12 @@ class _QuietFitLog(logging.Filter):
 
 
 def _versions():
-    import vdn_pyro
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__,
-            "vdn_pyro": vdn_pyro.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "vdn_pyro": __version__,
+    }
 
 
 def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=None):
@@ -465,9 +513,6 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
     :param argv: the command line, recorded in ``run.json``.
     :returns: the :class:`Run` (``run.result.interrupted`` tells whether it stopped early).
     """
-    from vdn_pyro.forecasting import EpochDecay
-    from vdn_pyro.inference import LocalELBO, fit, load_checkpoint
-
     run_dir = RunDir(run_dir)
     if resume:
         run_dir.check_existing()
@@ -483,6 +528,7 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
         pyro.set_rng_seed(config.fit.seed)
         network = build_network(config)
         constraints = build_constraints(config)
+        _check_constraints(constraints, network)
         total = _total_steps(config, x.shape[0])
         if resume:  # refuse before touching the directory
             step = load_checkpoint(run_dir.checkpoint, network=network)["step"]
@@ -502,7 +548,7 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
         if fit_options.lr_decay < 1:
             callbacks.append(EpochDecay(fit_options.lr_decay))
         if fit_options.patience:
-            callbacks.append(_early_stopping(fit_options.patience))
+            callbacks.append(_ResumableEarlyStopping(fit_options.patience))
         if config.diagnostics.monitor_every and not config.neurons.deterministic:
             callbacks.append(
                 _RunMonitor(
@@ -550,13 +596,22 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
             fit_logger.removeFilter(quiet_filter)
         run = Run(config, run_dir, series, splits, network, result, constraints)
         status = "interrupted" if result.interrupted else "completed"
-        run_dir.write_info(status=status, stop_reason=result.stop_reason, steps=result.steps, total_steps=total,
-                           seconds=round(result.seconds, 2), best_step=result.best_step,
-                           best_val_loss=_finite(result.best_val_loss), resumed_from=result.resumed_from)
+        run_dir.write_info(
+            status=status,
+            stop_reason=result.stop_reason,
+            steps=result.steps,
+            total_steps=total,
+            seconds=round(result.seconds, 2),
+            best_step=result.best_step,
+            best_val_loss=_finite(result.best_val_loss),
+            resumed_from=result.resumed_from,
+        )
         if result.interrupted:
             return run
-        echo(f"fitted {result.steps} steps in {result.seconds:.1f} s (best validation loss "
-             f"{result.best_val_loss:.4f} at step {result.best_step})")
+        echo(
+            f"fitted {result.steps} steps in {result.seconds:.1f} s (best validation loss "
+            f"{result.best_val_loss:.4f} at step {result.best_step})"
+        )
         evaluate_run(run, echo=echo)
         report_run(run, echo=echo)
     return run
@@ -598,8 +653,6 @@ def load_run(run_dir, overrides=()):
     :raises ~vdn_pyro.inference.CheckpointError: if the checkpoint is unreadable or does not
         fit the stored configuration.
     """
-    from vdn_pyro.inference import FitResult, ScaleGuard, load_checkpoint
-
     run_dir = RunDir(run_dir)
     run_dir.check_existing()
     config = load_config(run_dir.config, overrides=overrides)
@@ -635,9 +688,6 @@ def evaluate_run(run, split="test", num_samples=None, echo=print):
     """
     import pandas as pd
 
-    from vdn_pyro.forecasting import METRICS, evaluate_forecaster
-    from vdn_pyro.models import RepeatLast
-
     config = run.config
     options = config.evaluate
     num_samples = num_samples or options.num_samples
@@ -650,15 +700,21 @@ def evaluate_run(run, split="test", num_samples=None, echo=print):
         models["repeat_last"] = baseline
     with _torch_settings(config):
         scores = {
-            key: evaluate_forecaster(model, x, y, num_samples, options.batch_size, seed=config.fit.seed,
-                                     exact=options.exact)
+            key: evaluate_forecaster(
+                model, x, y, num_samples, options.batch_size, seed=config.fit.seed, exact=options.exact
+            )
             for key, model in models.items()
         }
     frame = pd.DataFrame([{"model": key, **{m: s[m] for m in METRICS}} for key, s in scores.items()])
     frame.to_csv(run.dir.metrics_csv, index=False)
-    payload = {"split": split, "windows": int(x.shape[0]), "num_samples": num_samples, "exact": options.exact,
-               "units": "standardised (scaler fitted on the training rows)",
-               "models": {key: {m: float(s[m]) for m in METRICS} for key, s in scores.items()}}
+    payload = {
+        "split": split,
+        "windows": int(x.shape[0]),
+        "num_samples": num_samples,
+        "exact": options.exact,
+        "units": "standardised (scaler fitted on the training rows)",
+        "models": {key: {m: float(s[m]) for m in METRICS} for key, s in scores.items()},
+    }
     run.dir.metrics_json.write_text(json.dumps(payload, indent=2) + "\n")
     echo(f"{split} metrics over {x.shape[0]} windows (standardised units):")
     for line in frame.to_string(index=False, float_format=lambda v: f"{v:.4f}").splitlines():
@@ -693,9 +749,12 @@ def _fan_chart(run, path):
     origin = run.series.index[origin_row]
     when = origin.date() if hasattr(origin, "date") else f"row {origin}"
     kind = "deterministic twin" if config.neurons.deterministic else "VDN"
-    title = f"{run.series.name} [{splits.columns[channel]}]: {kind} forecast from {when} (test window {index})"
-    return plot_fan_chart(path, history, truth, quantiles, title=title, ylabel=splits.columns[channel],
-                          dpi=config.output.dpi)
+    title = (
+        f"{run.series.name} [{splits.columns[channel]}]: {kind} forecast from {when} (test window {index})"
+    )
+    return plot_fan_chart(
+        path, history, truth, quantiles, title=title, ylabel=splits.columns[channel], dpi=config.output.dpi
+    )
 
 
 def _dashboard(run, report, path):
@@ -709,7 +768,7 @@ def _dashboard(run, report, path):
         "val": np.array([np.nan if r.get("val_loss") is None else r["val_loss"] for r in rows], dtype=float),
     }
     kl = np.asarray(result.unit_kl.get(SITE, np.zeros((0, config.neurons.units))))
-    beta = result.unit_beta.get(SITE)
+    beta = None if config.neurons.deterministic else result.unit_beta.get(SITE)
     steps = np.asarray(result.logged_steps)[: kl.shape[0]]
     kl_band = tuple(config.diagnostics.kl_band)
     loc_band = tuple(config.diagnostics.loc_band)
@@ -717,10 +776,24 @@ def _dashboard(run, report, path):
         kl_band = (c.low, c.high) if type(c).__name__ == "KLBand" else kl_band
         loc_band = (c.low, c.high) if type(c).__name__ == "LocBand" else loc_band
     monitor = _read_monitor(run.dir.monitor)
-    title = (f"{run.series.name}: {config.neurons.units} units, prior {config.neurons.prior.kind}, "
-             f"step {result.steps} ({run.dir.root.name})")
-    return plot_dashboard(path, steps, kl, beta, report=report, monitor=monitor, loss=loss, kl_band=kl_band,
-                          loc_band=loc_band, living_kl=config.fit.living_kl, title=title, dpi=config.output.dpi)
+    title = (
+        f"{run.series.name}: {config.neurons.units} units, prior {config.neurons.prior.kind}, "
+        f"step {result.steps} ({run.dir.root.name})"
+    )
+    return plot_dashboard(
+        path,
+        steps,
+        kl,
+        beta,
+        report=report,
+        monitor=monitor,
+        loss=loss,
+        kl_band=kl_band,
+        loc_band=loc_band,
+        living_kl=config.fit.living_kl,
+        title=title,
+        dpi=config.output.dpi,
+    )
 
 
 def report_run(run, plots=True, echo=print):
@@ -732,9 +805,6 @@ def report_run(run, plots=True, echo=print):
     :param echo: called with each line of the summary.
     :returns: dict name -> path of every file written.
     """
-    from vdn_pyro.inference import layer_summary, save_inference_data, to_inference_data, unit_report
-    from vdn_pyro.inference import arviz as vdn_arviz
-
     config, files = run.config, {}
     view = _analysis_view(run.network)
     x_test, y_test = _windows(config, run.splits, "test")
@@ -748,15 +818,23 @@ def report_run(run, plots=True, echo=print):
             layer_summary(report).to_csv(run.dir.layers, index=False)
             files.update(units=run.dir.units, layers=run.dir.layers)
             counts = report.status.value_counts()
-            echo("units: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in counts.index)
-                 + f" (of {len(report)}; table in {run.dir.units.name})")
+            echo(
+                "units: "
+                + ", ".join(f"{counts.get(s, 0)} {s}" for s in counts.index)
+                + f" (of {len(report)}; table in {run.dir.units.name})"
+            )
         idata = None
         if config.output.idata:
             count = min(config.output.idata_obs, x_test.shape[0])
             idata = to_inference_data(
-                view, x_test[:count], y_test[:count], num_samples=config.output.idata_draws,
-                chains=config.output.idata_chains, history=run.result, seed=config.fit.seed,
-            )  # fmt: skip
+                view,
+                x_test[:count],
+                y_test[:count],
+                num_samples=config.output.idata_draws,
+                chains=config.output.idata_chains,
+                history=run.result,
+                seed=config.fit.seed,
+            )
             run.dir.idata.unlink(missing_ok=True)
             save_inference_data(idata, run.dir.idata)
             summary = _arviz_summary(vdn_arviz, idata)
@@ -797,33 +875,47 @@ def _parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     fit_parser = commands.add_parser(
-        "fit", help="train a forecaster and write a run directory",
+        "fit",
+        help="train a forecaster and write a run directory",
         description="Train the forecaster of CONFIG (or a preset; default: the embedded CO2 series) and "
         "write a run directory with config, checkpoints, logs, diagnostics, InferenceData and plots.",
-    )  # fmt: skip
+    )
     fit_parser.add_argument("config", nargs="?", metavar="CONFIG", help="a YAML or TOML configuration file")
     fit_parser.add_argument("--preset", metavar="NAME", help="start from a preset: default, ett or quick")
-    fit_parser.add_argument("--run-dir", metavar="DIR", help="the run directory (default <output.root>/<time>)")
+    fit_parser.add_argument(
+        "--run-dir", metavar="DIR", help="the run directory (default <output.root>/<time>)"
+    )
     fit_parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    fit_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                            help="override one option, e.g. --set fit.lr=1e-3 (repeatable)")
+    fit_parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one option, e.g. --set fit.lr=1e-3 (repeatable)",
+    )
     fit_parser.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
 
-    eval_parser = commands.add_parser("evaluate", help="test metrics of a run",
-                                      description="Print and write the test metrics of a run.")
+    eval_parser = commands.add_parser(
+        "evaluate", help="test metrics of a run", description="Print and write the test metrics of a run."
+    )
     eval_parser.add_argument("run_dir", metavar="RUN_DIR")
     eval_parser.add_argument("--split", choices=("test", "val"), default="test")
     eval_parser.add_argument("--num-samples", type=int, metavar="S", help="predictive draws per window")
 
     report_parser = commands.add_parser(
-        "report", help="diagnostics table, ArviZ summary and plots of a run",
+        "report",
+        help="diagnostics table, ArviZ summary and plots of a run",
         description="Regenerate the per-unit table, the InferenceData, its ArviZ summary and the plots.",
-    )  # fmt: skip
+    )
     report_parser.add_argument("run_dir", metavar="RUN_DIR")
     report_parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
-    config_parser = commands.add_parser("config", help="print the resolved configuration",
-                                        description="Print the resolved configuration as YAML.")
+    config_parser = commands.add_parser(
+        "config",
+        help="print the resolved configuration",
+        description="Print the resolved configuration as YAML.",
+    )
     config_parser.add_argument("config", nargs="?", metavar="CONFIG")
     config_parser.add_argument("--preset", metavar="NAME")
     config_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -833,8 +925,10 @@ def _parser():
 def _command_fit(args, argv):
     if args.resume is not None:
         if args.config is not None or args.preset is not None or args.run_dir is not None:
-            raise RunError("--resume RUN_DIR continues a run with its own config.yaml; drop CONFIG, --preset "
-                           "and --run-dir (change options with --set)")
+            raise RunError(
+                "--resume RUN_DIR continues a run with its own config.yaml; drop CONFIG, --preset "
+                "and --run-dir (change options with --set)"
+            )
         run_dir = RunDir(args.resume)
         run_dir.check_existing()
         config = load_config(run_dir.config, overrides=args.overrides)
@@ -886,8 +980,6 @@ def main(argv=None):
     :returns: the exit status: 0, 1 (non-finite training), 2 (bad configuration, run directory
         or checkpoint), or 130/143 (interrupted by SIGINT/SIGTERM).
     """
-    from vdn_pyro.inference import CheckpointError, NonFiniteError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)

@@ -3,11 +3,13 @@ r"""A forecasting harness shared by the distributional forecaster and its baseli
 One recipe trains and scores every model, so comparisons are like for like:
 
 - **training** (:func:`train_forecaster`): windows (or chunks of T windows) from the training rows,
-  optionally subsampled by ``train_stride``; :func:`~vdn_pyro.fit` with Adam, a learning rate
-  multiplied by ``lr_decay`` every epoch (:class:`EpochDecay`), the validation loss computed on
-  every validation window once per epoch, early stopping after ``patience`` epochs without
-  improvement (:class:`EarlyStopping`) and the best-validation state restored; point baselines
-  then get their predictive scale from the training residuals;
+  optionally subsampled by ``train_stride``; :func:`~vdn_pyro.fit` with Adam and a learning rate
+  multiplied by ``lr_decay`` every epoch (:class:`EpochDecay`); once per epoch every validation
+  window is scored (:class:`ValidationSelector`, by default on the CRPS, a proper scoring rule
+  that rewards both an accurate mean and a calibrated spread; ``select="loss"`` uses fit's
+  validation ELBO instead), training stops after ``patience`` epochs without improvement and the
+  best-validation state is restored; point baselines get their predictive scale from the
+  training residuals (before every validation, and at the end);
 - **scoring** (:func:`evaluate_forecaster`): every window of the split, in batches, through each
   model's ``predict(x, num_samples)``, a :class:`~vdn_pyro.models.ForecastPrediction`.
 
@@ -29,6 +31,7 @@ Every one-Gaussian metric comes from :func:`vdn_pyro.metrics.forecast_metrics`; 
 MSE, MAE, CRPS and widths.
 """
 
+import copy
 import dataclasses
 import math
 import time
@@ -43,9 +46,11 @@ from vdn_pyro.metrics import forecast_metrics
 
 __all__ = [
     "METRICS",
+    "SELECTIONS",
     "EarlyStopping",
     "EpochDecay",
     "TrainConfig",
+    "ValidationSelector",
     "evaluate_forecaster",
     "score_prediction",
     "train_forecaster",
@@ -54,6 +59,8 @@ __all__ = [
 
 #: The metrics returned by :func:`score_prediction`, in report order.
 METRICS = ("mse", "mae", "crps", "nll", "coverage_50", "coverage_90", "width_50", "width_90")
+#: Validation criteria for model selection: a metric of :data:`METRICS` or fit's ELBO ``loss``.
+SELECTIONS = ("crps", "mse", "nll", "loss")
 
 
 @dataclasses.dataclass
@@ -64,7 +71,8 @@ class TrainConfig:
     :ivar int batch_size: training items per step.
     :ivar float lr: initial Adam learning rate.
     :ivar float lr_decay: learning-rate factor applied at every new epoch.
-    :ivar int patience: stop after this many epochs without a better validation loss (0: never).
+    :ivar int patience: stop after this many epochs without a better validation score (0: never).
+    :ivar str select: validation criterion, one of :data:`SELECTIONS` (lower is better).
     :ivar int train_stride: rows between consecutive training windows (1: every window; larger
         values subsample the training windows).
     :ivar int chunk: windows per training item T (1: static windows); consecutive windows of a
@@ -80,6 +88,7 @@ class TrainConfig:
     lr: float = 5e-3
     lr_decay: float = 0.5
     patience: int = 3
+    select: str = "crps"
     train_stride: int = 1
     chunk: int = 1
     val_stride: int = 1
@@ -97,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"Expected lr > 0 and 0 < lr_decay <= 1, got {self.lr}, {self.lr_decay}.")
         if self.patience < 0:
             raise ValueError(f"Expected patience >= 0, but got {self.patience}.")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"Expected select in {SELECTIONS}, but got {self.select!r}.")
 
 
 class EpochDecay:
@@ -142,6 +153,64 @@ class EarlyStopping:
             state.stop, self.stopped_step = True, state.step
 
 
+class ValidationSelector:
+    """Fit callback: score every validation window every ``every`` steps, keep the best state,
+    stop after ``patience`` scorings without improvement, and load the best state at the end.
+
+    Scoring runs on a fork of torch's random state, so it never changes the training draws.
+
+    :param model: the model being fitted (with ``predict``; see :func:`evaluate_forecaster`).
+    :param torch.Tensor x_val: validation windows ``(N, L)``.
+    :param torch.Tensor y_val: ``(N, H)``.
+    :param str metric: a key of :data:`METRICS` (lower is better).
+    :param int every: steps between scorings (one epoch in :func:`train_forecaster`).
+    :param int patience: scorings to wait (0: never stop early).
+    :param callable before: called before each scoring (e.g. a point baseline's calibration).
+    :param int num_samples: predictive draws when the model has no exact marginal.
+    :ivar list history: ``(step, score)`` pairs.
+    :ivar float best: the best score. :ivar int best_step: its step.
+    """
+
+    def __init__(self, model, x_val, y_val, metric="crps", every=1, patience=3, before=None, num_samples=100):
+        if metric not in METRICS:
+            raise ValueError(f"Expected metric in {METRICS}, but got {metric!r}.")
+        self.model, self.x_val, self.y_val = model, x_val, y_val
+        self.metric, self.every, self.patience = metric, int(every), int(patience)
+        self.before, self.num_samples = before, num_samples
+        self.history, self.best, self.best_step, self.best_state = [], math.inf, -1, None
+        self.waited = 0
+
+    def score(self):
+        """The validation score of the model's current state."""
+        rng = torch.get_rng_state()
+        try:
+            if self.before is not None:
+                self.before()
+            scores = evaluate_forecaster(self.model, self.x_val, self.y_val, self.num_samples, seed=None)
+        finally:
+            torch.set_rng_state(rng)
+            self.model.train()
+        return scores[self.metric]
+
+    def on_step_end(self, state):
+        if state.step % self.every:
+            return
+        value = self.score()
+        self.history.append((state.step, value))
+        if value < self.best:
+            self.best, self.best_step, self.waited = value, state.step, 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            return
+        self.waited += 1
+        if self.patience and self.waited >= self.patience:
+            state.stop = True
+
+    def on_fit_end(self, state):
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        self.model.eval()
+
+
 def training_windows(splits, config, split="train"):
     """Training items of one split: windows ``(N, L)``, or chunks ``(N, T, L)`` when
     ``config.chunk > 1``, with targets ``(N, [T,] H)``; channel-independent.
@@ -173,16 +242,26 @@ def train_forecaster(model, splits, config=None, *, seed=0, callbacks=(), constr
     :param callbacks: extra fit callbacks.
     :param constraints: local constraints passed to :func:`~vdn_pyro.fit`.
     :param elbo: the estimator (default :class:`~vdn_pyro.LocalELBO` with ``num_particles``).
-    :returns: the :class:`~vdn_pyro.FitResult`, or ``None`` when nothing was trained.
+    :returns: the :class:`~vdn_pyro.FitResult` (with ``best_val_loss``/``best_step`` holding the
+        selection score and its step), or ``None`` when nothing was trained.
     """
     config = config or TrainConfig()
     x, y = training_windows(splits, config)
+    xs, ys = (x, y) if config.chunk == 1 else (x.flatten(0, 1), y.flatten(0, 1))  # (N', L), (N', H)
+    calibrate = (lambda: model.calibrate(xs, ys)) if hasattr(model, "calibrate") else None
     result = None
     if any(p.requires_grad for p in model.parameters()):
         x_val, y_val = splits.windows("val", stride=config.val_stride)  # (W * C, L), (W * C, H)
         batch_size = min(config.batch_size, x.shape[0])
         per_epoch = math.ceil(x.shape[0] / batch_size)
-        stopper = EarlyStopping(config.patience)
+        if config.select == "loss":
+            watchers = [EarlyStopping(config.patience)]
+            val_data = (x_val, y_val)
+        else:
+            selector = ValidationSelector(
+                model, x_val, y_val, config.select, per_epoch, config.patience, calibrate, config.num_samples
+            )
+            watchers, val_data = [selector], None
         result = fit(
             model,
             x,
@@ -191,18 +270,19 @@ def train_forecaster(model, splits, config=None, *, seed=0, callbacks=(), constr
             batch_size=batch_size,
             lr=config.lr,
             elbo=elbo or LocalELBO(num_particles=config.num_particles),
-            val_data=(x_val, y_val),
+            val_data=val_data,
             val_every=per_epoch,
             log_every=per_epoch,
             seed=seed,
-            callbacks=[EpochDecay(config.lr_decay), stopper, *callbacks],
+            callbacks=[EpochDecay(config.lr_decay), *watchers, *callbacks],
             constraints=constraints,
-            restore_best=True,
+            restore_best=config.select == "loss",
             progress=False,
         )
-    if hasattr(model, "calibrate"):
-        xs, ys = (x, y) if config.chunk == 1 else (x.flatten(0, 1), y.flatten(0, 1))
-        model.calibrate(xs, ys)
+        if config.select != "loss":
+            result.best_val_loss, result.best_step = selector.best, selector.best_step
+    if calibrate is not None:
+        calibrate()
     return result
 
 
@@ -243,11 +323,12 @@ def evaluate_forecaster(model, x, y, num_samples=100, batch_size=512, seed=0, ex
     :param torch.Tensor y: targets ``(N, H)``.
     :param int num_samples: predictive draws S.
     :param int batch_size: windows per batch.
-    :param int seed: seeds the predictive draws.
+    :param seed: seeds the predictive draws (``None``: leave the random state alone).
     :returns: dict of :data:`METRICS` (means over all ``N * H`` elements) plus ``seconds``.
     """
     start = time.perf_counter()
-    pyro.set_rng_seed(seed)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
     model.eval()
     totals, count = dict.fromkeys(METRICS, 0.0), 0
     predict = model.predict

@@ -56,6 +56,16 @@ def _status_colors(statuses, count):
     return [STATUS_COLORS.get(str(s), "black") for s in statuses]
 
 
+def _legend(ax, **options):
+    """A legend, only when something is labelled (matplotlib warns otherwise)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**options)
+
+
+def _empty(ax, text):
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
 def _band(ax, band, axis="y", label=None):
     if band is None:
         return
@@ -128,26 +138,43 @@ def plot_dashboard(
         val = np.asarray(loss.get("val", []), dtype=float)
         if val.size and np.isfinite(val).any():
             keep = np.isfinite(val)
-            ax_loss.plot(np.asarray(loss["step"])[keep], val[keep], "o-", color="tab:orange", ms=3,
-                         lw=1, label="validation")
-        ax_loss.legend(fontsize=8)
+            ax_loss.plot(
+                np.asarray(loss["step"])[keep],
+                val[keep],
+                "o-",
+                color="tab:orange",
+                ms=3,
+                lw=1,
+                label="validation",
+            )
+        _legend(ax_loss, fontsize=8)
+    else:
+        _empty(ax_loss, "no loss logged")
     ax_loss.set(title="(a) loss per observation (-ELBO / N)", xlabel="step")
 
+    has_kl = kl.size > 0
     # (b) KL heatmap
-    if steps.size:
+    if has_kl:
         positive = kl[np.isfinite(kl) & (kl > 0)]
         low = max(float(positive.min()) if positive.size else 1e-4, 1e-4)
         high = max(float(positive.max()) if positive.size else 1.0, low * 10)
         extent = (steps[0], steps[-1] if steps.size > 1 else steps[0] + 1, -0.5, units - 0.5)
         image = ax_heat.imshow(
-            _positive(kl.T, low), aspect="auto", origin="lower", extent=extent, cmap="viridis",
-            norm=LogNorm(low, high), interpolation="nearest",
-        )  # fmt: skip
+            _positive(kl.T, low),
+            aspect="auto",
+            origin="lower",
+            extent=extent,
+            cmap="viridis",
+            norm=LogNorm(low, high),
+            interpolation="nearest",
+        )
         bar = fig.colorbar(image, ax=ax_heat, label="KL (nats)")
         if kl_band is not None:
             for edge in kl_band:
                 if low <= edge <= high:
                     bar.ax.axhline(edge, color="white", lw=1.5)
+    else:
+        _empty(ax_heat, "no per-unit KL (no distributional units)")
     ax_heat.set(title="(b) KL per unit over training", xlabel="step", ylabel="unit")
 
     # (c) status counts
@@ -157,17 +184,28 @@ def plot_dashboard(
         counts = monitor.groupby(["step", "status"]).size().unstack(fill_value=0)
         order = [s for s in reversed(STATUSES) if s in counts.columns]
         ax_status.stackplot(
-            counts.index.to_numpy(), *(counts[s].to_numpy() for s in order),
-            labels=order, colors=[STATUS_COLORS[s] for s in order], alpha=0.9,
-        )  # fmt: skip
+            counts.index.to_numpy(),
+            *(counts[s].to_numpy() for s in order),
+            labels=order,
+            colors=[STATUS_COLORS[s] for s in order],
+            alpha=0.9,
+        )
         ax_status.set_title("(c) units per status (unit monitor)")
-    elif steps.size:
+    elif has_kl:
         living = (kl > living_kl).sum(1)
-        ax_status.stackplot(steps, living, units - living, labels=["living", "dead"],
-                            colors=[STATUS_COLORS["living"], STATUS_COLORS["dead"]], alpha=0.9)
+        ax_status.stackplot(
+            steps,
+            living,
+            units - living,
+            labels=["living", "dead"],
+            colors=[STATUS_COLORS["living"], STATUS_COLORS["dead"]],
+            alpha=0.9,
+        )
         ax_status.set_title(f"(c) units with KL > {living_kl:g} nats")
-    ax_status.set(xlabel="step", ylabel="units", ylim=(0, units))
-    ax_status.legend(fontsize=7, loc="lower left")
+    else:
+        _empty(ax_status, "no unit statuses")
+    ax_status.set(xlabel="step", ylabel="units", ylim=(0, max(units, 1)))
+    _legend(ax_status, fontsize=7, loc="lower left")
 
     index = np.arange(units)
     # (d) loc^2 against its band
@@ -175,19 +213,21 @@ def plot_dashboard(
         _band(ax_loc, loc_band, label="loc$^2$ band")
         ax_loc.bar(index, _positive(report["loc_sq"].to_numpy(dtype=float)), color=colors)
         ax_loc.set_yscale("log")
-        ax_loc.legend(fontsize=7)
+        _legend(ax_loc, fontsize=7)
     else:
-        ax_loc.text(0.5, 0.5, "no per-unit table", ha="center", va="center", transform=ax_loc.transAxes)
+        _empty(ax_loc, "no per-unit table")
     ax_loc.set(title="(d) mean loc$^2$ per unit against its band", xlabel="unit")
 
     # (e) final KL against its band
-    final_kl = report["kl"].to_numpy(dtype=float) if report is not None and len(report) else kl[-1]
-    _band(ax_kl, kl_band, label="KL band")
-    ax_kl.bar(index, _positive(final_kl), color=colors)
-    ax_kl.set_yscale("log")
+    if report is not None and len(report) or has_kl:
+        final_kl = report["kl"].to_numpy(dtype=float) if report is not None and len(report) else kl[-1]
+        _band(ax_kl, kl_band, label="KL band")
+        ax_kl.bar(index, _positive(final_kl), color=colors)
+        ax_kl.set_yscale("log")
+        _legend(ax_kl, fontsize=7)
+    else:
+        _empty(ax_kl, "no per-unit KL")
     ax_kl.set(title="(e) KL per unit (nats) against the band", xlabel="unit")
-    if kl_band is not None:
-        ax_kl.legend(fontsize=7)
 
     # (f) beta: its path over training when it moves (a KL thermostat), else the final values
     if beta is not None and np.size(beta):
@@ -201,19 +241,37 @@ def plot_dashboard(
             ax_beta.set(title=r"(f) $\beta$ per unit", xlabel="unit")
         ax_beta.set_yscale("log")
     else:
-        ax_beta.set_title(r"(f) $\beta$ per unit (not logged)")
+        _empty(ax_beta, "no beta logged")
+        ax_beta.set_title(r"(f) $\beta$ per unit")
 
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in STATUS_COLORS.values()]
-    fig.legend(handles, list(STATUS_COLORS), loc="lower center", ncol=len(STATUS_COLORS), fontsize=8,
-               title="status (bar colours)", title_fontsize=8, frameon=False)
+    fig.legend(
+        handles,
+        list(STATUS_COLORS),
+        loc="lower center",
+        ncol=len(STATUS_COLORS),
+        fontsize=8,
+        title="status (bar colours)",
+        title_fontsize=8,
+        frameon=False,
+    )
     fig.suptitle(title or "living-neuron dashboard")
     # fixed margins: tight_layout measures every tick label and takes seconds on this figure
     fig.subplots_adjust(left=0.05, right=0.97, bottom=0.14, top=0.9, wspace=0.3, hspace=0.38)
     return _save(fig, path, dpi)
 
 
-def plot_fan_chart(path, history, truth, quantiles, *, title=None, xlabel="steps from the forecast origin",
-                   ylabel="value", dpi=110):
+def plot_fan_chart(
+    path,
+    history,
+    truth,
+    quantiles,
+    *,
+    title=None,
+    xlabel="steps from the forecast origin",
+    ylabel="value",
+    dpi=110,
+):
     """A forecast fan chart: history, truth, median and the central 50% and 90% bands.
 
     :param path: the PNG file to write.
@@ -276,8 +334,14 @@ def plot_forest(path, idata, site="layers.0.z", *, obs=0, hdi_prob=0.94, dpi=110
     title = f"{site}: unit posteriors of window {obs} ({hdi_prob:.0%} HDI)"
     if vdn_arviz.arviz_major_version() < 1:
         az = vdn_arviz._arviz()
-        axes = az.plot_forest(idata, var_names=[site], coords={"obs": [obs]}, combined=True,
-                              hdi_prob=hdi_prob, figsize=(6, height))
+        axes = az.plot_forest(
+            idata,
+            var_names=[site],
+            coords={"obs": [obs]},
+            combined=True,
+            hdi_prob=hdi_prob,
+            figsize=(6, height),
+        )
         fig = np.ravel(axes)[0].figure
         np.ravel(axes)[0].set_title(title, fontsize=9)
     else:  # pragma: no cover - exercised where arviz >= 1 is installed
@@ -293,4 +357,3 @@ def plot_forest(path, idata, site="layers.0.z", *, obs=0, hdi_prob=0.94, dpi=110
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path, dpi)
-

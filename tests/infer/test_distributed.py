@@ -27,7 +27,7 @@ from vdn_pyro.inference import (
     fit,
     launch,
 )
-from vdn_pyro.inference.distributed import find_free_port, shard
+from vdn_pyro.inference.distributed import find_free_port, init_distributed, shard
 from vdn_pyro.primitives import NEURONS_INFER_KEY
 
 N, D, OUT, T = 24, 4, 2, 3
@@ -177,6 +177,17 @@ def test_needs_a_process_group():
         DistributedLocalELBO().loss_and_stats(net.model, net.guide, x[:, 0], y[:, 0])
     with pytest.raises(TypeError, match="DistributedLocalELBO"):
         DistributedLocalELBO(DistributedLocalELBO())
+
+
+def test_init_explains_a_missing_launch(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        init_distributed()
+    with pytest.raises(ValueError, match="backend"):
+        init_distributed(backend="mpi")
+    with pytest.raises(ValueError, match="nproc"):
+        launch(print, 0)
 
 
 def test_one_rank_equals_local_elbo(monkeypatch):
