@@ -36,7 +36,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from vdn_pyro.data import ett_hourly_splits, load_ett  # noqa: E402
-from vdn_pyro.forecasting import METRICS, TrainConfig, evaluate_forecaster, train_forecaster  # noqa: E402
+from vdn_pyro.forecasting import (  # noqa: E402
+    METRICS,
+    SELECTIONS,
+    TrainConfig,
+    evaluate_forecaster,
+    train_forecaster,
+)
 from vdn_pyro.models import DLinear, Forecaster, ForecasterConfig, RepeatLast  # noqa: E402
 
 MODELS = ("vdn", "twin", "dlinear", "repeat")
@@ -103,6 +109,7 @@ def train_config(args, name="vdn"):
         lr=args.lr,
         lr_decay=args.lr_decay,
         patience=args.patience,
+        select=args.select,
         train_stride=args.train_stride,
         chunk=chunk,
         val_stride=args.val_stride,
@@ -245,6 +252,7 @@ def build_parser(description):
     # training recipe (shared by every model)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--select", default="crps", choices=SELECTIONS, help="validation criterion")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--lr-decay", type=float, default=0.6)

@@ -118,7 +118,8 @@ def test_validation_selector_keeps_the_best_state(monkeypatch):
         return {"crps": m.scores.pop(0)}
 
     monkeypatch.setattr(forecasting, "evaluate_forecaster", fake_evaluate)
-    selector = ValidationSelector(model, None, None, "crps", every=10, patience=2, before=lambda: calls.append(1))
+    before = lambda: calls.append(1)  # noqa: E731
+    selector = ValidationSelector(model, None, None, "crps", every=10, patience=2, before=before)
     state = FitState(network=model, optimizer=None, elbo=None)
     for step in range(1, 51):
         state.step = step
@@ -155,7 +156,9 @@ def test_epoch_decay_and_early_stopping_callbacks():
 @pytest.mark.parametrize("chunk, select", [(1, "crps"), (3, "crps"), (1, "loss")])
 def test_train_and_evaluate_every_model(chunk, select):
     splits = toy_splits()
-    config = TrainConfig(epochs=3, batch_size=64, lr=0.01, patience=2, chunk=chunk, num_samples=20, select=select)
+    config = TrainConfig(
+        epochs=3, batch_size=64, lr=0.01, patience=2, chunk=chunk, num_samples=20, select=select
+    )
     x_test, y_test = splits.windows("test")
     for model in (
         Forecaster(lookback=16, horizon=4, units=4, features=8, kernel_size=5, train_draws=4),

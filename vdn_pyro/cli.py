@@ -43,6 +43,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -1005,6 +1006,9 @@ def main(argv=None):
             raise
         print(f"vdn {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_NONFINITE
+    except BrokenPipeError:  # stdout piped into a reader that stopped early, e.g. `| head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise
+        return 0
     except KeyboardInterrupt:
         if args.debug:
             raise
