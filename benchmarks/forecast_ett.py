@@ -9,7 +9,7 @@ every test window (stride 1), channel and horizon step. Models are selected by v
 
 Every model is trained by the same recipe (:mod:`vdn_pyro.forecasting`): Adam, learning rate
 decayed per epoch, early stopping. To keep a full run on a 2-core CPU, the training windows are
-subsampled with ``--train-stride`` rows between them (default 4: a quarter of the windows, every
+subsampled with ``--train-stride`` rows between them (default 2: half of the windows, every
 training row still seen); validation and test windows are all used (``--quick`` subsamples them).
 
     python benchmarks/forecast_ett.py                  # 4 horizons x 4 models x 3 seeds
@@ -256,7 +256,7 @@ def build_parser(description):
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--lr-decay", type=float, default=0.6)
-    parser.add_argument("--train-stride", type=int, default=4)
+    parser.add_argument("--train-stride", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=4, help="windows per training item T")
     parser.add_argument("--val-stride", type=int, default=1)
     parser.add_argument("--test-stride", type=int, default=1)

@@ -51,6 +51,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 from torch import nn
+from torch.distributions import constraints
 
 from vdn_pyro.guides.amortized import SCALE_MODES, AmortizedNormal
 from vdn_pyro.guides.trunks import DLinearTrunk, make_activation
@@ -59,7 +60,7 @@ from vdn_pyro.models.priors import ARPrior, NormalPrior
 from vdn_pyro.network import NeuronLayer
 from vdn_pyro.primitives import as_beta, neurons
 
-__all__ = ["ForecastPrediction", "Forecaster", "ForecasterConfig", "check_forecast_inputs"]
+__all__ = ["DrawMixture", "ForecastPrediction", "Forecaster", "ForecasterConfig", "check_forecast_inputs"]
 
 FORECAST_PRIORS = ("ar", "normal")
 DATA_PLATE = "data"
@@ -104,6 +105,64 @@ def check_forecast_inputs(x, y, lookback, horizon):
         )
     if not bool(torch.isfinite(y).all()):
         raise ValueError("Expected finite y, but it contains NaN or inf; clean it first.")
+
+
+class DrawMixture(dist.TorchDistribution):
+    r"""Equal-weight mixture of K Gaussians, one per posterior draw, elementwise:
+
+    .. math:: p(y) = \frac1K \sum_{k=1}^K \mathcal{N}(y \mid \mu_k, \sigma_k^2).
+
+    A lighter stand-in for ``MixtureSameFamily(Categorical(uniform), Normal)`` over the leading
+    draw dim (no mixture logits, and a scale that may broadcast, e.g. one per horizon step).
+
+    :param torch.Tensor loc: component means ``(K, *batch)``.
+    :param torch.Tensor scale: component scales (> 0), broadcastable to ``loc``.
+    """
+
+    arg_constraints = {}
+    support = constraints.real
+    has_rsample = False
+
+    def __init__(self, loc, scale, validate_args=None):
+        self.loc, self.scale = loc, scale
+        super().__init__(loc.shape[1:], validate_args=validate_args)
+
+    @property
+    def num_draws(self):
+        """K, the number of components."""
+        return self.loc.shape[0]
+
+    @property
+    def mean(self):
+        return self.loc.mean(0)
+
+    @property
+    def variance(self):
+        second = (self.scale**2 + self.loc**2).mean(0)
+        return second - self.mean**2
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        shape = (self.num_draws,) + batch_shape
+        return DrawMixture(self.loc.expand(shape), self.scale.expand(shape))
+
+    def log_prob(self, value):
+        """Per-element log density ``(*batch)`` of ``value`` (broadcasting with ``batch``)."""
+        z = (value - self.loc) / self.scale  # (K, *batch)
+        log_scale = torch.log(self.scale)  # broadcasts
+        lp = torch.logsumexp(-0.5 * z * z - log_scale, 0)  # (*batch)
+        return lp - math.log(self.num_draws) - 0.5 * math.log(2 * math.pi)
+
+    def sample(self, sample_shape=()):
+        """Draw a component per element, then a Gaussian draw from it."""
+        shape = torch.Size(sample_shape) + self.batch_shape
+        with torch.no_grad():
+            pick = torch.randint(self.num_draws, (1,) + shape, device=self.loc.device)  # (1, *shape)
+            loc = self.loc.expand((self.num_draws,) + shape)
+            scale = self.scale.expand((self.num_draws,) + shape)
+            loc = torch.gather(loc, 0, pick)[0]  # (*shape)
+            scale = torch.gather(scale, 0, pick)[0]  # (*shape)
+            return loc + scale * torch.randn_like(loc)
 
 
 @dataclasses.dataclass
@@ -343,32 +402,35 @@ class Forecaster(PyroModule):
         features = self.act(self.trunk(x))  # (B, [T,] F)
         return self.layers[0].posterior(features, x.dim() == 3)
 
-    def components(self, x, z):
+    def components(self, x, z, expand=True):
         """Per-draw Gaussian likelihood parameters of the horizon.
 
         :param x: ``(B, [T,] L)``.
         :param z: pooled latents ``(..., B, [T,] U)``.
+        :param bool expand: expand the scale to the shape of ``loc`` (else it may be a smaller
+            tensor that broadcasts, e.g. ``(H,)``).
         :returns: ``(loc, scale)``, each ``(..., B, [T,] H)``.
         """
         raw = self.head(z)  # (..., B, [T,] H * m)
         off = self.offset(x)  # (B, [T,] H or 1)
-        fn = self.likelihood(raw, off, 1)
-        base = fn.base_dist
-        loc = base.loc  # (..., B, [T,] H)
-        return loc, base.scale.expand_as(loc)
+        if self.likelihood.head_multiplier == 1:  # learned or fixed scale per step
+            loc = raw if off is None else raw + off  # (..., B, [T,] H)
+            scale = self.likelihood(raw.new_zeros(1, raw.shape[-1]), None, 1).base_dist.scale[0]  # (H,)
+            return loc, (scale.expand_as(loc) if expand else scale)
+        base = self.likelihood(raw, off, 1).base_dist
+        return base.loc, base.scale  # (..., B, [T,] H) each
 
     def _obs_dist(self, x, z, draws):
         """Likelihood with batch ``(..., B, 1)`` and event ``(H,)`` or ``(T, H)``."""
-        loc, scale = self.components(x, z)  # (..., B, [T,] H)
+        loc, scale = self.components(x, z, expand=False)  # (..., B, [T,] H), scale broadcasts
         event_dims = x.dim() - 1
         loc = loc.unsqueeze(-1 - event_dims)  # (..., B, 1, [T,] H)
-        scale = scale.unsqueeze(-1 - event_dims)  # (..., B, 1, [T,] H)
+        if scale.dim() > 1:
+            scale = scale.unsqueeze(-1 - event_dims)  # (..., B, 1, [T,] H)
         if draws == 1:
-            return dist.Normal(loc, scale).to_event(event_dims)
-        # loc: (K, P, B, 1, [T,] H); the K draws become the mixture's last dim
-        loc, scale = torch.movedim(loc, 0, -1), torch.movedim(scale, 0, -1)  # (P, B, 1, [T,] H, K)
-        mix = dist.Categorical(logits=torch.zeros_like(loc))
-        return dist.MixtureSameFamily(mix, dist.Normal(loc, scale)).to_event(event_dims)
+            return dist.Normal(loc, scale.expand_as(loc)).to_event(event_dims)
+        # loc: (K, P, B, 1, [T,] H); the mixture runs over the leading draw dim
+        return DrawMixture(loc, scale).to_event(event_dims)
 
     def _data_plate(self, x, num_data):
         batch = x.shape[0]
