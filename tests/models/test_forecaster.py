@@ -414,3 +414,54 @@ def test_fit_learns_a_seasonal_series(temporal):
     assert after < 0.1 < before
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert bool(torch.isfinite(net.layers[0].prior.half_life).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# DrawMixture
+# ---------------------------------------------------------------------------------------------
+
+
+def test_draw_mixture_matches_mixture_same_family():
+    from vdn_pyro.models.forecaster import DrawMixture
+
+    loc = torch.randn(5, 3, 4)  # (K, *batch)
+    scale = 0.5 + torch.rand(4)  # broadcasts over (K, 3, 4)
+    fn = DrawMixture(loc, scale)
+    assert fn.batch_shape == (3, 4) and fn.event_shape == ()
+    ref = dist.MixtureSameFamily(
+        dist.Categorical(logits=torch.zeros(3, 4, 5)),
+        dist.Normal(loc.movedim(0, -1), scale[:, None].expand(3, 4, 5)),
+    )
+    y = torch.randn(2, 3, 4)
+    assert_close(fn.log_prob(y), ref.log_prob(y), rtol=1e-5, atol=1e-6)
+    assert_close(fn.mean, ref.mean, rtol=1e-5, atol=1e-6)
+    assert_close(fn.variance, ref.variance, rtol=1e-5, atol=1e-6)
+    wide = fn.expand((2, 3, 4))
+    assert wide.batch_shape == (2, 3, 4)
+    assert_close(wide.log_prob(y), fn.log_prob(y), rtol=1e-6)
+    draws = fn.sample((20000,))  # (S, 3, 4)
+    assert draws.shape == (20000, 3, 4)
+    assert_close(draws.mean(0), fn.mean, atol=0.06)
+    assert_close(draws.var(0), fn.variance, rtol=0.08)
+
+
+def test_local_constraints_act_on_the_forecaster():
+    from vdn_pyro.inference.constraints import KLBand, Persistence
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, T, L), torch.randn(64, T, H)
+    net = make(phi=0.2)
+    band = Persistence(half_life=(2.0, 4.0))
+    thermostat = KLBand(low=1e-4, high=2e-4, rate=0.5)
+    before = net.layers[0].beta.clone()
+    fit(net, x, y, steps=5, batch_size=32, lr=0.01, seed=0, constraints=[band, thermostat], progress=False)
+    life = net.layers[0].prior.half_life
+    assert bool(((life >= 2.0 - 1e-4) & (life <= 4.0 + 1e-4)).all())
+    assert not torch.equal(net.layers[0].beta, before)  # the thermostat moved beta in place
+
+
+def test_sample_quantiles_match_numpy():
+    samples = torch.randn(101, 2, 3)
+    pred = ForecastPrediction(samples, torch.zeros(101, 2, 3), torch.ones(101, 2, 3))
+    for level in (0.05, 0.5, 0.93):
+        assert_close(pred.quantile(level), torch.quantile(samples, level, dim=0), rtol=1e-5, atol=1e-6)

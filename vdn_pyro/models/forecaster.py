@@ -4,16 +4,17 @@ The forecast of a look-back window :math:`x \in \mathbb{R}^L` for the next H ste
 
 .. math::
 
-    y \mid z, x \sim \mathcal{N}\big(o(x) + \mathrm{DLinear}(x - o(x)) + W z + b,\;
-    \mathrm{diag}\,\sigma^2\big),
+    y \mid z, x \sim \mathcal{N}\big(\mathrm{DLinear}(x) + W z + b,\; \mathrm{diag}\,\sigma^2\big),
 
-where :math:`o(x)` is the instance-normalisation offset (the window's last value), the DLinear
-skip path is deterministic and lives on the model side, and :math:`z \in \mathbb{R}^U` are the
+where the DLinear skip path (moving-average trend plus remainder, each mapped linearly to the
+horizon) is deterministic and lives on the model side, and :math:`z \in \mathbb{R}^U` are the
 latents of U distributional neurons that model the residual. Each neuron has an amortized
-posterior :math:`q(z_i \mid x)` read from a DLinear-like trunk, a prior (an
+posterior :math:`q(z_i \mid x)` (loc and an input-dependent scale) read from a DLinear-like trunk
+on the instance-normalised window (the window minus its last value), a prior (an
 :class:`~vdn_pyro.models.ARPrior` over the windows of a chunk, or a
 :class:`~vdn_pyro.models.NormalPrior`) and its own KL coefficient :math:`\beta_i`.
 :math:`\sigma` is one learned scale per horizon step, or heteroscedastic (a second head on z).
+Without the skip path the trunk's offset is added back instead.
 
 **Temporal neurons.** A training item may be a chunk of T consecutive windows, ``x`` of shape
 ``(B, T, L)``; each unit's latent over the chunk is then one draw of its AR prior, so the KL ties
@@ -143,25 +144,36 @@ class DrawMixture(dist.TorchDistribution):
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
-        shape = (self.num_draws,) + batch_shape
-        return DrawMixture(self.loc.expand(shape), self.scale.expand(shape))
+        shape = (self.num_draws,) + batch_shape  # (K, *new batch)
+        extra = len(batch_shape) - len(self.batch_shape)
+
+        def pad(t):  # new batch dims go between the draw dim and the old batch dims
+            if t.dim() == self.loc.dim() and extra > 0:
+                t = t.reshape(t.shape[:1] + (1,) * extra + t.shape[1:])
+            return t.expand(shape)
+
+        return DrawMixture(pad(self.loc), pad(self.scale))
 
     def log_prob(self, value):
-        """Per-element log density ``(*batch)`` of ``value`` (broadcasting with ``batch``)."""
-        z = (value - self.loc) / self.scale  # (K, *batch)
+        """Per-element log density of ``value`` of shape ``(*sample, *batch)`` (or broadcasting
+        with ``batch``)."""
+        dims = len(self.batch_shape)
+        if value.dim() < dims:
+            value = value.reshape((1,) * (dims - value.dim()) + value.shape)
+        value = value.unsqueeze(-dims - 1)  # (*sample, 1, *batch)
+        z = (value - self.loc) / self.scale  # (*sample, K, *batch)
         log_scale = torch.log(self.scale)  # broadcasts
-        lp = torch.logsumexp(-0.5 * z * z - log_scale, 0)  # (*batch)
+        lp = torch.logsumexp(-0.5 * z * z - log_scale, -dims - 1)  # (*sample, *batch)
         return lp - math.log(self.num_draws) - 0.5 * math.log(2 * math.pi)
 
     def sample(self, sample_shape=()):
         """Draw a component per element, then a Gaussian draw from it."""
         shape = torch.Size(sample_shape) + self.batch_shape
         with torch.no_grad():
+            wide = self.expand(shape)  # components (K, *sample, *batch)
             pick = torch.randint(self.num_draws, (1,) + shape, device=self.loc.device)  # (1, *shape)
-            loc = self.loc.expand((self.num_draws,) + shape)
-            scale = self.scale.expand((self.num_draws,) + shape)
-            loc = torch.gather(loc, 0, pick)[0]  # (*shape)
-            scale = torch.gather(scale, 0, pick)[0]  # (*shape)
+            loc = torch.gather(wide.loc, 0, pick)[0]  # (*shape)
+            scale = torch.gather(wide.scale, 0, pick)[0]  # (*shape)
             return loc + scale * torch.randn_like(loc)
 
 
@@ -292,7 +304,11 @@ class ForecastPrediction:
         if self.num_components == 1:
             q = torch.special.ndtri(torch.tensor(float(level), dtype=self.loc.dtype))
             return self.loc[0] + q * self.scale[0]
-        return torch.quantile(self.samples, float(level), dim=0)
+        ordered = self.samples.sort(0).values  # (S, B, [T,] H)
+        position = level * (ordered.shape[0] - 1)  # linear interpolation, as numpy's default
+        lo = math.floor(position)
+        hi = min(lo + 1, ordered.shape[0] - 1)
+        return ordered[lo] + (position - lo) * (ordered[hi] - ordered[lo])
 
     def to(self, device):
         """Move every tensor to ``device``."""
