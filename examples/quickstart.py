@@ -66,6 +66,7 @@ def held_out_metrics(network, x, y, num_samples):
 
 
 def main(args):
+    torch.set_num_threads(args.threads)  # tiny networks: extra threads only add contention
     torch.manual_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = load_data(args.seed)
     results = {}
@@ -79,7 +80,10 @@ def main(args):
             scale_mode="input",
             deterministic=deterministic,
         )
-        fit(network, x_train, y_train, steps=args.steps, batch_size=64, lr=args.lr, seed=args.seed)
+        fit(
+            network, x_train, y_train, steps=args.steps, batch_size=64, lr=args.lr, seed=args.seed,
+            progress=False,
+        )
         name = "deterministic twin" if deterministic else "VDN"
         results[name] = held_out_metrics(network, x_test, y_test, args.num_samples)
         if not deterministic:
@@ -103,6 +107,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--num-samples", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     return parser.parse_args(argv)
 
 
