@@ -43,6 +43,7 @@ from vdn_pyro.data.windows import window_chunks
 from vdn_pyro.inference.elbo import LocalELBO
 from vdn_pyro.inference.fit import fit
 from vdn_pyro.metrics import forecast_metrics
+from vdn_pyro.models.baselines import DLinear
 
 __all__ = [
     "METRICS",
@@ -81,6 +82,9 @@ class TrainConfig:
     :ivar int num_samples: predictive draws S per window when scoring.
     :ivar int eval_batch_size: windows per scoring batch.
     :ivar int num_particles: ELBO particles.
+    :ivar bool pretrain_skip: two-stage training of a forecaster: fit its DLinear skip path
+        alone by least squares first (a :class:`~vdn_pyro.models.DLinear`, same recipe), freeze
+        it, then fit the rest by the ELBO.
     """
 
     epochs: int = 10
@@ -95,6 +99,7 @@ class TrainConfig:
     num_samples: int = 100
     eval_batch_size: int = 512
     num_particles: int = 1
+    pretrain_skip: bool = False
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "train_stride", "chunk", "val_stride", "num_samples",
@@ -228,7 +233,9 @@ def training_windows(splits, config, split="train"):
     return x, y
 
 
-def train_forecaster(model, splits, config=None, *, seed=0, callbacks=(), constraints=(), elbo=None):
+def train_forecaster(
+    model, splits, config=None, *, seed=0, callbacks=(), constraints=(), elbo=None, skip_from=None
+):
     """Train one model with the shared recipe (see the module docstring).
 
     Models without trainable parameters (:class:`~vdn_pyro.models.RepeatLast`) skip
@@ -242,10 +249,20 @@ def train_forecaster(model, splits, config=None, *, seed=0, callbacks=(), constr
     :param callbacks: extra fit callbacks.
     :param constraints: local constraints passed to :func:`~vdn_pyro.fit`.
     :param elbo: the estimator (default :class:`~vdn_pyro.LocalELBO` with ``num_particles``).
+    :param skip_from: a fitted :class:`~vdn_pyro.models.DLinear` to copy into a forecaster's
+        skip path, frozen (:meth:`~vdn_pyro.models.Forecaster.init_skip`); with
+        ``config.pretrain_skip`` and no ``skip_from``, one is fitted here first, same recipe.
     :returns: the :class:`~vdn_pyro.FitResult` (with ``best_val_loss``/``best_step`` holding the
         selection score and its step), or ``None`` when nothing was trained.
     """
     config = config or TrainConfig()
+    if skip_from is None and config.pretrain_skip and getattr(model, "skip", None) is not None:
+        skip_from = DLinear(
+            splits.lookback, splits.horizon, model.skip.kernel_size, model.skip.instance_norm
+        )
+        train_forecaster(skip_from, splits, config, seed=seed)
+    if skip_from is not None:
+        model.init_skip(skip_from, freeze=True)
     x, y = training_windows(splits, config)
     xs, ys = (x, y) if config.chunk == 1 else (x.flatten(0, 1), y.flatten(0, 1))  # (N', L), (N', H)
     calibrate = (lambda: model.calibrate(xs, ys)) if hasattr(model, "calibrate") else None

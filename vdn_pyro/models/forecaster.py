@@ -395,6 +395,30 @@ class Forecaster(PyroModule):
             raise ValueError(f"Expected draws to be None or an int >= 1, but got {draws!r}.")
         return draws
 
+    def init_skip(self, source, freeze=True):
+        """Copy a fitted DLinear into the skip path (and freeze it): the two-stage recipe in
+        which the skip path is the least-squares DLinear and the neurons model its residual.
+
+        :param source: a :class:`~vdn_pyro.models.DLinear` (or its ``DLinearTrunk``) with the
+            same look-back, horizon, kernel size and instance normalisation as the skip path.
+        :param bool freeze: stop training the skip path.
+        :raises ValueError: without a skip path, or if the shapes differ.
+        """
+        if self.skip is None:
+            raise ValueError("init_skip needs a skip path; build the Forecaster with skip=True.")
+        trunk = getattr(source, "net", source)
+        if not isinstance(trunk, DLinearTrunk):
+            raise TypeError(f"Expected a DLinear or DLinearTrunk, but got {type(source).__name__}.")
+        mine = (self.skip.in_features, self.skip.out_features, self.skip.kernel_size, self.skip.instance_norm)
+        theirs = (trunk.in_features, trunk.out_features, trunk.kernel_size, trunk.instance_norm)
+        if mine != theirs:
+            raise ValueError(
+                f"Expected a DLinear with (lookback, horizon, kernel_size, instance_norm) = {mine}, "
+                f"but got {theirs}."
+            )
+        self.skip.load_state_dict(trunk.state_dict())
+        self.skip.requires_grad_(not freeze)
+
     # ----------------------------------------------------------------- pieces
     def offset(self, x):
         """Deterministic part of the forecast: the skip path with its offset added back, or the
