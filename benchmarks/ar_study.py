@@ -10,8 +10,8 @@ chunks of ``--chunk`` consecutive windows ``--train-stride`` rows apart:
   unit's half-life inside ``--band`` (in windows);
 - ``static``: the AR prior on single windows (T = 1, the stationary marginal), for reference.
 
-Writes ``ar_study_runs.csv``, ``ar_study.csv``, ``ar_study.md`` and ``ar_half_lives.png`` (the
-learned per-unit half-lives in hours, free vs band) to ``--out-dir``.
+Writes ``ar_study_runs.csv``, ``ar_study.csv``, ``ar_study.md``, ``ar_half_lives.csv`` and
+``ar_half_lives.png`` (the learned per-unit half-lives in hours, free vs band) to ``--out-dir``.
 
     python benchmarks/ar_study.py --horizons 96 --seeds 0 1 2
     python benchmarks/ar_study.py --quick
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,21 +53,25 @@ def variant_options(name, args):
 
 
 def half_life_figure(path, half_lives, band_hours):
-    """Histogram of the learned per-unit half-lives (hours), one panel per AR variant."""
+    """Histogram of the learned per-unit half-lives (hours), one panel per AR variant, on shared
+    bins."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [n for n in ("ar-free", "ar-band") if half_lives.get(n)]
+    values = {n: np.concatenate(half_lives[n]) for n in names}
+    everything = np.concatenate(list(values.values()) + [np.asarray(band_hours, dtype=float)])
+    lo, hi = float(everything.min()), float(everything.max())
+    bins = np.linspace(max(lo - 0.5, 0.0), hi + 0.5, 41)
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(5 * max(1, len(names)), 3.5), squeeze=False)
     for ax, name in zip(axes[0], names):
-        values = np.concatenate(half_lives[name])
-        ax.hist(values, bins=30, color="tab:blue" if name == "ar-free" else "tab:orange")
+        ax.hist(values[name], bins=bins, color="tab:blue" if name == "ar-free" else "tab:orange")
         if name == "ar-band":
             for edge in band_hours:
                 ax.axvline(edge, color="black", ls="--", lw=1)
-        ax.set_title(f"{name}: {len(values)} units, median {np.median(values):.1f} h")
+        ax.set_title(f"{name}: {len(values[name])} units, median {np.median(values[name]):.1f} h")
         ax.set_xlabel("half-life of the unit's AR prior (hours)")
         ax.set_ylabel("units")
     fig.tight_layout()
@@ -122,6 +127,13 @@ def main(args):
     )
     band_hours = [b * hours for b in args.band]
     half_life_figure(Path(args.out_dir) / "ar_half_lives.png", half_lives, band_hours)
+    rows = [
+        {"variant": name, "run": i, "unit": u, "half_life_h": float(v)}
+        for name, lives in half_lives.items()
+        for i, life in enumerate(lives)
+        for u, v in enumerate(life)
+    ]
+    pd.DataFrame(rows).to_csv(Path(args.out_dir) / "ar_half_lives.csv", index=False)
     print(note)
     print(table)
     return summary

@@ -60,7 +60,7 @@ def main(args):
     torch.set_num_threads(args.threads)
     series = load_default()  # (2284, 1) weekly CO2, ppm
     splits = ratio_splits(series, args.lookback, args.horizon, train=0.7, val=0.1)
-    recipe = TrainConfig(epochs=args.epochs, batch_size=64, lr=args.lr, lr_decay=0.8, patience=5)
+    recipe = TrainConfig(epochs=args.epochs, batch_size=64, lr=args.lr, lr_decay=0.95, patience=5)
     models = {}
     for deterministic in (False, True):
         pyro.set_rng_seed(args.seed)
@@ -102,7 +102,7 @@ def parse_args(argv=None):
     parser.add_argument("--lookback", type=int, default=104, help="weeks of history (L)")
     parser.add_argument("--horizon", type=int, default=52, help="weeks ahead (H)")
     parser.add_argument("--units", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--window", type=int, default=0, help="which test window to chart")

@@ -16,6 +16,7 @@ from vdn_pyro.forecasting import (
     TrainConfig,
     ValidationSelector,
     evaluate_forecaster,
+    fit_least_squares,
     score_prediction,
     train_forecaster,
     training_windows,
@@ -176,3 +177,66 @@ def test_train_and_evaluate_every_model(chunk, select):
             scores = evaluate_forecaster(model, x_test, y_test, num_samples=20, batch_size=50, exact=exact)
             assert all(math.isfinite(scores[k]) for k in METRICS)
             assert 0 <= scores["coverage_50"] <= scores["coverage_90"] <= 1
+
+
+@pytest.mark.parametrize("skip_fit", ["sgd", "ridge"])
+def test_pretrained_skip_path_stays_frozen(skip_fit):
+    splits = toy_splits()
+    config = TrainConfig(epochs=2, batch_size=64, lr=0.01, patience=0, skip_fit=skip_fit)
+    net = Forecaster(lookback=16, horizon=4, units=4, features=8, kernel_size=5, train_draws=4)
+    init = net.skip.trend.weight.detach().clone()
+    train_forecaster(net, splits, config, seed=0)
+    assert not any(p.requires_grad for p in net.skip.parameters())
+    assert not torch.equal(net.skip.trend.weight, init)  # fitted in the first stage
+    if skip_fit == "ridge":  # the closed-form fit of the same splits, exactly
+        ref = DLinear(16, 4, kernel_size=5)
+        fit_least_squares(ref, splits, config.ridges)
+        assert_close(net.skip.trend.weight, ref.net.trend.weight)
+    source = DLinear(16, 4, kernel_size=5)
+    train_forecaster(source, splits, config, seed=0)
+    twin = Forecaster(lookback=16, horizon=4, units=4, features=8, kernel_size=5, deterministic=True)
+    train_forecaster(twin, splits, config, seed=0, skip_from=source)
+    assert_close(twin.skip.trend.weight, source.net.trend.weight)  # lent, then left alone
+
+
+def test_least_squares_fit_is_the_exact_minimiser_and_selects_on_validation():
+    splits = toy_splits(n=800)
+    model = DLinear(16, 4, kernel_size=5)
+    info = fit_least_squares(model, splits, ridges=(0.0, 0.01, 0.1, 10.0))
+    # the validation MSE of every penalty is reported and the smallest one is kept
+    ridges, scores = zip(*info["path"])
+    assert ridges == (0.0, 0.01, 0.1, 10.0)
+    assert info["val_mse"] == min(scores) and info["ridge"] == ridges[scores.index(min(scores))]
+    x_val, y_val = splits.windows("val")
+    assert_close(((model.point(x_val) - y_val) ** 2).mean(), info["val_mse"], rtol=1e-4)
+    # with ridge 0 the fit is numpy's least-squares solution of the training windows
+    exact = DLinear(16, 4, kernel_size=5)
+    fit_least_squares(exact, splits, ridges=(0.0,))
+    x, y = splits.windows("train")
+    design = np.hstack([x.double().numpy(), np.ones((x.shape[0], 1))])
+    solution, *_ = np.linalg.lstsq(design, y.double().numpy(), rcond=None)
+    assert_close(exact.point(x).double(), torch.from_numpy(design @ solution), atol=2e-4, rtol=1e-4)
+    # ... so the gradient of the training MSE at it vanishes (relative to a random DLinear's)
+    def grad_norm(m):
+        m.zero_grad()
+        ((m.point(x) - y) ** 2).mean().backward()
+        return sum(p.grad.norm() ** 2 for p in m.parameters()).sqrt().item()
+
+    assert grad_norm(exact) < 1e-3 * grad_norm(DLinear(16, 4, kernel_size=5))
+    # the scale is calibrated on the training residuals
+    assert_close(exact.scale, ((exact.point(x) - y) ** 2).mean(0).sqrt(), rtol=1e-4)
+
+
+def test_least_squares_with_nlinear_normalisation_and_bad_input():
+    splits = toy_splits()
+    model = DLinear(16, 4, kernel_size=5, instance_norm="last")  # the last input is always 0
+    info = fit_least_squares(model, splits, ridges=(0.0,))
+    assert math.isfinite(info["val_mse"]) and info["val_mse"] < 0.1
+    with pytest.raises(TypeError, match="DLinear"):
+        fit_least_squares(RepeatLast(16, 4), splits)
+    with pytest.raises(ValueError, match="lookback, horizon"):
+        fit_least_squares(DLinear(12, 4, kernel_size=5), splits)
+    with pytest.raises(ValueError, match="ridges"):
+        fit_least_squares(model, splits, ridges=(-1.0,))
+    with pytest.raises(ValueError, match="skip_fit"):
+        TrainConfig(skip_fit="closed")

@@ -9,9 +9,14 @@ One recipe trains and scores every model, so comparisons are like for like:
   that rewards both an accurate mean and a calibrated spread; ``select="loss"`` uses fit's
   validation ELBO instead), training stops after ``patience`` epochs without improvement and the
   best-validation state is restored; point baselines get their predictive scale from the
-  training residuals (before every validation, and at the end);
+  training residuals (before every validation, and at the end). Optionally a forecaster is trained
+  in two stages (``skip_fit`` or ``skip_from``): its DLinear skip path is fitted alone first, in
+  closed form (:func:`fit_least_squares`: ridge least squares, the penalty chosen on the
+  validation MSE) or by the same gradient recipe, then frozen while the rest is fitted by the ELBO;
 - **scoring** (:func:`evaluate_forecaster`): every window of the split, in batches, through each
-  model's ``predict(x, num_samples)``, a :class:`~vdn_pyro.models.ForecastPrediction`.
+  model's ``predict(x, num_samples)``, a :class:`~vdn_pyro.models.ForecastPrediction`, or, when
+  the model's predictive marginal is exactly Gaussian (``has_exact_marginal``), through
+  ``predict_marginal(x)``: the :math:`S \to \infty` limit of the Monte Carlo predictive.
 
 Metrics (all averaged over every window, channel and horizon step, on the scaled values):
 
@@ -43,7 +48,7 @@ from vdn_pyro.data.windows import window_chunks
 from vdn_pyro.inference.elbo import LocalELBO
 from vdn_pyro.inference.fit import fit
 from vdn_pyro.metrics import forecast_metrics
-from vdn_pyro.models.baselines import DLinear
+from vdn_pyro.models.baselines import DLinear, normal_equations, solve_ridge
 
 __all__ = [
     "METRICS",
@@ -52,7 +57,10 @@ __all__ = [
     "EpochDecay",
     "TrainConfig",
     "ValidationSelector",
+    "RIDGES",
+    "SKIP_FITS",
     "evaluate_forecaster",
+    "fit_least_squares",
     "score_prediction",
     "train_forecaster",
     "training_windows",
@@ -62,6 +70,11 @@ __all__ = [
 METRICS = ("mse", "mae", "crps", "nll", "coverage_50", "coverage_90", "width_50", "width_90")
 #: Validation criteria for model selection: a metric of :data:`METRICS` or fit's ELBO ``loss``.
 SELECTIONS = ("crps", "mse", "nll", "loss")
+#: How a forecaster's skip path is fitted: with the rest (``joint``), or first and then frozen, by
+#: gradient steps (``sgd``) or in closed form (``ridge``).
+SKIP_FITS = ("joint", "sgd", "ridge")
+#: Ridge penalties (per observation) tried by :func:`fit_least_squares`.
+RIDGES = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
 
 @dataclasses.dataclass
@@ -82,9 +95,15 @@ class TrainConfig:
     :ivar int num_samples: predictive draws S per window when scoring.
     :ivar int eval_batch_size: windows per scoring batch.
     :ivar int num_particles: ELBO particles.
-    :ivar bool pretrain_skip: two-stage training of a forecaster: fit its DLinear skip path
-        alone by least squares first (a :class:`~vdn_pyro.models.DLinear`, same recipe), freeze
-        it, then fit the rest by the ELBO.
+    :ivar str skip_fit: how a forecaster's skip path is fitted, one of :data:`SKIP_FITS`:
+        ``"joint"`` with the rest; ``"sgd"``: first, alone, as a
+        :class:`~vdn_pyro.models.DLinear` with this recipe, then frozen; ``"ridge"``: first, in
+        closed form (:func:`fit_least_squares`), then frozen.
+    :ivar tuple ridges: penalties tried by ``skip_fit="ridge"``.
+    :ivar bool start_at_skip: with a fitted skip path, start the forecaster at that DLinear's
+        Gaussian predictive (zero head, its calibrated scale;
+        :meth:`~vdn_pyro.models.Forecaster.init_skip`) and score the validation split once
+        before training, so the starting state is a selection candidate.
     """
 
     epochs: int = 10
@@ -99,7 +118,9 @@ class TrainConfig:
     num_samples: int = 100
     eval_batch_size: int = 512
     num_particles: int = 1
-    pretrain_skip: bool = False
+    skip_fit: str = "joint"
+    ridges: tuple = RIDGES
+    start_at_skip: bool = True
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "train_stride", "chunk", "val_stride", "num_samples",
@@ -113,6 +134,14 @@ class TrainConfig:
             raise ValueError(f"Expected patience >= 0, but got {self.patience}.")
         if self.select not in SELECTIONS:
             raise ValueError(f"Expected select in {SELECTIONS}, but got {self.select!r}.")
+        if self.skip_fit not in SKIP_FITS:
+            raise ValueError(f"Expected skip_fit in {SKIP_FITS}, but got {self.skip_fit!r}.")
+        ridges = tuple(self.ridges) if isinstance(self.ridges, (list, tuple)) else ()
+        if not ridges or not all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 0 for r in ridges):
+            raise ValueError(
+                f"Expected ridges to be a non-empty sequence of numbers >= 0, but got {self.ridges!r}."
+            )
+        self.ridges = ridges
 
 
 class EpochDecay:
@@ -172,18 +201,27 @@ class ValidationSelector:
     :param int patience: scorings to wait (0: never stop early).
     :param callable before: called before each scoring (e.g. a point baseline's calibration).
     :param int num_samples: predictive draws when the model has no exact marginal.
+    :param bool score_start: also score the state before the first step (step 0), which then
+        competes with the trained states.
     :ivar list history: ``(step, score)`` pairs.
     :ivar float best: the best score. :ivar int best_step: its step.
     """
 
-    def __init__(self, model, x_val, y_val, metric="crps", every=1, patience=3, before=None, num_samples=100):
+    def __init__(
+        self, model, x_val, y_val, metric="crps", every=1, patience=3, before=None, num_samples=100,
+        score_start=False,
+    ):
         if metric not in METRICS:
             raise ValueError(f"Expected metric in {METRICS}, but got {metric!r}.")
         self.model, self.x_val, self.y_val = model, x_val, y_val
         self.metric, self.every, self.patience = metric, int(every), int(patience)
         self.before, self.num_samples = before, num_samples
         self.history, self.best, self.best_step, self.best_state = [], math.inf, -1, None
-        self.waited = 0
+        self.waited, self.score_start = 0, bool(score_start)
+
+    def on_fit_start(self, state):
+        if self.score_start and state.step == 0:
+            self.on_step_end(state)
 
     def score(self):
         """The validation score of the model's current state."""
@@ -251,18 +289,21 @@ def train_forecaster(
     :param elbo: the estimator (default :class:`~vdn_pyro.LocalELBO` with ``num_particles``).
     :param skip_from: a fitted :class:`~vdn_pyro.models.DLinear` to copy into a forecaster's
         skip path, frozen (:meth:`~vdn_pyro.models.Forecaster.init_skip`); with
-        ``config.pretrain_skip`` and no ``skip_from``, one is fitted here first, same recipe.
+        ``config.skip_fit`` other than ``"joint"`` and no ``skip_from``, one is fitted here first.
     :returns: the :class:`~vdn_pyro.FitResult` (with ``best_val_loss``/``best_step`` holding the
         selection score and its step), or ``None`` when nothing was trained.
     """
     config = config or TrainConfig()
-    if skip_from is None and config.pretrain_skip and getattr(model, "skip", None) is not None:
+    if skip_from is None and config.skip_fit != "joint" and getattr(model, "skip", None) is not None:
         skip_from = DLinear(
             splits.lookback, splits.horizon, model.skip.kernel_size, model.skip.instance_norm
         )
-        train_forecaster(skip_from, splits, config, seed=seed)
+        if config.skip_fit == "ridge":
+            fit_least_squares(skip_from, splits, config.ridges)
+        else:
+            train_forecaster(skip_from, splits, config, seed=seed)
     if skip_from is not None:
-        model.init_skip(skip_from, freeze=True)
+        model.init_skip(skip_from, freeze=True, start_at_source=config.start_at_skip)
     x, y = training_windows(splits, config)
     xs, ys = (x, y) if config.chunk == 1 else (x.flatten(0, 1), y.flatten(0, 1))  # (N', L), (N', H)
     calibrate = (lambda: model.calibrate(xs, ys)) if hasattr(model, "calibrate") else None
@@ -276,7 +317,8 @@ def train_forecaster(
             val_data = (x_val, y_val)
         else:
             selector = ValidationSelector(
-                model, x_val, y_val, config.select, per_epoch, config.patience, calibrate, config.num_samples
+                model, x_val, y_val, config.select, per_epoch, config.patience, calibrate, config.num_samples,
+                score_start=skip_from is not None and config.start_at_skip,
             )
             watchers, val_data = [selector], None
         result = fit(
@@ -301,6 +343,49 @@ def train_forecaster(
     if calibrate is not None:
         calibrate()
     return result
+
+
+@torch.no_grad()
+def fit_least_squares(model, splits, ridges=RIDGES, stride=1):
+    r"""Fit a :class:`~vdn_pyro.models.DLinear` in closed form, choosing the ridge penalty on the
+    validation MSE (the test split is not read).
+
+    The normal equations of the training windows (every ``stride``-th) are formed once; each
+    penalty is one solve. The chosen fit is kept and :meth:`~vdn_pyro.models.DLinear.calibrate`\ d
+    on the training windows.
+
+    :param model: the :class:`~vdn_pyro.models.DLinear` to fit (its look-back, horizon and
+        instance normalisation are used as they are).
+    :param splits: a :class:`~vdn_pyro.data.ForecastSplits`.
+    :param ridges: penalties per observation, each >= 0.
+    :param int stride: rows between training windows.
+    :returns: dict with ``ridge`` (chosen), ``val_mse`` (its validation MSE) and ``path``
+        (``[(ridge, val_mse), ...]`` for every penalty tried).
+    """
+    if not isinstance(model, DLinear):
+        raise TypeError(f"Expected a DLinear, but got {type(model).__name__}.")
+    if (model.lookback, model.horizon) != (splits.lookback, splits.horizon):
+        raise ValueError(
+            f"Expected a DLinear with (lookback, horizon) = {(splits.lookback, splits.horizon)}, but got "
+            f"{(model.lookback, model.horizon)}."
+        )
+    ridges = TrainConfig(ridges=ridges).ridges  # validated
+    x, y = splits.windows("train", stride=stride)  # (N, L), (N, H)
+    x_val, y_val = splits.windows("val")
+    gram, cross, count = normal_equations(model, x, y)
+    path, best = [], None
+    for ridge in ridges:
+        weight, bias = solve_ridge(gram, cross, count, ridge)
+        model.set_linear(weight, bias)
+        pairs = zip(x_val.split(8192), y_val.split(8192))
+        err = sum(((model.point(xb) - yb) ** 2).sum().item() for xb, yb in pairs)
+        val_mse = err / y_val.numel()
+        path.append((float(ridge), val_mse))
+        if best is None or val_mse < best[1]:
+            best = (float(ridge), val_mse, weight, bias)
+    model.set_linear(best[2], best[3])
+    model.calibrate(x, y)
+    return {"ridge": best[0], "val_mse": best[1], "path": path}
 
 
 def _mixture_scores(pred, y):

@@ -130,3 +130,34 @@ def test_bad_sizes_are_rejected():
         DLinear(L, H, kernel_size=4)
     with pytest.raises(ValueError, match="num_samples"):
         RepeatLast(L, H).predict(torch.randn(B, L), num_samples=0)
+
+
+def test_set_linear_makes_dlinear_that_linear_map():
+    torch.manual_seed(0)
+    for norm in (None, "last"):
+        model = DLinear(L, H, kernel_size=5, instance_norm=norm)
+        weight, bias = torch.randn(H, L), torch.randn(H)
+        model.set_linear(weight, bias)
+        x = torch.randn(B, L)
+        shift = x[:, -1:] if norm == "last" else 0.0
+        assert_close(model.point(x), (x - shift) @ weight.T + bias + shift, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"weight \(6, 24\)"):
+        model.set_linear(torch.randn(L, H), torch.randn(H))
+
+
+def test_closed_form_fit_recovers_a_linear_map_and_ridge_shrinks_it():
+    torch.manual_seed(0)
+    weight, bias = 0.1 * torch.randn(H, L), torch.randn(H)
+    x = torch.randn(500, L)
+    y = x @ weight.T + bias  # noiseless: least squares recovers it exactly
+    model = DLinear(L, H, kernel_size=5).fit_least_squares(x, y)
+    assert_close(model.net.trend.weight, weight, atol=1e-4, rtol=1e-4)
+    assert_close(model.net.trend.bias, bias, atol=1e-4, rtol=1e-4)
+    assert model.scale.max() < 1e-3  # calibrated on the (zero) residuals
+    norms = [DLinear(L, H, kernel_size=5).fit_least_squares(x, y, ridge=r).net.trend.weight.norm() for r in
+             (0.0, 0.1, 1.0, 10.0)]
+    assert all(a > b for a, b in zip(norms, norms[1:]))
+    with pytest.raises(ValueError, match="ridge"):
+        model.fit_least_squares(x, y, ridge=-0.1)
+    with pytest.raises(ValueError, match="ridge"):
+        model.fit_least_squares(x, y, ridge=float("nan"))

@@ -465,3 +465,21 @@ def test_sample_quantiles_match_numpy():
     pred = ForecastPrediction(samples, torch.zeros(101, 2, 3), torch.ones(101, 2, 3))
     for level in (0.05, 0.5, 0.93):
         assert_close(pred.quantile(level), torch.quantile(samples, level, dim=0), rtol=1e-5, atol=1e-6)
+
+
+def test_init_skip_copies_and_freezes_a_dlinear():
+    from vdn_pyro.models import DLinear
+
+    net = make()
+    source = DLinear(L, H, kernel_size=5)
+    net.init_skip(source)
+    x = torch.randn(B, L)
+    assert_close(net.offset(x), source.point(x), rtol=1e-6, atol=1e-6)
+    assert not any(p.requires_grad for p in net.skip.parameters())
+    assert all(p.requires_grad for p in net.head.parameters())
+    with pytest.raises(ValueError, match="kernel_size"):
+        make().init_skip(DLinear(L, H, kernel_size=7))
+    with pytest.raises(ValueError, match="skip=True"):
+        make(skip=False).init_skip(source)
+    with pytest.raises(TypeError, match="DLinear"):
+        net.init_skip(torch.nn.Linear(L, H))

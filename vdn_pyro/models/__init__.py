@@ -1,6 +1,6 @@
 """Model side: per-unit priors, likelihoods, the forecaster and its baselines."""
 
-from vdn_pyro.models.baselines import DLinear, PointForecaster, RepeatLast
+from vdn_pyro.models.baselines import DLinear, PointForecaster, RepeatLast, normal_equations, solve_ridge
 from vdn_pyro.models.forecaster import Forecaster, ForecasterConfig, ForecastPrediction
 from vdn_pyro.models.likelihoods import (
     BernoulliLikelihood,
@@ -41,4 +41,6 @@ __all__ = [
     "evaluate_sequences",
     "make_likelihood",
     "negative_elbo",
+    "normal_equations",
+    "solve_ridge",
 ]

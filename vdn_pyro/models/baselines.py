@@ -12,7 +12,15 @@ which is the maximum-likelihood scale of a Gaussian with that mean.
   horizon by one linear layer shared across channels; trained on the mean squared error (a
   Gaussian likelihood with unit scale).
 - :class:`RepeatLast`: repeat the last observed value over the horizon; nothing to train.
+
+DLinear is linear in the (instance-normalised) window: since
+:math:`W_t\,\mathrm{MA}_k(x) + W_s\,(x - \mathrm{MA}_k(x)) = W x` when :math:`W_t = W_s = W`,
+every DLinear is a linear map :math:`\mathbb{R}^L \to \mathbb{R}^H` plus a bias and every such map is
+a DLinear. So its least-squares fit has a closed form (:meth:`DLinear.fit_least_squares`, with an
+optional ridge penalty), the minimiser that gradient training only approaches.
 """
+
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -22,7 +30,7 @@ from pyro.nn import PyroModule
 from vdn_pyro.guides.trunks import DLinearTrunk
 from vdn_pyro.models.forecaster import ForecastPrediction, _is_int, check_forecast_inputs
 
-__all__ = ["DLinear", "PointForecaster", "RepeatLast"]
+__all__ = ["DLinear", "PointForecaster", "RepeatLast", "normal_equations", "solve_ridge"]
 
 
 class PointForecaster(PyroModule):
@@ -129,6 +137,102 @@ class DLinear(PointForecaster):
         out = self.net(x)  # (B, [T,] H)
         offset = self.net.offset(x)  # (B, [T,] 1) or None
         return out if offset is None else out + offset
+
+
+    def normalise(self, x):
+        """The window the linear maps see: ``x`` minus its instance-normalisation offset.
+
+        :param x: ``(..., L)``. :returns: ``(..., L)``.
+        """
+        off = self.net.offset(x)  # (..., 1) or None
+        return x if off is None else x - off
+
+    def target(self, x, y):
+        """The target the linear maps fit: ``y`` minus the instance-normalisation offset of ``x``.
+
+        :param x: ``(..., L)``. :param y: ``(..., H)``. :returns: ``(..., H)``.
+        """
+        off = self.net.offset(x)
+        return y if off is None else y - off
+
+    @torch.no_grad()
+    def set_linear(self, weight, bias):
+        r"""Make this DLinear the linear map ``weight @ x' + bias`` of the normalised window
+        ``x'``: :math:`W_t = W_s = W`, the bias on the trend layer.
+
+        :param weight: ``(H, L)``. :param bias: ``(H,)``.
+        """
+        weight = torch.as_tensor(weight)
+        bias = torch.as_tensor(bias)
+        expected = (self.horizon, self.lookback)
+        if tuple(weight.shape) != expected or tuple(bias.shape) != (self.horizon,):
+            raise ValueError(
+                f"Expected weight {expected} and bias ({self.horizon},), but got "
+                f"{tuple(weight.shape)} and {tuple(bias.shape)}."
+            )
+        dtype = self.net.trend.weight.dtype
+        for layer in (self.net.trend, self.net.season):
+            layer.weight.copy_(weight.to(dtype))
+            layer.bias.zero_()
+        self.net.trend.bias.copy_(bias.to(dtype))
+
+    @torch.no_grad()
+    def fit_least_squares(self, x, y, ridge=0.0, batch_size=8192):
+        r"""Closed-form (ridge) least-squares fit, then :meth:`calibrate` on the same data.
+
+        Minimises :math:`\frac1N \sum_n \lVert y'_n - W x'_n - b\rVert^2 + \lambda \lVert W
+        \rVert_F^2` over the normalised windows (the bias is not penalised), in float64.
+
+        :param x: windows ``(N, [T,] L)``. :param y: targets ``(N, [T,] H)``.
+        :param float ridge: :math:`\lambda \ge 0`, per observation.
+        :returns: ``self``.
+        """
+        self.check_inputs(x, y)
+        gram, cross, count = normal_equations(self, x, y, batch_size)
+        self.set_linear(*solve_ridge(gram, cross, count, ridge))
+        self.calibrate(x, y)
+        return self
+
+
+@torch.no_grad()
+def normal_equations(model, x, y, batch_size=8192):
+    r"""Sufficient statistics of a least-squares fit of a :class:`DLinear`, in float64.
+
+    :param DLinear model: gives the instance normalisation.
+    :param x: windows ``(N, [T,] L)``. :param y: targets ``(N, [T,] H)``.
+    :returns: ``(gram, cross, count)``: :math:`\sum [x';1][x';1]^T` ``(L + 1, L + 1)``,
+        :math:`\sum [x';1]\,y'^T` ``(L + 1, H)`` and the number of windows.
+    """
+    x = x.reshape(-1, x.shape[-1])  # (N', L)
+    y = y.reshape(-1, y.shape[-1])  # (N', H)
+    length = x.shape[-1]
+    gram = torch.zeros(length + 1, length + 1, dtype=torch.float64)
+    cross = torch.zeros(length + 1, y.shape[-1], dtype=torch.float64)
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        design = model.normalise(xb).double()  # (b, L)
+        design = torch.cat([design, design.new_ones(design.shape[0], 1)], -1)  # (b, L + 1)
+        gram += design.T @ design
+        cross += design.T @ model.target(xb, yb).double()
+    return gram, cross, x.shape[0]
+
+
+def solve_ridge(gram, cross, count, ridge=0.0):
+    r"""Solve the ridge normal equations of :func:`normal_equations`.
+
+    :param float ridge: penalty :math:`\lambda \ge 0` per observation on the weights (not the
+        bias); a relative floor of 1e-10 keeps a rank-deficient design (e.g. the last value of an
+        NLinear window, always 0) solvable.
+    :returns: ``(weight, bias)`` of shapes ``(H, L)`` and ``(H,)``, float64.
+    """
+    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"Expected ridge to be a finite number >= 0, but got {ridge!r}.")
+    length = gram.shape[0] - 1
+    penalty = torch.full((length + 1,), float(ridge) * count, dtype=gram.dtype)
+    penalty[-1] = 0.0
+    floor = 1e-10 * gram.diagonal()[:-1].mean()
+    penalty[:-1] += floor
+    solution = torch.linalg.solve(gram + torch.diag(penalty), cross)  # (L + 1, H)
+    return solution[:-1].T.contiguous(), solution[-1].clone()
 
 
 class RepeatLast(PointForecaster):
