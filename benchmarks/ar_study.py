@@ -1,8 +1,9 @@
 """AR study on ETTh1: temporal neurons with an AR prior against a static Normal prior, and a
 Persistence band on the AR memory against a free phi.
 
-Every variant is the benchmark's VDN forecaster (same recipe as ``forecast_ett.py``), trained on
-chunks of ``--chunk`` consecutive windows ``--train-stride`` rows apart:
+Every variant is the benchmark's VDN forecaster (same recipe as ``forecast_ett.py``, including the
+closed-form skip path of ``--skip-fit ridge``), trained on chunks of ``--chunk`` consecutive windows
+``--train-stride`` rows apart:
 
 - ``normal``: a Normal N(0, 1) prior per unit: the windows of a chunk are independent a priori;
 - ``ar-free``: a learned AR(1) prior per unit over the windows of a chunk, phi free in (-1, 1);
@@ -98,13 +99,16 @@ def main(args):
     for horizon in args.horizons:
         splits = ett_hourly_splits(series, forecast_ett.LOOKBACK, horizon)
         test = splits.windows("test", stride=args.test_stride)
+        fitted = {}  # the skip path lent to every variant (``--skip-fit``), as in the benchmark
         for seed in args.seeds:
+            skip = forecast_ett.lend_skip("vdn", splits, seed, args, fitted, test)
             for name in args.variants:
                 overrides, constraints, chunk = variant_options(name, args)
                 args_chunk, args.chunk = args.chunk, chunk
                 try:
                     row, model = forecast_ett.run_one(
-                        "vdn", splits, seed, args, test=test, constraints=constraints, overrides=overrides
+                        "vdn", splits, seed, args, test=test, constraints=constraints, overrides=overrides,
+                        skip_from=skip,
                     )
                 finally:
                     args.chunk = args_chunk

@@ -136,6 +136,25 @@ def test_validation_selector_keeps_the_best_state(monkeypatch):
         ValidationSelector(model, None, None, "accuracy")
 
 
+def test_validation_selector_can_keep_the_starting_state(monkeypatch):
+    import vdn_pyro.forecasting as forecasting
+
+    model = _Model([1.0, 2.0, 3.0, 4.0])
+    monkeypatch.setattr(forecasting, "evaluate_forecaster", lambda m, *a, **k: {"crps": m.scores.pop(0)})
+    selector = ValidationSelector(model, None, None, "crps", every=10, patience=2, score_start=True)
+    state = FitState(network=model, optimizer=None, elbo=None)
+    model.state = 0
+    selector.on_fit_start(state)  # step 0: scored before any training
+    for step in range(1, 31):
+        state.step = model.state = step
+        selector.on_step_end(state)
+        if state.stop:
+            break
+    assert selector.history[0] == (0, 1.0) and selector.best_step == 0 and state.step == 20
+    selector.on_fit_end(state)
+    assert model.state == 0
+
+
 def test_epoch_decay_and_early_stopping_callbacks():
     state = FitState(network=None, optimizer=_Opt(), elbo=None)
     decay = EpochDecay(0.5)

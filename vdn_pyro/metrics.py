@@ -189,6 +189,12 @@ def crps_gaussian(loc, scale, y, reduction="mean"):
     return _reduce(crps, reduction)
 
 
+def _sort_samples(samples):
+    """``samples`` sorted along dim 0, shape ``(S,) + B``; sorts along a contiguous last dim,
+    about twice as fast as sorting along dim 0 in place."""
+    return samples.movedim(0, -1).contiguous().sort(dim=-1).values.movedim(-1, 0)
+
+
 def _crps_sorted(sorted_samples, y, fair):
     """Per-element sample CRPS from samples sorted along dim 0, shape ``(S,) + B``."""
     num_samples = sorted_samples.shape[0]
@@ -230,7 +236,7 @@ def crps_samples(samples, y, fair=True, reduction="mean"):
     _check_samples("crps_samples", samples, y)
     if fair and samples.shape[0] < 2:
         raise ValueError("crps_samples: fair=True needs at least 2 samples; pass fair=False")
-    sorted_samples = samples.sort(dim=0).values  # (S,) + B
+    sorted_samples = _sort_samples(samples)  # (S,) + B
     return _reduce(_crps_sorted(sorted_samples, y, fair), reduction)
 
 
@@ -290,7 +296,7 @@ def sample_interval(samples, level):
         raise ValueError(
             f"sample_interval: expected samples of shape (S, ...) with S >= 1 but got {tuple(samples.shape)}"
         )
-    return _interval_sorted(samples.sort(dim=0).values, level)
+    return _interval_sorted(_sort_samples(samples), level)
 
 
 def interval_coverage(samples, y, level, reduction="mean"):
@@ -307,7 +313,7 @@ def interval_coverage(samples, y, level, reduction="mean"):
     level = _check_level("interval_coverage", level)
     samples, y = _tensors("interval_coverage", samples=samples, y=y)
     _check_samples("interval_coverage", samples, y)
-    interval = _interval_sorted(samples.sort(dim=0).values, level)
+    interval = _interval_sorted(_sort_samples(samples), level)
     return _reduce(_covered(interval, y), reduction)
 
 
@@ -421,7 +427,7 @@ def forecast_metrics(samples=None, loc=None, scale=None, *, y, fair=True):
     point = loc if loc is not None else samples.mean(0)  # B
     out = {"mse": mse(point, y).item(), "mae": mae(point, y).item()}
     if samples is not None:
-        sorted_samples = samples.sort(dim=0).values  # (S,) + B
+        sorted_samples = _sort_samples(samples)  # (S,) + B
         out["crps"] = _crps_sorted(sorted_samples, y, fair).mean().item()
         intervals = {lvl: _interval_sorted(sorted_samples, lvl) for lvl in (0.5, 0.9)}
     else:

@@ -483,3 +483,43 @@ def test_init_skip_copies_and_freezes_a_dlinear():
         make(skip=False).init_skip(source)
     with pytest.raises(TypeError, match="DLinear"):
         net.init_skip(torch.nn.Linear(L, H))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_starting_at_the_source_reproduces_its_predictive(deterministic):
+    from vdn_pyro.models import DLinear
+
+    torch.manual_seed(0)
+    source = DLinear(L, H, kernel_size=5)
+    source.scale.copy_(0.2 + torch.rand(H))
+    net = make(deterministic=deterministic)
+    net.init_skip(source, start_at_source=True)
+    x = torch.randn(B, L)
+    pred, ref = net.predict_marginal(x), source.predict(x, num_samples=2)
+    assert_close(pred.loc[0], ref.loc[0], rtol=1e-5, atol=1e-5)
+    assert_close(pred.scale[0], ref.scale[0], rtol=1e-4, atol=1e-5)
+    assert all(p.requires_grad for p in net.head.parameters())  # only the skip path is frozen
+
+
+def test_mean_from_the_skip_path_leaves_the_neurons_only_the_scale():
+    from vdn_pyro.models import DLinear
+
+    torch.manual_seed(0)
+    net = make(mean="skip", likelihood_scale="heteroscedastic")
+    assert net.head.out_features == H and not net.has_exact_marginal
+    x, y = torch.randn(B, T, L), torch.randn(B, T, H)
+    pred = net.predict(x[:, 0], num_samples=50)
+    assert_close(pred.loc, net.offset(x[:, 0]).expand_as(pred.loc))  # every draw: the skip path's mean
+    assert pred.scale.std(0).max() > 0  # ... and its own scale
+    LocalELBO().differentiable_loss(net.model, net.guide, x, y).backward()
+    assert net.trunk.trend.weight.grad.abs().sum() > 0  # the neurons are trained through the scale
+    source = DLinear(L, H, kernel_size=5)
+    source.scale.copy_(0.3 + torch.rand(H))
+    net.init_skip(source, start_at_source=True)
+    pred = net.predict(x[:, 0], num_samples=4)
+    assert_close(pred.scale, source.scale.expand_as(pred.scale), rtol=1e-4, atol=1e-5)
+    for bad in ({"likelihood_scale": "learned"}, {"skip": False, "likelihood_scale": "heteroscedastic"}):
+        with pytest.raises(ValueError, match="mean='skip'"):
+            make(mean="skip", **bad)
+    with pytest.raises(ValueError, match="mean"):
+        make(mean="trunk")

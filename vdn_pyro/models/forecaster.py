@@ -209,6 +209,11 @@ class ForecasterConfig:
     :ivar likelihood_scale: ``"learned"`` (one scale per horizon step), ``"heteroscedastic"``
         (a second head on z) or a fixed positive number.
     :ivar float likelihood_scale_min: lower bound added to the likelihood scale.
+    :ivar str mean: where the forecast mean comes from: ``"head"`` (skip path plus the head on z,
+        default) or ``"skip"`` (the skip path alone; the neurons then reach the forecast only
+        through a heteroscedastic likelihood scale, :math:`\\sigma(z)`, and the predictive is a
+        scale mixture around the skip path; needs ``skip=True`` and
+        ``likelihood_scale="heteroscedastic"``).
     :ivar beta: KL coefficient, a positive number or a sequence of length U.
     :ivar int train_draws: K posterior draws mixed in the likelihood of an observed y (1: the
         usual ELBO, which on ETTh1 only matches the twin; 16 is the validated default).
@@ -236,6 +241,7 @@ class ForecasterConfig:
     init_scale: float = 0.5
     likelihood_scale: Any = "learned"
     likelihood_scale_min: float = 1e-3
+    mean: str = "head"
     beta: Any = 1e-3
     train_draws: int = 16
     deterministic: bool = False
@@ -253,6 +259,14 @@ class ForecasterConfig:
             raise ValueError(f"Expected scale_mode in {SCALE_MODES}, but got {self.scale_mode!r}.")
         if self.phi_range is not None:
             self.phi_range = tuple(float(v) for v in self.phi_range)
+        if self.mean not in ("head", "skip"):
+            raise ValueError(f"Expected mean 'head' or 'skip', but got {self.mean!r}.")
+        if self.mean == "skip" and (not self.skip or self.likelihood_scale != "heteroscedastic"):
+            raise ValueError(
+                "mean='skip' takes the forecast mean from the skip path and lets the neurons set the "
+                "scale, so it needs skip=True and likelihood_scale='heteroscedastic'; got "
+                f"skip={self.skip!r} and likelihood_scale={self.likelihood_scale!r}."
+            )
         self.betas = as_beta(self.beta, self.units, name="beta")  # (U,)
 
 
@@ -325,9 +339,10 @@ class Forecaster(PyroModule):
 
     :param ForecasterConfig config: the configuration (or pass its fields as keywords).
 
+    >>> from vdn_pyro import LocalELBO
     >>> net = Forecaster(lookback=48, horizon=12, units=8, features=16)
     >>> x, y = torch.randn(4, 3, 48), torch.randn(4, 3, 12)  # 4 chunks of T = 3 windows
-    >>> loss = pyro.infer.Trace_ELBO().differentiable_loss(net.model, net.guide, x, y)
+    >>> loss = LocalELBO().differentiable_loss(net.model, net.guide, x, y)
     >>> net.predict(x[:, 0], num_samples=10).samples.shape
     torch.Size([10, 4, 12])
     """
@@ -365,7 +380,8 @@ class Forecaster(PyroModule):
         self.likelihood = GaussianLikelihood(
             c.horizon, scale=c.likelihood_scale, scale_min=c.likelihood_scale_min, init_scale=0.5
         )
-        self.head = nn.Linear(c.units, self.likelihood.head_features)
+        out = c.horizon if c.mean == "skip" else self.likelihood.head_features
+        self.head = nn.Linear(c.units, out)  # (U -> H * m), or H scales for mean="skip"
 
     # ------------------------------------------------------------------ checks
     @property
@@ -427,9 +443,15 @@ class Forecaster(PyroModule):
                 self.head.weight.zero_()
                 self.head.bias.zero_()
                 scale = getattr(source, "scale", None)
-                if self.likelihood.scale_mode == "learned" and scale is not None:
+                if scale is not None:
                     target = (scale - self.likelihood.scale_min).clamp_min(1e-6)  # (H,)
-                    self.likelihood.raw_scale.copy_(target + torch.log(-torch.expm1(-target)))
+                    raw = target + torch.log(-torch.expm1(-target))  # softplus^{-1}
+                    if self.likelihood.scale_mode == "learned":
+                        self.likelihood.raw_scale.copy_(raw)
+                    elif self.config.mean == "skip":
+                        self.head.bias.copy_(raw)
+                    else:  # heteroscedastic head: (loc, raw scale) halves
+                        self.head.bias[self.config.horizon :].copy_(raw)
 
     # ----------------------------------------------------------------- pieces
     def offset(self, x):
@@ -465,6 +487,8 @@ class Forecaster(PyroModule):
         """
         raw = self.head(z)  # (..., B, [T,] H * m)
         off = self.offset(x)  # (B, [T,] H or 1)
+        if self.config.mean == "skip":  # the head sets only the (raw) scale
+            raw = torch.cat([torch.zeros_like(raw), raw], -1)  # (..., B, [T,] 2 H)
         if self.likelihood.head_multiplier == 1:  # learned or fixed scale per step
             loc = raw if off is None else raw + off  # (..., B, [T,] H)
             scale = self.likelihood(raw.new_zeros(1, raw.shape[-1]), None, 1).base_dist.scale[0]  # (H,)
@@ -592,11 +616,11 @@ class Forecaster(PyroModule):
         With a linear head and a likelihood scale that does not depend on z, integrating the
         Gaussian posterior out gives, per horizon step h,
 
-        .. math:: y_h \mid x \sim \mathcal{N}\Big(\mu_h(ar m) ,\; \sigma_h^2 + \sum_u W_{hu}^2
-                  \,\mathrm{Var}_q[ar z_u]\Big),
+        .. math:: y_h \mid x \sim \mathcal{N}\Big(\mu_h(\bar m) ,\; \sigma_h^2 + \sum_u W_{hu}^2
+                  \,\mathrm{Var}_q[\bar z_u]\Big),
 
-        where :math:`ar m` is the posterior mean of the pooled latents and :math:`ar z_u`
-        the pooled latent of unit u. This is the :math:`S 	o \infty` limit of :meth:`predict`.
+        where :math:`\bar m` is the posterior mean of the pooled latents and :math:`\bar z_u`
+        the pooled latent of unit u. This is the :math:`S \to \infty` limit of :meth:`predict`.
 
         :param torch.Tensor x: ``(B, L)`` or ``(B, T, L)``.
         :param int num_samples: draws S from the marginal.
