@@ -14,7 +14,7 @@ closed-form skip path of ``--skip-fit ridge``), trained on chunks of ``--chunk``
 Writes ``ar_study_runs.csv``, ``ar_study.csv``, ``ar_study.md``, ``ar_half_lives.csv`` and
 ``ar_half_lives.png`` (the learned per-unit half-lives in hours, free vs band) to ``--out-dir``.
 
-    python benchmarks/ar_study.py --horizons 96 --seeds 0 1 2
+    python benchmarks/ar_study.py --horizons 96 --seeds 0 1 2 --jobs 2
     python benchmarks/ar_study.py --quick
 """
 
@@ -80,6 +80,43 @@ def half_life_figure(path, half_lives, band_hours):
     plt.close(fig)
 
 
+def study_task(horizon, seed, args, series, fitted=None):
+    """Every variant at one horizon and seed; returns their rows, each with its units'
+    half-lives in hours (``"half_lives"``, a list; absent for the Normal prior)."""
+    torch.set_num_threads(args.threads)
+    splits = ett_hourly_splits(series, forecast_ett.LOOKBACK, horizon)
+    test = splits.windows("test", stride=args.test_stride)
+    fitted = {} if fitted is None else fitted  # the skip path lent to every variant (--skip-fit)
+    skip = forecast_ett.lend_skip("vdn", splits, seed, args, fitted, test)
+    hours = args.train_stride  # one window step in hours
+    rows = []
+    for name in args.variants:
+        overrides, constraints, chunk = variant_options(name, args)
+        args_chunk, args.chunk = args.chunk, chunk
+        try:
+            row, model = forecast_ett.run_one(
+                "vdn", splits, seed, args, test=test, constraints=constraints, overrides=overrides,
+                skip_from=skip,
+            )
+        finally:
+            args.chunk = args_chunk
+        row["model"] = name
+        prior = model.layers[0].prior
+        if hasattr(prior, "half_life"):
+            life = prior.half_life.cpu().numpy() * hours  # (U,) hours
+            row["half_lives"] = [float(v) for v in life]
+            row["half_life_median_h"] = float(np.median(life))
+            row["phi_mean"] = float(prior.phi.detach()[:, 0].mean())
+        rows.append(row)
+        print(
+            f"H={horizon} seed={seed} {name:8s} "
+            + " ".join(f"{k}={row[k]:.4f}" for k in forecast_ett.COLUMNS)
+            + f" half-life={row.get('half_life_median_h', float('nan')):.1f}h",
+            flush=True,
+        )
+    return rows
+
+
 def main(args):
     """Run the study; return the summary :class:`pandas.DataFrame`."""
     if args.quick:
@@ -88,7 +125,6 @@ def main(args):
         args.train_stride = 24
     torch.set_num_threads(args.threads)
     series = load_ett(args.data)
-    runs, half_lives = [], {}
     hours = args.train_stride  # one window step in hours
     note = (
         f"AR study, ETTh1, L={forecast_ett.LOOKBACK}; chunks of {args.chunk} windows "
@@ -96,36 +132,15 @@ def main(args):
         f"{[b * hours for b in args.band]} h; options: "
         + json.dumps({k: v for k, v in vars(args).items() if k not in ("data", "out_dir")})
     )
-    for horizon in args.horizons:
-        splits = ett_hourly_splits(series, forecast_ett.LOOKBACK, horizon)
-        test = splits.windows("test", stride=args.test_stride)
-        fitted = {}  # the skip path lent to every variant (``--skip-fit``), as in the benchmark
-        for seed in args.seeds:
-            skip = forecast_ett.lend_skip("vdn", splits, seed, args, fitted, test)
-            for name in args.variants:
-                overrides, constraints, chunk = variant_options(name, args)
-                args_chunk, args.chunk = args.chunk, chunk
-                try:
-                    row, model = forecast_ett.run_one(
-                        "vdn", splits, seed, args, test=test, constraints=constraints, overrides=overrides,
-                        skip_from=skip,
-                    )
-                finally:
-                    args.chunk = args_chunk
-                row["model"] = name
-                prior = model.layers[0].prior
-                if hasattr(prior, "half_life"):
-                    life = prior.half_life.cpu().numpy() * hours  # (U,) hours
-                    half_lives.setdefault(name, []).append(life)
-                    row["half_life_median_h"] = float(np.median(life))
-                    row["phi_mean"] = float(prior.phi.detach()[:, 0].mean())
-                runs.append(row)
-                print(
-                    f"H={horizon} seed={seed} {name:8s} "
-                    + " ".join(f"{k}={row[k]:.4f}" for k in forecast_ett.COLUMNS)
-                    + f" half-life={row.get('half_life_median_h', float('nan')):.1f}h",
-                    flush=True,
-                )
+    order = {key: i for i, key in enumerate(
+        (h, s, v) for h in args.horizons for s in args.seeds for v in args.variants
+    )}
+    runs, half_lives = [], {}
+    for rows in forecast_ett.run_tasks(args, series, task=study_task):
+        runs = sorted(runs + rows, key=lambda r: order[(r["horizon"], r["seed"], r["model"])])
+    for row in runs:
+        if "half_lives" in row:
+            half_lives.setdefault(row["model"], []).append(np.asarray(row.pop("half_lives")))
     summary, table = forecast_ett.write_outputs(
         runs, args.out_dir, stem="ar_study", note=note, published=False
     )

@@ -178,6 +178,10 @@ def _other_architecture(run):
         (["fit", "missing.yaml"], ["config file missing.yaml does not exist"]),
         (["fit", "--preset", "quik"], ["unknown preset 'quik'"]),
         (["fit", "--preset", "quick", "--set", "data.lookback=5000"], ["data:", "cannot be split"]),
+        (
+            ["fit", "--preset", "quick", "--set", "neurons.mean=skip"],
+            ["neurons:", "likelihood_scale='heteroscedastic'"],
+        ),
         (["evaluate", "no/such/run"], ["no run directory at no/such/run"]),
         (["report", "no/such/run"], ["no run directory at no/such/run"]),
         (["fit", "--resume", "no/such/run"], ["no run directory at no/such/run"]),
@@ -188,6 +192,7 @@ def _other_architecture(run):
         "missing-file",
         "unknown-preset",
         "unsplittable-data",
+        "mean-without-scale",
         "evaluate-missing",
         "report-missing",
         "resume-missing",

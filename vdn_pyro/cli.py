@@ -281,6 +281,7 @@ def build_network(config):
             init_scale=n.init_scale,
             likelihood_scale=n.likelihood_scale,
             likelihood_scale_min=n.likelihood_scale_min,
+            mean=n.mean,
             beta=n.beta,
             train_draws=n.train_draws,
             deterministic=n.deterministic,

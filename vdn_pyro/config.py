@@ -177,6 +177,8 @@ class NeuronsConfig(_Section):
     :ivar activation: applied to the trunk's features before the neurons read them.
     :ivar prior: see :class:`PriorConfig`.
     :ivar scale_mode: posterior scale ``input`` (input-dependent) or ``unit``.
+    :ivar mean: ``head`` (skip path plus the head on z) or ``skip`` (the skip path alone; the
+        neurons set a heteroscedastic scale, so it needs ``likelihood_scale: heteroscedastic``).
     :ivar beta: KL coefficient: a number, or one per unit.
     :ivar train_draws: posterior draws K mixed in the training likelihood.
     :ivar deterministic: train the deterministic twin instead (z = posterior mean, no KL).
@@ -197,6 +199,7 @@ class NeuronsConfig(_Section):
     init_scale: PositiveFloat = 0.5
     likelihood_scale: Literal["learned", "heteroscedastic"] | PositiveFloat = "learned"
     likelihood_scale_min: NonNegativeFloat = 1e-3
+    mean: Literal["head", "skip"] = "head"
     beta: PositiveFloat | list[PositiveFloat] = 1e-3
     train_draws: PositiveInt = 8
     deterministic: bool = False
