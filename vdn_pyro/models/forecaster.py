@@ -38,6 +38,17 @@ uncertain; the mixture tends to the predictive log-likelihood :math:`\log \mathb
 z)` as K grows, so they can. When sampling (``y=None``) a single draw is used, which gives the
 same predictive distribution.
 
+**Mean from the skip path.** With ``mean="skip"`` (and ``likelihood_scale="heteroscedastic"``)
+the forecast mean is the skip path alone and the head maps z to the scale only,
+
+.. math:: y \mid z, x \sim \mathcal{N}\big(\mathrm{DLinear}(x),\;
+          \mathrm{diag}\,\mathrm{softplus}(W z + b)^2\big),
+
+so the predictive is a scale mixture around the skip path. With the skip path fitted first in
+closed form and frozen (:meth:`Forecaster.init_skip`, :func:`vdn_pyro.forecasting.fit_least_squares`)
+this is the recipe of the ETTh1 benchmark: the least-squares mean, and neurons that learn where
+and how much it is uncertain.
+
 The deterministic twin (``deterministic=True``) is the same network with :math:`z = \mathbb{E}_q
 z` and no KL.
 """
