@@ -18,6 +18,7 @@ Writes ``ar_study_runs.csv``, ``ar_study.csv``, ``ar_study.md``, ``ar_half_lives
     python benchmarks/ar_study.py --quick
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -92,14 +93,11 @@ def study_task(horizon, seed, args, series, fitted=None):
     rows = []
     for name in args.variants:
         overrides, constraints, chunk = variant_options(name, args)
-        args_chunk, args.chunk = args.chunk, chunk
-        try:
-            row, model = forecast_ett.run_one(
-                "vdn", splits, seed, args, test=test, constraints=constraints, overrides=overrides,
-                skip_from=skip,
-            )
-        finally:
-            args.chunk = args_chunk
+        variant_args = argparse.Namespace(**{**vars(args), "chunk": chunk})
+        row, model = forecast_ett.run_one(
+            "vdn", splits, seed, variant_args, test=test, constraints=constraints, overrides=overrides,
+            skip_from=skip,
+        )
         row["model"] = name
         prior = model.layers[0].prior
         if hasattr(prior, "half_life"):
@@ -108,12 +106,8 @@ def study_task(horizon, seed, args, series, fitted=None):
             row["half_life_median_h"] = float(np.median(life))
             row["phi_mean"] = float(prior.phi.detach()[:, 0].mean())
         rows.append(row)
-        print(
-            f"H={horizon} seed={seed} {name:8s} "
-            + " ".join(f"{k}={row[k]:.4f}" for k in forecast_ett.COLUMNS)
-            + f" half-life={row.get('half_life_median_h', float('nan')):.1f}h",
-            flush=True,
-        )
+        life = row.get("half_life_median_h", float("nan"))
+        print(forecast_ett.format_row(row, f"half-life={life:.1f}h"), flush=True)
     return rows
 
 

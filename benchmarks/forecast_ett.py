@@ -287,13 +287,14 @@ def run_task(horizon, seed, args, series, fitted=None):
             skip = lend_skip(name, splits, seed, args, fitted, test)
             row, _ = run_one(name, splits, seed, args, test=test, skip_from=skip)
         rows.append(row)
-        print(
-            f"H={horizon} seed={seed} {name:8s} "
-            + " ".join(f"{k}={row[k]:.4f}" for k in COLUMNS)
-            + f" epochs={row['epochs']} fit={row['fit_seconds']:.0f}s",
-            flush=True,
-        )
+        print(format_row(row, f"epochs={row['epochs']} fit={row['fit_seconds']:.0f}s"), flush=True)
     return rows
+
+
+def format_row(row, extra=""):
+    """One progress line: horizon, seed, model and the table's metrics, then ``extra``."""
+    metrics = " ".join(f"{k}={row[k]:.4f}" for k in COLUMNS)
+    return f"H={row['horizon']} seed={row['seed']} {row['model']:8s} {metrics} {extra}".rstrip()
 
 
 def run_tasks(args, series, task=run_task):

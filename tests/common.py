@@ -1,6 +1,8 @@
 """Shared helpers for the test suite."""
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,15 @@ def requires_ett():
         not ETT_PATH.exists(),
         reason=f"ETTh1 not found at {ETT_PATH}; set VDN_ETT_PATH to its location",
     )
+
+
+def load_script(path, name=None):
+    """Import a script (an example or a benchmark) as a module named ``name`` (default: the file
+    stem) and register it in ``sys.modules``, where worker processes and pickle look for it."""
+    path = Path(path)
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -5,21 +5,16 @@ The quick start is run here; the longer studies have their own smoke tests
 :func:`test_every_example_is_smoke_tested` makes sure no example is left without one.
 """
 
-import importlib.util
 import math
 
-from tests.common import ROOT
+from tests.common import ROOT, load_script
 
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.py"))
 
 
 def load_example(name):
     """Import ``examples/<name>.py`` as a module."""
-    path = ROOT / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "examples" / f"{name}.py", f"example_{name}")
 
 
 def test_quickstart_tiny(capsys):

@@ -1,17 +1,13 @@
 """Runs ``examples/forecast.py`` with tiny settings."""
 
-import importlib.util
-
 import numpy as np
 import torch
 
-from tests.common import ROOT
+from tests.common import ROOT, load_script
 
 
 def test_forecast_example_writes_a_fan_chart(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("forecast_example", ROOT / "examples" / "forecast.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script(ROOT / "examples" / "forecast.py", "forecast_example")
     threads = torch.get_num_threads()
     out = tmp_path / "fan.png"
     try:

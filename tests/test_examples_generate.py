@@ -1,11 +1,9 @@
 """Runs examples/generate_names.py with tiny settings."""
 
-import importlib.util
-
 import pytest
 import torch
 
-from tests.common import ROOT
+from tests.common import ROOT, load_script
 
 TINY = (
     "--limit 120 --steps 12 --batch-size 16 --val-every 5 --embed 4 --hidden 8 --units 4 "
@@ -14,10 +12,7 @@ TINY = (
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("generate_names", ROOT / "examples" / "generate_names.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "examples" / "generate_names.py")
 
 
 @pytest.mark.parametrize("extra", ["", "--kl-band 0 0 --anneal-steps 5", "--cell lstm --free-bits 0.01"],

@@ -1,22 +1,17 @@
 """Smoke tests of the living-neuron studies: each example runs end to end with ``--tiny``."""
 
-import importlib.util
 import math
 
 import pandas as pd
 import pytest
 import torch
 
-from tests.common import ROOT
+from tests.common import ROOT, load_script
 
 
 def load_example(name):
     """Import ``examples/<name>.py`` as a module."""
-    path = ROOT / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "examples" / f"{name}.py", f"example_{name}")
 
 
 @pytest.fixture(autouse=True)

@@ -1,28 +1,23 @@
 """Smoke tests of the ETTh1 forecasting benchmark and the AR study (``--quick``)."""
 
-import importlib.util
 import sys
 
 import pandas as pd
 import pytest
 import torch
 
-from tests.common import ETT_PATH, ROOT, requires_ett
+from tests.common import ETT_PATH, ROOT, load_script, requires_ett
 
 pytestmark = requires_ett()
 
 
 def load(name):
-    """Import a benchmark script as a module."""
+    """Import a benchmark script as a module (``ar_study`` imports ``forecast_ett`` beside it)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # what worker processes (and pickle) find by name
-        spec.loader.exec_module(module)
+        return load_script(ROOT / "benchmarks" / f"{name}.py")
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return module
 
 
 @pytest.fixture(autouse=True)

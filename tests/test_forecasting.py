@@ -25,14 +25,6 @@ from vdn_pyro.inference.fit import FitResult, FitState
 from vdn_pyro.models import DLinear, Forecaster, ForecastPrediction, RepeatLast
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def toy_splits(lookback=16, horizon=4, n=600, channels=2):
     t = np.arange(n)[:, None]
     rng = np.random.default_rng(0)

@@ -136,12 +136,15 @@ class TrainConfig:
             raise ValueError(f"Expected select in {SELECTIONS}, but got {self.select!r}.")
         if self.skip_fit not in SKIP_FITS:
             raise ValueError(f"Expected skip_fit in {SKIP_FITS}, but got {self.skip_fit!r}.")
-        ridges = tuple(self.ridges) if isinstance(self.ridges, (list, tuple)) else ()
-        if not ridges or not all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 0 for r in ridges):
-            raise ValueError(
-                f"Expected ridges to be a non-empty sequence of numbers >= 0, but got {self.ridges!r}."
-            )
-        self.ridges = ridges
+        self.ridges = _check_ridges(self.ridges)
+
+
+def _check_ridges(ridges):
+    """``ridges`` as a tuple, or ``ValueError`` unless it is a non-empty sequence of numbers >= 0."""
+    out = tuple(ridges) if isinstance(ridges, (list, tuple)) else ()
+    if not out or not all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 0 for r in out):
+        raise ValueError(f"Expected ridges to be a non-empty sequence of numbers >= 0, but got {ridges!r}.")
+    return out
 
 
 class EpochDecay:
@@ -369,7 +372,7 @@ def fit_least_squares(model, splits, ridges=RIDGES, stride=1):
             f"Expected a DLinear with (lookback, horizon) = {(splits.lookback, splits.horizon)}, but got "
             f"{(model.lookback, model.horizon)}."
         )
-    ridges = TrainConfig(ridges=ridges).ridges  # validated
+    ridges = _check_ridges(ridges)
     x, y = splits.windows("train", stride=stride)  # (N, L), (N, H)
     x_val, y_val = splits.windows("val")
     gram, cross, count = normal_equations(model, x, y)

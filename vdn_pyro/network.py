@@ -21,14 +21,13 @@ from vdn_pyro.guides.amortized import SCALE_MODES, AmortizedNormal
 from vdn_pyro.guides.trunks import DLinearTrunk, MLPTrunk, make_activation
 from vdn_pyro.models.likelihoods import Likelihood, make_likelihood
 from vdn_pyro.models.priors import ARPrior, NormalPrior
-from vdn_pyro.primitives import as_beta, neurons
+from vdn_pyro.primitives import as_beta, data_plate, neurons
 
 __all__ = ["POOLINGS", "NeuronLayer", "Prediction", "VDN", "VDNConfig"]
 
 POOLINGS = ("mean", "sum", "sqrt")
 PRIORS = ("normal", "ar")
 TRUNKS = ("mlp", "dlinear", "none")
-DATA_PLATE = "data"
 
 
 def _is_int(value):
@@ -303,14 +302,6 @@ class VDN(PyroModule):
                 )
 
     # --------------------------------------------------------------- forward
-    def _data_plate(self, x, num_data):
-        batch = x.shape[0]
-        size = batch if num_data is None else int(num_data)
-        if size < batch:
-            raise ValueError(f"Expected num_data >= batch size {batch}, but got {num_data}.")
-        subsample = None if size == batch else torch.arange(batch, device=x.device)
-        return pyro.plate(DATA_PLATE, size, subsample=subsample, dim=-2)
-
     def encode(self, x, sample=True):
         """Run the guide's forward pass, returning what the last layer passes on.
 
@@ -358,7 +349,7 @@ class VDN(PyroModule):
         """
         self.check_inputs(x, y, check_finite=pyro.infer.is_validation_enabled())
         steps = None if x.dim() == 2 else x.shape[1]
-        with self._data_plate(x, num_data):
+        with data_plate(x.shape[0], num_data, x.device):
             if self.deterministic:
                 z = self.encode(x, sample=False)  # (B, [T,] H)
             else:
@@ -379,7 +370,7 @@ class VDN(PyroModule):
         self.check_inputs(x, y, check_finite=pyro.infer.is_validation_enabled())
         if self.deterministic:
             return None
-        with self._data_plate(x, num_data):
+        with data_plate(x.shape[0], num_data, x.device):
             return self.encode(x, sample=True)
 
     def forward(self, x, y=None, *, num_data=None):

@@ -1,4 +1,5 @@
-"""The ``neurons`` primitive: one Pyro sample site for a whole layer of distributional neurons."""
+"""The ``neurons`` primitive: one Pyro sample site for a whole layer of distributional neurons;
+and the data plate every network puts it under."""
 
 import numbers
 
@@ -6,7 +7,7 @@ import pyro
 import torch
 from pyro import poutine
 
-__all__ = ["BETA_FLOOR", "NEURONS_INFER_KEY", "as_beta", "neurons"]
+__all__ = ["BETA_FLOOR", "DATA_PLATE", "NEURONS_INFER_KEY", "as_beta", "data_plate", "neurons"]
 
 #: Smallest KL coefficient ever handed to :func:`pyro.poutine.scale`. Pyro's validation rejects a
 #: scale of exactly 0, so a beta of 0 (a unit whose KL is switched off) is floored to this.
@@ -15,6 +16,30 @@ BETA_FLOOR = 1e-8
 #: Key set in a neuron site's ``infer`` dict; :class:`~vdn_pyro.inference.LocalELBO` uses it to find
 #: the sites whose per-unit statistics it reports.
 NEURONS_INFER_KEY = "vdn_neurons"
+
+#: Name of the plate over observations (dim -2; the units of a layer are dim -1).
+DATA_PLATE = "data"
+
+
+def data_plate(batch, num_data=None, device=None):
+    """The plate over the ``batch`` observations of a minibatch, at dim -2.
+
+    With ``num_data = N > batch`` the minibatch is a subsample, so every site inside is scaled by
+    N / batch: the minibatch estimate of the full-data ELBO.
+
+    :param int batch: observations in this call, B.
+    :param int num_data: full data-set size N (default B).
+    :param device: device of the subsample indices.
+    :raises ValueError: if ``num_data < batch``.
+    """
+    size = batch if num_data is None else int(num_data)
+    if size < batch:
+        raise ValueError(
+            f"Expected num_data >= batch size {batch}, but got {num_data}; pass the size of the "
+            "whole training set."
+        )
+    subsample = None if size == batch else torch.arange(batch, device=device)
+    return pyro.plate(DATA_PLATE, size, subsample=subsample, dim=-2)
 
 
 def as_beta(beta, units, *, name="beta", allow_zero=False):

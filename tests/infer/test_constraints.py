@@ -19,15 +19,6 @@ from vdn_pyro.inference.diagnostics import unit_kl
 SITE = "layers.0.z"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def regression_data(n=512, d=4, seed=0):
     """y = sin(w . x) + 0.1 noise: enough signal for a few nats of useful information."""
     g = torch.Generator().manual_seed(seed)

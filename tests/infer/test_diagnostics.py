@@ -30,15 +30,6 @@ from vdn_pyro.inference.diagnostics import (
 SITE = "layers.0.z"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def inverse_softplus(value):
     value = torch.as_tensor(value, dtype=torch.get_default_dtype())
     return value + torch.log(-torch.expm1(-value))

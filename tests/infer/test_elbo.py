@@ -16,7 +16,7 @@ from torch.nn.functional import gelu
 
 from tests.common import assert_close
 from vdn_pyro import VDN, LocalELBO
-from vdn_pyro.network import DATA_PLATE
+from vdn_pyro.primitives import DATA_PLATE
 
 LOG_2PI = math.log(2 * math.pi)
 B, D, OUT, T = 6, 5, 2, 7

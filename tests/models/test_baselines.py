@@ -18,14 +18,6 @@ from vdn_pyro.models import DLinear, ForecastPrediction, RepeatLast
 L, H, B = 24, 6, 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def seasonal_windows(n=400, noise=0.05, seed=0):
     gen = torch.Generator().manual_seed(seed)
     t = torch.arange(float(n + L + H))

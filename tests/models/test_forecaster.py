@@ -18,13 +18,6 @@ from vdn_pyro.models import ARPrior, Forecaster, ForecasterConfig, ForecastPredi
 L, H, U, B, T = 24, 6, 5, 4, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is much faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 SMALL = dict(lookback=L, horizon=H, units=U, features=8, kernel_size=5)
 
 

@@ -67,15 +67,14 @@ from torch.distributions import constraints
 
 from vdn_pyro.guides.amortized import SCALE_MODES, AmortizedNormal
 from vdn_pyro.guides.trunks import DLinearTrunk, make_activation
-from vdn_pyro.models.likelihoods import GaussianLikelihood
+from vdn_pyro.models.likelihoods import GaussianLikelihood, _inv_softplus
 from vdn_pyro.models.priors import ARPrior, NormalPrior
 from vdn_pyro.network import NeuronLayer
-from vdn_pyro.primitives import as_beta, neurons
+from vdn_pyro.primitives import as_beta, data_plate, neurons
 
 __all__ = ["DrawMixture", "ForecastPrediction", "Forecaster", "ForecasterConfig", "check_forecast_inputs"]
 
 FORECAST_PRIORS = ("ar", "normal")
-DATA_PLATE = "data"
 SITE = "layers.0.z"
 
 
@@ -455,8 +454,7 @@ class Forecaster(PyroModule):
                 self.head.bias.zero_()
                 scale = getattr(source, "scale", None)
                 if scale is not None:
-                    target = (scale - self.likelihood.scale_min).clamp_min(1e-6)  # (H,)
-                    raw = target + torch.log(-torch.expm1(-target))  # softplus^{-1}
+                    raw = _inv_softplus((scale - self.likelihood.scale_min).clamp_min(1e-6))  # (H,)
                     if self.likelihood.scale_mode == "learned":
                         self.likelihood.raw_scale.copy_(raw)
                     elif self.config.mean == "skip":
@@ -519,14 +517,6 @@ class Forecaster(PyroModule):
         # loc: (K, P, B, 1, [T,] H); the mixture runs over the leading draw dim
         return DrawMixture(loc, scale).to_event(event_dims)
 
-    def _data_plate(self, x, num_data):
-        batch = x.shape[0]
-        size = batch if num_data is None else int(num_data)
-        if size < batch:
-            raise ValueError(f"Expected num_data >= batch size {batch}, but got {num_data}.")
-        subsample = None if size == batch else torch.arange(batch, device=x.device)
-        return pyro.plate(DATA_PLATE, size, subsample=subsample, dim=-2)
-
     def _beta(self, draws):
         return self.layers[0].beta / draws  # (U,)
 
@@ -545,7 +535,7 @@ class Forecaster(PyroModule):
         draws = self._draws(y, draws)
         layer, temporal = self.layers[0], x.dim() == 3
         steps = x.shape[1] if temporal else None
-        with self._data_plate(x, num_data):
+        with data_plate(x.shape[0], num_data, x.device):
             if self.deterministic:
                 z = layer.pool(self.posterior(x)[0], temporal)  # (B, [T,] U)
             else:
@@ -570,7 +560,7 @@ class Forecaster(PyroModule):
         fn = dist.Normal(loc, scale).to_event(2 if temporal else 1)  # batch (B, U)
         if draws > 1:
             fn = fn.expand((draws, 1) + fn.batch_shape)  # batch (K, 1, B, U)
-        with self._data_plate(x, num_data):
+        with data_plate(x.shape[0], num_data, x.device):
             return layer.pool(neurons(layer.site, fn, self._beta(draws)), temporal)
 
     def forward(self, x, y=None, *, num_data=None, draws=None):

@@ -46,7 +46,7 @@ from torch.nn.functional import log_softmax, softplus
 
 from vdn_pyro.data.text import BOUNDARY_ID, PAD, trim_padding
 from vdn_pyro.guides.recurrent import RecurrentPosterior
-from vdn_pyro.primitives import as_beta, neurons
+from vdn_pyro.primitives import as_beta, data_plate, neurons
 
 __all__ = [
     "CELLS",
@@ -354,13 +354,6 @@ class RecurrentVDN(PyroModule):
         return x.clamp_min(0), y.clamp_min(0) if has_y else None, mask
 
     # -------------------------------------------------------------- pieces
-    def _data_plate(self, batch, num_data, device):
-        size = batch if num_data is None else int(num_data)
-        if size < batch:
-            raise ValueError(f"Expected num_data >= batch size {batch}, but got {num_data}.")
-        subsample = None if size == batch else torch.arange(batch, device=device)
-        return pyro.plate("data", size, subsample=subsample, dim=-2)
-
     def initial_state(self, batch, device=None):
         """Zero recurrent state ``(B, S)`` (S = hidden, or 2 * hidden for the LSTM)."""
         return torch.zeros(batch, self.state_size, device=device)
@@ -419,7 +412,7 @@ class RecurrentVDN(PyroModule):
         state = self.initial_state(batch, x.device)  # (B, S)
         z = None if self.deterministic else torch.zeros(batch, self.units, device=x.device)  # (B, H)
         logits = []
-        with self._data_plate(batch, num_data, x.device):
+        with data_plate(batch, num_data, x.device):
             for t in pyro.markov(range(steps)):
                 state = self.advance(state, x[:, t], z)  # (..., B, S)
                 h = self.readout(state)  # (..., B, hidden)
@@ -450,7 +443,7 @@ class RecurrentVDN(PyroModule):
         state = self.initial_state(batch, x.device)  # (B, S)
         z = torch.zeros(batch, self.units, device=x.device)  # (B, H)
         zs = []
-        with self._data_plate(batch, num_data, x.device):
+        with data_plate(batch, num_data, x.device):
             for t in pyro.markov(range(steps)):
                 state = self.advance(state, x[:, t], z)  # (..., B, S)
                 h = self.readout(state)  # (..., B, hidden)
