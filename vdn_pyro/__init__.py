@@ -1,17 +1,13 @@
 """vdn_pyro: networks of variational distributional neurons in Pyro.
 
-Importing the package turns on Pyro's ``module_local_params`` setting, so that the parameters of a
-:class:`~pyro.nn.PyroModule` live in the module and never in the global param store: two networks
-in one process never share parameters.
+The building block is :class:`Neurons`, a layer of distributional neurons used inside any Pyro
+model; :class:`NeuronGuide` builds the guide from the model. Importing the package changes no
+global Pyro or torch setting.
 """
 
-import pyro
-
-pyro.settings.set(module_local_params=True)
-
-from vdn_pyro.distributions import ARProcess  # noqa: E402
-from vdn_pyro.guides import AmortizedNormal, DLinearTrunk, MLPTrunk  # noqa: E402
-from vdn_pyro.inference import (  # noqa: E402
+from vdn_pyro.distributions import ARProcess
+from vdn_pyro.guides import AmortizedNormal, DLinearTrunk, MLPTrunk, NeuronGuide
+from vdn_pyro.inference import (
     FitResult,
     FreeBits,
     JitLocalELBO,
@@ -27,16 +23,22 @@ from vdn_pyro.inference import (  # noqa: E402
     to_inference_data,
     unit_report,
 )
-from vdn_pyro.models import (  # noqa: E402
+from vdn_pyro.models import (
+    VDN,
     ARPrior,
     Forecaster,
     ForecasterConfig,
+    Neurons,
     NormalPrior,
+    Prediction,
     RecurrentVDN,
     RecurrentVDNConfig,
+    TemporalNeurons,
+    VDNConfig,
+    find_neurons,
+    posteriors,
 )
-from vdn_pyro.network import VDN, Prediction, VDNConfig  # noqa: E402
-from vdn_pyro.primitives import BETA_FLOOR, neurons  # noqa: E402
+from vdn_pyro.primitives import BETA_FLOOR, data_plate, neuron_mode, neurons
 
 __version__ = "0.1.0"
 
@@ -55,19 +57,26 @@ __all__ = [
     "LocBand",
     "LocalELBO",
     "MLPTrunk",
+    "NeuronGuide",
+    "Neurons",
     "NormalPrior",
     "Persistence",
     "Prediction",
     "RecurrentVDN",
     "RecurrentVDNConfig",
     "ScaleGuard",
+    "TemporalNeurons",
     "UnitMonitor",
     "UnitStats",
     "VDN",
     "VDNConfig",
+    "data_plate",
+    "find_neurons",
     "fit",
     "layer_summary",
+    "neuron_mode",
     "neurons",
+    "posteriors",
     "to_inference_data",
     "unit_report",
 ]

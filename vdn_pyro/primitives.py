@@ -1,13 +1,29 @@
 """The ``neurons`` primitive: one Pyro sample site for a whole layer of distributional neurons;
-and the data plate every network puts it under."""
+the data plate every network puts it under; and the mode that tells a
+:class:`~vdn_pyro.models.Neurons` layer which side of the model/guide pair it runs on."""
 
+import contextlib
 import numbers
 
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 
-__all__ = ["BETA_FLOOR", "DATA_PLATE", "NEURONS_INFER_KEY", "as_beta", "data_plate", "neurons"]
+__all__ = [
+    "BETA_FLOOR",
+    "DATA_PLATE",
+    "NEURONS_INFER_KEY",
+    "NEURON_MODES",
+    "as_beta",
+    "capture_posteriors",
+    "current_neuron_mode",
+    "data_plate",
+    "module_params",
+    "neuron_mode",
+    "neurons",
+    "record_posterior",
+]
 
 #: Smallest KL coefficient ever handed to :func:`pyro.poutine.scale`. Pyro's validation rejects a
 #: scale of exactly 0, so a beta of 0 (a unit whose KL is switched off) is floored to this.
@@ -19,6 +35,88 @@ NEURONS_INFER_KEY = "vdn_neurons"
 
 #: Name of the plate over observations (dim -2; the units of a layer are dim -1).
 DATA_PLATE = "data"
+
+#: What a :class:`~vdn_pyro.models.Neurons` layer does when called:
+#:
+#: - ``"model"`` (the default, outside any :func:`neuron_mode`): sample each unit's prior;
+#: - ``"guide"``: sample each unit's amortized posterior;
+#: - ``"mean"``: no sample site; pass on the posterior mean (the path diagnostics read).
+NEURON_MODES = ("model", "guide", "mean")
+
+_MODE_STACK = []
+_RECORDERS = []
+
+
+@contextlib.contextmanager
+def neuron_mode(mode):
+    """Run the enclosed code with every :class:`~vdn_pyro.models.Neurons` layer in ``mode``.
+
+    The mode is a stack, restored on exit (also on error); nothing outlives the ``with`` block.
+    :class:`~vdn_pyro.guides.NeuronGuide` uses ``"guide"``; the analysis tools use ``"mean"``.
+
+    :param str mode: one of :data:`NEURON_MODES`.
+    :raises ValueError: for any other mode.
+
+    >>> with neuron_mode("guide"):
+    ...     current_neuron_mode()
+    'guide'
+    >>> current_neuron_mode()
+    'model'
+    """
+    if mode not in NEURON_MODES:
+        raise ValueError(f"Expected a neuron mode in {NEURON_MODES}, but got {mode!r}.")
+    _MODE_STACK.append(mode)
+    try:
+        yield mode
+    finally:
+        _MODE_STACK.pop()
+
+
+def current_neuron_mode():
+    """The innermost :func:`neuron_mode`, or ``"model"`` outside any."""
+    return _MODE_STACK[-1] if _MODE_STACK else "model"
+
+
+class _ModuleParams(Messenger):
+    def _pyro_param(self, msg):
+        init = msg["args"][1] if len(msg["args"]) > 1 else msg["kwargs"].get("init_tensor")
+        if isinstance(init, torch.nn.Parameter):
+            msg["value"], msg["done"] = init, True
+
+
+def module_params():
+    """Run the enclosed code with every :class:`~pyro.nn.PyroModule` using its own parameters and
+    leaving Pyro's global param store untouched.
+
+    Under Pyro's default settings, calling a ``PyroModule`` registers its parameters in the global
+    param store (that is how ``pyro.optim`` finds them). The library's own loops (``fit``, losses,
+    prediction, diagnostics) optimise and read ``network.parameters()`` directly, so they run
+    inside this handler: two networks in one process never meet in the store, and a user's store
+    is left as it was. Parameters created by ``pyro.param`` without a tensor are unaffected.
+    """
+    return _ModuleParams()
+
+
+@contextlib.contextmanager
+def capture_posteriors():
+    """Collect the posterior parameters of every neuron layer called inside the block.
+
+    Yields a dict that fills in as layers run: ``site -> (loc, scale, layer)``, with ``loc`` and
+    ``scale`` of shape ``(..., B, H, k)`` (static) or ``(..., B, H, k, T)`` (temporal). Layers
+    record in the ``"guide"`` and ``"mean"`` modes and in the deterministic twin.
+    """
+    record = {}
+    _RECORDERS.append(record)
+    try:
+        yield record
+    finally:
+        _RECORDERS.remove(record)
+
+
+def record_posterior(site, loc, scale, layer):
+    """Hand one layer's posterior parameters to every active :func:`capture_posteriors`."""
+    for record in _RECORDERS:
+        record[site] = (loc, scale, layer)
 
 
 def data_plate(batch, num_data=None, device=None):

@@ -1,6 +1,7 @@
-"""Guide side: trunk encoders and amortized per-unit posteriors."""
+"""Guide side: trunk encoders, amortized per-unit posteriors and the guide builder."""
 
 from vdn_pyro.guides.amortized import SCALE_MODES, AmortizedNormal
+from vdn_pyro.guides.builder import NeuronGuide, run_as_guide
 from vdn_pyro.guides.recurrent import RecurrentPosterior
 from vdn_pyro.guides.trunks import DLinearTrunk, MLPTrunk, instance_offset, make_activation
 
@@ -9,7 +10,9 @@ __all__ = [
     "AmortizedNormal",
     "DLinearTrunk",
     "MLPTrunk",
+    "NeuronGuide",
     "RecurrentPosterior",
     "instance_offset",
     "make_activation",
+    "run_as_guide",
 ]

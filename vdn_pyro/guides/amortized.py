@@ -92,4 +92,9 @@ class AmortizedNormal(nn.Module):
         """The posterior as a distribution: batch ``(..., B, H)``, event ``(k,)`` or
         ``(k, T)``."""
         loc, scale = self(features, temporal)
+        return self.dist_from(loc, scale, temporal)
+
+    @staticmethod
+    def dist_from(loc, scale, temporal=False):
+        """The posterior from its parameters ``(..., B, H, k[, T])``: batch ``(..., B, H)``."""
         return dist.Normal(loc, scale).to_event(2 if temporal else 1)

@@ -1,5 +1,7 @@
-"""Model side: per-unit priors, likelihoods, the forecaster and its baselines."""
+"""Model side: per-unit priors, likelihoods, the ``Neurons`` layer, and the networks built from it
+(``VDN``, ``Forecaster``, ``RecurrentVDN``) with the forecaster's baselines."""
 
+from vdn_pyro.models.base import NeuronNetwork, posteriors
 from vdn_pyro.models.baselines import DLinear, PointForecaster, RepeatLast, normal_equations, solve_ridge
 from vdn_pyro.models.forecaster import Forecaster, ForecasterConfig, ForecastPrediction
 from vdn_pyro.models.likelihoods import (
@@ -10,6 +12,7 @@ from vdn_pyro.models.likelihoods import (
     StudentTLikelihood,
     make_likelihood,
 )
+from vdn_pyro.models.neurons import POOLINGS, Neurons, TemporalNeurons, find_neurons, neuron_sites
 from vdn_pyro.models.priors import ARPrior, NormalPrior
 from vdn_pyro.models.recurrent import (
     RecurrentARPrior,
@@ -19,8 +22,10 @@ from vdn_pyro.models.recurrent import (
     evaluate_sequences,
     negative_elbo,
 )
+from vdn_pyro.models.vdn import VDN, Prediction, VDNConfig
 
 __all__ = [
+    "POOLINGS",
     "ARPrior",
     "BernoulliLikelihood",
     "CategoricalLikelihood",
@@ -30,17 +35,26 @@ __all__ = [
     "ForecasterConfig",
     "GaussianLikelihood",
     "Likelihood",
+    "NeuronNetwork",
+    "Neurons",
     "NormalPrior",
     "PointForecaster",
+    "Prediction",
     "RecurrentARPrior",
     "RecurrentVDN",
     "RecurrentVDNConfig",
     "RepeatLast",
     "SequenceEvaluation",
     "StudentTLikelihood",
+    "TemporalNeurons",
+    "VDN",
+    "VDNConfig",
     "evaluate_sequences",
+    "find_neurons",
     "make_likelihood",
     "negative_elbo",
+    "neuron_sites",
     "normal_equations",
+    "posteriors",
     "solve_ridge",
 ]

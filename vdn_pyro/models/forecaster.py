@@ -65,12 +65,13 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import constraints
 
-from vdn_pyro.guides.amortized import SCALE_MODES, AmortizedNormal
+from vdn_pyro.guides.amortized import SCALE_MODES
 from vdn_pyro.guides.trunks import DLinearTrunk, make_activation
+from vdn_pyro.models.base import NeuronNetwork
 from vdn_pyro.models.likelihoods import GaussianLikelihood, _inv_softplus
+from vdn_pyro.models.neurons import Neurons
 from vdn_pyro.models.priors import ARPrior, NormalPrior
-from vdn_pyro.network import NeuronLayer
-from vdn_pyro.primitives import as_beta, data_plate, neurons
+from vdn_pyro.primitives import as_beta, data_plate
 
 __all__ = ["DrawMixture", "ForecastPrediction", "Forecaster", "ForecasterConfig", "check_forecast_inputs"]
 
@@ -339,7 +340,7 @@ class ForecastPrediction:
         return ForecastPrediction(*(t.to(device) for t in (self.samples, self.loc, self.scale)))
 
 
-class Forecaster(PyroModule):
+class Forecaster(NeuronNetwork):
     r"""A long-horizon forecaster: DLinear skip path plus a layer of (temporal) neurons.
 
     See the module docstring for the model. Inputs are look-back windows ``x`` of shape
@@ -383,10 +384,19 @@ class Forecaster(PyroModule):
             )
         else:
             prior = NormalPrior(c.units, c.latent_dim, learnable=c.learn_prior)
-        posterior = AmortizedNormal(
-            c.features, c.units, c.latent_dim, c.scale_mode, c.scale_min, c.scale_max, c.init_scale
+        layer = Neurons(
+            c.features,
+            c.units,
+            prior=prior,
+            beta=c.betas,
+            latent_dim=c.latent_dim,
+            scale_mode=c.scale_mode,
+            scale_min=c.scale_min,
+            scale_max=c.scale_max,
+            init_scale=c.init_scale,
+            deterministic=c.deterministic,
         )
-        self.layers = nn.ModuleList([NeuronLayer(SITE, prior, posterior, c.betas, "mean")])
+        self.layers = PyroModule[nn.ModuleList]([layer])
         self.likelihood = GaussianLikelihood(
             c.horizon, scale=c.likelihood_scale, scale_min=c.likelihood_scale_min, init_scale=0.5
         )
@@ -394,16 +404,6 @@ class Forecaster(PyroModule):
         self.head = nn.Linear(c.units, out)  # (U -> H * m), or H scales for mean="skip"
 
     # ------------------------------------------------------------------ checks
-    @property
-    def deterministic(self):
-        """Whether this is the deterministic twin."""
-        return self.config.deterministic
-
-    @property
-    def site_names(self):
-        """The latent site names (one layer)."""
-        return [SITE]
-
     def check_inputs(self, x, y=None):
         """Raise ``TypeError``/``ValueError`` before any computation if ``x``/``y`` are unusable.
 
@@ -517,12 +517,10 @@ class Forecaster(PyroModule):
         # loc: (K, P, B, 1, [T,] H); the mixture runs over the leading draw dim
         return DrawMixture(loc, scale).to_event(event_dims)
 
-    def _beta(self, draws):
-        return self.layers[0].beta / draws  # (U,)
-
-    # ------------------------------------------------------------- model/guide
-    def model(self, x, y=None, *, num_data=None, draws=None):
-        """Generative side: the neurons' priors, the skip path, the head and the likelihood.
+    # ------------------------------------------------------------- the model
+    def forward(self, x, y=None, *, num_data=None, draws=None):
+        """The model: the neurons' priors (posteriors when run as the guide), the skip path, the
+        head and the likelihood.
 
         :param torch.Tensor x: ``(B, L)`` or ``(B, T, L)``.
         :param y: ``(B, H)`` / ``(B, T, H)`` or ``None`` (sample them).
@@ -533,39 +531,13 @@ class Forecaster(PyroModule):
         """
         self.check_inputs(x, y)
         draws = self._draws(y, draws)
-        layer, temporal = self.layers[0], x.dim() == 3
-        steps = x.shape[1] if temporal else None
+        temporal = x.dim() == 3
         with data_plate(x.shape[0], num_data, x.device):
-            if self.deterministic:
-                z = layer.pool(self.posterior(x)[0], temporal)  # (B, [T,] U)
-            else:
-                lead = (x.shape[0],) if draws == 1 else (draws, 1, x.shape[0])
-                fn = layer.prior(lead, steps)  # batch (.., B, U)
-                z = layer.pool(neurons(layer.site, fn, self._beta(draws)), temporal)  # (.., B, [T,] U)
+            features = self.act(self.trunk(x))  # (B, [T,] F)
+            z = self.layers[0](features, temporal=temporal, draws=draws)  # (.., B, [T,] U)
             obs = None if y is None else y.unsqueeze(1)  # (B, 1, [T,] H)
             out = pyro.sample("obs", self._obs_dist(x, z, draws), obs=obs)
         return out.squeeze(-1 - (x.dim() - 1))  # (..., B, [T,] H)
-
-    def guide(self, x, y=None, *, num_data=None, draws=None):
-        """Inference side: trunk and the neurons' amortized posteriors (empty for the twin).
-
-        :returns: pooled latents ``(..., B, [T,] U)`` or ``None``.
-        """
-        self.check_inputs(x, y)
-        if self.deterministic:
-            return None
-        draws = self._draws(y, draws)
-        layer, temporal = self.layers[0], x.dim() == 3
-        loc, scale = self.posterior(x)  # (B, U, k[, T])
-        fn = dist.Normal(loc, scale).to_event(2 if temporal else 1)  # batch (B, U)
-        if draws > 1:
-            fn = fn.expand((draws, 1) + fn.batch_shape)  # batch (K, 1, B, U)
-        with data_plate(x.shape[0], num_data, x.device):
-            return layer.pool(neurons(layer.site, fn, self._beta(draws)), temporal)
-
-    def forward(self, x, y=None, *, num_data=None, draws=None):
-        """Same as :meth:`model`."""
-        return self.model(x, y, num_data=num_data, draws=draws)
 
     # -------------------------------------------------------------- prediction
     @torch.no_grad()
