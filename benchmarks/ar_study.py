@@ -1,9 +1,10 @@
 """AR study on ETTh1: temporal neurons with an AR prior against a static Normal prior, and a
 Persistence band on the AR memory against a free phi.
 
-Every variant is the benchmark's VDN forecaster (same recipe as ``forecast_ett.py``, including the
-closed-form skip path of ``--skip-fit ridge``), trained on chunks of ``--chunk`` consecutive windows
-``--train-stride`` rows apart:
+Every variant is the benchmark's VDN forecaster (the recipe of ``forecast_ett.py`` and of
+``vdn fit --preset ett``, including the closed-form skip path of ``--skip-fit ridge``), trained on
+chunks of ``--chunk`` consecutive windows ``--train-stride`` rows apart; a variant changes keys of
+the run configuration only (:func:`variant_options`):
 
 - ``normal``: a Normal N(0, 1) prior per unit: the windows of a chunk are independent a priori;
 - ``ar-free``: a learned AR(1) prior per unit over the windows of a chunk, phi free in (-1, 1);
@@ -35,22 +36,28 @@ for path in (ROOT, ROOT / "benchmarks"):
 import forecast_ett  # noqa: E402
 
 from vdn_pyro.data import ett_hourly_splits, load_ett  # noqa: E402
-from vdn_pyro.inference.constraints import Persistence  # noqa: E402
 
 VARIANTS = ("normal", "ar-free", "ar-band", "static")
 
 
 def variant_options(name, args):
-    """``(overrides, constraints, chunk)`` of one variant."""
+    """``(overrides, chunk)`` of one variant: dotted keys of the run configuration -> values, and
+    the windows per training item."""
     if name == "normal":
-        return {"prior": "normal"}, [], args.chunk
+        return {"neurons.prior.kind": "normal"}, args.chunk
     if name == "ar-free":
-        return {"prior": "ar"}, [], args.chunk
+        return {"neurons.prior.kind": "ar"}, args.chunk
     if name == "ar-band":
         lo, hi = args.band
-        return {"prior": "ar", "phi": 0.5 ** (2 / (lo + hi))}, [Persistence(half_life=(lo, hi))], args.chunk
+        band = {
+            "neurons.prior.kind": "ar",
+            "neurons.prior.phi": 0.5 ** (2 / (lo + hi)),
+            "constraints.persistence.enabled": True,
+            "constraints.persistence.half_life": [lo, hi],
+        }
+        return band, args.chunk
     if name == "static":
-        return {"prior": "ar"}, [], 1
+        return {"neurons.prior.kind": "ar"}, 1
     raise ValueError(f"Expected a variant in {VARIANTS}, but got {name!r}.")
 
 
@@ -92,11 +99,10 @@ def study_task(horizon, seed, args, series, fitted=None):
     hours = args.train_stride  # one window step in hours
     rows = []
     for name in args.variants:
-        overrides, constraints, chunk = variant_options(name, args)
+        overrides, chunk = variant_options(name, args)
         variant_args = argparse.Namespace(**{**vars(args), "chunk": chunk})
         row, model = forecast_ett.run_one(
-            "vdn", splits, seed, variant_args, test=test, constraints=constraints, overrides=overrides,
-            skip_from=skip,
+            "vdn", splits, seed, variant_args, test=test, overrides=overrides, skip_from=skip
         )
         row["model"] = name
         prior = model.layers[0].prior
@@ -126,9 +132,10 @@ def main(args):
         f"{[b * hours for b in args.band]} h; options: "
         + json.dumps({k: v for k, v in vars(args).items() if k not in ("data", "out_dir")})
     )
-    order = {key: i for i, key in enumerate(
-        (h, s, v) for h in args.horizons for s in args.seeds for v in args.variants
-    )}
+    order = {
+        key: i
+        for i, key in enumerate((h, s, v) for h in args.horizons for s in args.seeds for v in args.variants)
+    }
     runs, half_lives = [], {}
     for rows in forecast_ett.run_tasks(args, series, task=study_task):
         runs = sorted(runs + rows, key=lambda r: order[(r["horizon"], r["seed"], r["model"])])
@@ -157,7 +164,7 @@ def parse_args(argv=None):
     parser.set_defaults(horizons=[96], chunk=8)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--band", type=float, nargs=2, default=[2.0, 6.0], help="half-life band (windows)")
-    return parser.parse_args(argv)
+    return forecast_ett.fill_defaults(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,18 @@ rows, channel-independent windows of all 7 channels, metrics on the scaled value
 every test window (stride 1), channel and horizon step. Models are selected by validation only
 (early stopping on the validation CRPS, best state restored); the test split is scored once.
 
-Every model is trained by the same recipe (:mod:`vdn_pyro.forecasting`): Adam (lr 5e-3, x0.6 per
-epoch), at most 10 epochs, items of ``--chunk`` = 4 consecutive windows (the VDN's AR prior runs over
-them), 256 windows per step, selection on the validation CRPS with patience 3 and the best state
-restored. To keep a full run on a 2-core CPU, the training windows are subsampled with
-``--train-stride`` rows between them (default 2: half of the windows, every training row still
-seen); validation and test windows are all used (``--quick`` subsamples them).
+Every model is trained by the recipe of ``vdn fit``: the run configuration of the ``ett`` preset
+(:data:`vdn_pyro.config.PRESETS`), turned into a :class:`~vdn_pyro.forecasting.TrainConfig` and
+run by :func:`~vdn_pyro.forecasting.train_forecaster`, the VDN built by
+:meth:`~vdn_pyro.config.RunConfig.forecaster_config`. Each option below sets one key of that
+configuration (:data:`CONFIG_KEYS`; its default is the preset's) and ``--set KEY=VALUE`` sets any
+other, so ``vdn fit --preset ett --set fit.seed=S --set data.horizon=H`` trains the row of seed S at
+horizon H. The recipe: Adam (lr 5e-3, x0.6 per epoch), at most 10 epochs, items of ``--chunk`` = 4
+consecutive windows (the VDN's AR prior runs over them), 256 windows per step, selection on the
+validation CRPS with patience 3 and the best state restored. To keep a full run on a 2-core CPU,
+the training windows are subsampled with ``--train-stride`` rows between them (default 2: half of
+the windows, every training row still seen); validation and test windows are all used
+(``--quick`` subsamples them).
 
 ``linear`` is DLinear fitted in closed form (ridge least squares on every training window, the
 penalty chosen on the validation MSE; DLinear is linear in the window, so this is its exact
@@ -46,6 +52,7 @@ Writes ``forecast_ett_runs.csv`` (one row per horizon, model and seed), ``foreca
 import argparse
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -60,17 +67,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from vdn_pyro.cli import build_constraints  # noqa: E402
+from vdn_pyro.config import PRESETS, load_config, merge_dicts, parse_overrides, validate_config  # noqa: E402
 from vdn_pyro.data import ett_hourly_splits, load_ett  # noqa: E402
 from vdn_pyro.forecasting import (  # noqa: E402
     METRICS,
     SELECTIONS,
     SKIP_FITS,
-    TrainConfig,
     evaluate_forecaster,
     fit_least_squares,
     train_forecaster,
+    training_windows,
 )
-from vdn_pyro.models import DLinear, Forecaster, ForecasterConfig, RepeatLast  # noqa: E402
+from vdn_pyro.models import DLinear, Forecaster, RepeatLast  # noqa: E402
 
 MODELS = ("vdn", "twin", "dlinear", "linear", "repeat")
 LABELS = {
@@ -83,99 +92,157 @@ LABELS = {
 #: Zeng et al. (AAAI 2023), Table 2, ETTh1, L = 336: (MSE, MAE).
 PUBLISHED = {
     "DLinear (published)": {
-        96: (0.375, 0.399), 192: (0.405, 0.416), 336: (0.439, 0.443), 720: (0.472, 0.490)
+        96: (0.375, 0.399),
+        192: (0.405, 0.416),
+        336: (0.439, 0.443),
+        720: (0.472, 0.490),
     },
     "NLinear (published)": {
-        96: (0.374, 0.394), 192: (0.408, 0.415), 336: (0.429, 0.427), 720: (0.440, 0.453)
+        96: (0.374, 0.394),
+        192: (0.408, 0.415),
+        336: (0.429, 0.427),
+        720: (0.440, 0.453),
     },
 }
 COLUMNS = ("mse", "mae", "crps", "nll", "coverage_90")
-LOOKBACK = 336
+LOOKBACK = PRESETS["ett"]["data"]["lookback"]
 
 
-def forecaster_config(args, horizon, deterministic=False, **overrides):
-    """The VDN forecaster (or its twin) for one horizon, from the command-line options."""
-    options = dict(
-        lookback=LOOKBACK,
-        horizon=horizon,
-        units=args.units,
-        features=args.features,
-        prior=args.prior,
-        phi=args.phi,
-        beta=args.beta,
-        train_draws=args.train_draws,
-        init_scale=args.init_scale,
-        likelihood_scale=args.likelihood_scale,
-        mean=args.mean,
-        activation=args.activation,
-        deterministic=deterministic,
+#: Command-line options that set a key of the run configuration (default: the ``ett`` preset's).
+CONFIG_KEYS = {
+    "epochs": "fit.epochs",
+    "patience": "fit.patience",
+    "select": "fit.select",
+    "skip_fit": "fit.skip_fit",
+    "lr": "fit.lr",
+    "lr_decay": "fit.lr_decay",
+    "val_samples": "fit.val_samples",
+    "threads": "fit.threads",
+    "train_stride": "data.train_stride",
+    "chunk": "data.chunk",
+    "val_stride": "data.val_stride",
+    "test_stride": "data.test_stride",
+    "units": "neurons.units",
+    "features": "neurons.features",
+    "prior": "neurons.prior.kind",
+    "phi": "neurons.prior.phi",
+    "beta": "neurons.beta",
+    "train_draws": "neurons.train_draws",
+    "init_scale": "neurons.init_scale",
+    "likelihood_scale": "neurons.likelihood_scale",
+    "mean": "neurons.mean",
+    "activation": "neurons.activation",
+    "num_samples": "evaluate.num_samples",
+}
+
+
+def _nested(dotted, value):
+    """``{"a": {"b": value}}`` for ``"a.b"``."""
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def _lookup(config, dotted):
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def fill_defaults(args):
+    """Give every configuration option left unset on the command line the ``ett`` preset's
+    value (``--batch-size``: the preset's windows per step, batch size x chunk)."""
+    preset = load_config(preset="ett")
+    for dest, key in CONFIG_KEYS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, _lookup(preset, key))
+    if args.batch_size is None:
+        args.batch_size = preset.fit.batch_size * preset.data.chunk
+    return args
+
+
+def run_config(args, horizon, seed, overrides=None):
+    """The run configuration of one (horizon, seed) task: the ``ett`` preset, then the
+    command-line options, then ``--set``, then ``overrides`` (dotted key -> value).
+
+    ``--batch-size`` counts windows: the configuration's ``fit.batch_size`` counts items of
+    ``--chunk`` windows.
+    """
+    values = {key: getattr(args, dest) for dest, key in CONFIG_KEYS.items()}
+    values.update(
+        {
+            "data.path": args.data,
+            "data.horizon": horizon,
+            "fit.seed": seed,
+            "fit.batch_size": max(1, args.batch_size // args.chunk),
+            "evaluate.exact": not args.mc,
+        }
     )
-    options.update(overrides)
-    return ForecasterConfig(**options)
+    data = PRESETS["ett"]
+    for key, value in values.items():
+        data = merge_dicts(data, _nested(key, value))
+    data = merge_dicts(data, parse_overrides(args.set))
+    for key, value in (overrides or {}).items():
+        data = merge_dicts(data, _nested(key, value))
+    return validate_config(data)
 
 
-def build_model(name, horizon, args, **overrides):
-    """A fresh model by name, one of :data:`MODELS` (``overrides`` go to the VDN's
-    :class:`~vdn_pyro.models.ForecasterConfig`)."""
+def build_model(name, config):
+    """A fresh model by name, one of :data:`MODELS`, for the look-back and horizon of
+    ``config`` (the VDN and its twin: its forecaster)."""
     if name == "vdn":
-        return Forecaster(forecaster_config(args, horizon, **overrides))
+        return Forecaster(config.forecaster_config())
     if name == "twin":
-        return Forecaster(forecaster_config(args, horizon, deterministic=True))
+        return Forecaster(config.forecaster_config(deterministic=True))
     if name in ("dlinear", "linear"):
-        return DLinear(LOOKBACK, horizon)
+        return DLinear(config.data.lookback, config.data.horizon)
     if name == "repeat":
-        return RepeatLast(LOOKBACK, horizon)
+        return RepeatLast(config.data.lookback, config.data.horizon)
     raise ValueError(f"Expected a model in {MODELS}, but got {name!r}.")
 
 
-def train_config(args, name="vdn"):
-    """The shared training recipe: every trained model sees the same chunks of ``--chunk``
-    windows (the VDN's AR prior runs over them), ``--batch-size`` windows per step."""
-    chunk = args.chunk
-    return TrainConfig(
-        epochs=args.epochs,
-        batch_size=max(1, args.batch_size // chunk),
-        lr=args.lr,
-        lr_decay=args.lr_decay,
-        patience=args.patience,
-        select=args.select,
-        train_stride=args.train_stride,
-        chunk=chunk,
-        val_stride=args.val_stride,
-        num_samples=args.val_samples,
-    )
+def run_one(name, splits, seed, args, test=None, overrides=None, skip_from=None):
+    """Train one model on ``splits`` with the recipe of its run configuration
+    (:func:`run_config`) and score it on the test windows.
 
-
-def run_one(name, splits, seed, args, test=None, constraints=(), overrides=None, skip_from=None):
-    """Train one model on ``splits`` and score it on the test windows.
-
+    :param dict overrides: dotted configuration keys -> values for this model.
     :param skip_from: a fitted DLinear to copy, frozen, into the skip path of ``vdn``/``twin``.
     :returns: ``(row, model)``; the row holds horizon, model, seed, the metrics, best validation
         score, epochs, training and scoring seconds.
     """
+    config = run_config(args, splits.horizon, seed, overrides)
     pyro.set_rng_seed(seed)
-    model = build_model(name, splits.horizon, args, **(overrides or {}))
+    model = build_model(name, config)
     start = time.perf_counter()
     if name not in ("vdn", "twin"):
         skip_from = None
     if name == "linear":
-        result = fit_least_squares(model, splits)
+        result = fit_least_squares(model, splits, config.fit.ridges)
         best, epochs = result["val_mse"], 0
     else:
+        recipe = config.train_config()
+        constraints = build_constraints(config) if name == "vdn" else []
         result = train_forecaster(
-            model, splits, train_config(args, name), seed=seed, constraints=constraints, skip_from=skip_from
+            model, splits, recipe, seed=seed, constraints=constraints, skip_from=skip_from
         )
         best = result.best_val_loss if result is not None else float("nan")
-        epochs = (result.history[-1]["epoch"] + 1) if result is not None and result.history else 0
+        items = training_windows(splits, recipe)[0].shape[0]
+        per_epoch = math.ceil(items / min(recipe.batch_size, items))
+        epochs = math.ceil(result.steps / per_epoch) if result is not None else 0
     fit_seconds = time.perf_counter() - start
-    x_test, y_test = test if test is not None else splits.windows("test", stride=args.test_stride)
-    scores = evaluate_forecaster(model, x_test, y_test, args.num_samples, seed=seed, exact=not args.mc)
+    stride = config.data.test_stride
+    x_test, y_test = test if test is not None else splits.windows("test", stride=stride)
+    evaluate = config.evaluate
+    scores = evaluate_forecaster(
+        model, x_test, y_test, evaluate.num_samples, evaluate.batch_size, seed=seed, exact=evaluate.exact
+    )
     row = {"horizon": splits.horizon, "model": name, "seed": seed}
     row.update({k: scores[k] for k in METRICS})
     row["best_val_loss"], row["epochs"] = best, epochs
     row["fit_seconds"], row["score_seconds"] = fit_seconds, scores["seconds"]
     row["test_windows"] = x_test.shape[0]
-    row["skip"] = args.skip_fit if skip_from is not None else ("joint" if name in ("vdn", "twin") else "")
+    lent = config.fit.skip_fit if skip_from is not None else "joint"
+    row["skip"] = lent if name in ("vdn", "twin") else ""
     return row, model
 
 
@@ -329,10 +396,14 @@ def main(args):
         f"ETTh1, L={LOOKBACK}; train stride {args.train_stride}, test stride {args.test_stride}"
         f"{' (every test window)' if args.test_stride == 1 else ''}; options: "
         + json.dumps({k: v for k, v in vars(args).items() if k not in ("data", "out_dir")})
+        + "; every other key: the ett preset of vdn_pyro.config"
     )
-    order = {(h, s, m): i for i, (h, s, m) in enumerate(
-        (h, s, m) for h in args.horizons for s in args.seeds for m in args.models
-    )}
+    order = {
+        (h, s, m): i
+        for i, (h, s, m) in enumerate(
+            (h, s, m) for h in args.horizons for s in args.seeds for m in args.models
+        )
+    }
     runs = []
     start = time.perf_counter()
     for rows in run_tasks(args, series):
@@ -357,49 +428,48 @@ def build_parser(description):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--quick", action="store_true", help="smoke run: H=96, 1 seed, tiny")
-    # training recipe (shared by every model)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--patience", type=int, default=3)
-    parser.add_argument("--select", default="crps", choices=SELECTIONS, help="validation criterion")
+    # the training recipe (shared by every model): keys of the run configuration, default the
+    # ett preset's (see CONFIG_KEYS)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--patience", type=int)
+    parser.add_argument("--select", choices=SELECTIONS, help="validation criterion")
     parser.add_argument(
         "--skip-fit",
-        default="ridge",
         choices=SKIP_FITS,
         help="vdn/twin skip path: closed-form DLinear (ridge), the SGD DLinear (sgd), or trained jointly",
     )
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--lr-decay", type=float, default=0.6)
-    parser.add_argument("--train-stride", type=int, default=2)
-    parser.add_argument("--chunk", type=int, default=4, help="windows per training item T")
-    parser.add_argument("--val-stride", type=int, default=1)
-    parser.add_argument("--test-stride", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, help="windows per step (default 256)")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--lr-decay", type=float)
+    parser.add_argument("--train-stride", type=int)
+    parser.add_argument("--chunk", type=int, help="windows per training item T")
+    parser.add_argument("--val-stride", type=int)
+    parser.add_argument("--test-stride", type=int)
     # forecaster
-    parser.add_argument("--units", type=int, default=64)
-    parser.add_argument("--features", type=int, default=64)
-    parser.add_argument("--prior", default="ar", choices=["ar", "normal"])
-    parser.add_argument("--phi", type=float, default=0.5)
-    parser.add_argument("--beta", type=float, default=1e-3)
-    parser.add_argument("--train-draws", type=int, default=16)
-    parser.add_argument("--init-scale", type=float, default=0.5)
-    parser.add_argument(
-        "--likelihood-scale", default="heteroscedastic", choices=["learned", "heteroscedastic"]
-    )
-    parser.add_argument(
-        "--mean", default="skip", choices=["head", "skip"], help="forecast mean: skip + head, or skip alone"
-    )
-    parser.add_argument("--activation", default="gelu", help="on the trunk features read by the neurons")
+    parser.add_argument("--units", type=int)
+    parser.add_argument("--features", type=int)
+    parser.add_argument("--prior", choices=["ar", "normal"])
+    parser.add_argument("--phi", type=float)
+    parser.add_argument("--beta", type=float)
+    parser.add_argument("--train-draws", type=int)
+    parser.add_argument("--init-scale", type=float)
+    parser.add_argument("--likelihood-scale", choices=["learned", "heteroscedastic"])
+    parser.add_argument("--mean", choices=["head", "skip"], help="forecast mean: skip + head, or skip alone")
+    parser.add_argument("--activation", help="on the trunk features read by the neurons")
     # scoring
-    parser.add_argument("--num-samples", type=int, default=100, help="predictive draws per test window")
-    parser.add_argument(
-        "--val-samples", type=int, default=32, help="predictive draws per validation window (selection)"
-    )
+    parser.add_argument("--num-samples", type=int, help="predictive draws per test window")
+    parser.add_argument("--val-samples", type=int, help="predictive draws per validation window (selection)")
     parser.add_argument(
         "--mc", action="store_true", help="score the Monte Carlo mixture, not the exact marginal"
     )
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any other key of the run configuration, e.g. --set fit.ridges=[0.1] (repeatable)",
     )
+    parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument(
         "--jobs", type=int, default=1, help="worker processes, one (horizon, seed) task each (2 on 2 cores)"
     )
@@ -407,7 +477,7 @@ def build_parser(description):
 
 
 def parse_args(argv=None):
-    return build_parser(__doc__.splitlines()[0]).parse_args(argv)
+    return fill_defaults(build_parser(__doc__.splitlines()[0]).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
 r"""Step speed: our training step against a hand-written PyTorch step and the deterministic twin.
 
-One process, one network architecture, four ways to take the same training step:
+One process, one network architecture, five ways to take the same training step:
 
 (a) **eager**: what :func:`~vdn_pyro.inference.fit` does each step, ``LocalELBO.loss_and_stats`` +
-    ``backward`` + ``Adam.step``;
+    ``backward`` + ``Adam.step``, inside :func:`~vdn_pyro.primitives.module_params` as ``fit``
+    runs it;
 (b) **jit**: the same with :class:`~vdn_pyro.inference.JitLocalELBO` (captured once, replayed);
 (c) **hand**: a hand-written pure-PyTorch step of the same math, reading the *same parameters*
     from the network's modules, with the KL from ``torch.distributions.kl_divergence``; its loss
     (and gradient) is checked against (a) before timing;
-(d) **twin**: the ``deterministic=True`` twin through the eager step (z = loc, no KL).
+(d) **twin**: the ``deterministic=True`` twin through the eager step (z = loc, no KL);
+(e) **user**: the same architecture written as a user's own :class:`~pyro.nn.PyroModule` with
+    :class:`~vdn_pyro.TemporalNeurons` layers (:class:`UserModel`, holding the network's
+    parameter values), trained by stock Pyro: ``SVI(model, NeuronGuide(model),
+    pyro.optim.Adam, TraceMeanField_ELBO())`` under Pyro's default settings (parameters in the
+    global param store, one ``torch.optim.Adam`` per parameter, as ``pyro.optim`` does). Its loss
+    and gradient are checked against (c) too.
 
 Reference configuration (issue 6): batch 256, input 64, two neuron layers of 128 units, T = 8
 time steps under an AR(1) prior, Gaussian likelihood, per-unit beta. Repetitions are interleaved
@@ -48,7 +55,11 @@ import time
 from pathlib import Path
 
 import pyro
+import pyro.distributions as dist
 import torch
+from pyro.infer import SVI, TraceMeanField_ELBO
+from pyro.nn import PyroModule
+from torch import nn
 from torch.distributions import Normal, kl_divergence
 from torch.nn.functional import gelu, linear, softplus
 
@@ -56,15 +67,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vdn_pyro import VDN, LocalELBO  # noqa: E402
+from vdn_pyro import VDN, LocalELBO, NeuronGuide, TemporalNeurons  # noqa: E402
 from vdn_pyro.inference.jit import JitLocalELBO  # noqa: E402
+from vdn_pyro.models import ARPrior  # noqa: E402
+from vdn_pyro.primitives import data_plate, module_params  # noqa: E402
 
-VARIANTS = ("eager", "jit", "hand", "twin")
+VARIANTS = ("eager", "jit", "hand", "twin", "user")
 LABELS = {
     "eager": "(a) eager LocalELBO step",
     "jit": "(b) JitLocalELBO step",
     "hand": "(c) hand-written PyTorch",
     "twin": "(d) deterministic twin",
+    "user": "(e) user PyroModule, stock SVI",
     "inductor": "(b') JitLocalELBO + inductor",
 }
 #: (numerator, denominator, quantity, bound)
@@ -72,6 +86,7 @@ TARGETS = (
     ("eager", "hand", "time", 1.3),
     ("jit", "hand", "time", 1.1),
     ("eager", "twin", "time", 1.6),
+    ("user", "hand", "time", 1.3),
     ("eager", "hand", "memory", 1.3),
 )
 
@@ -179,14 +194,86 @@ def hand_loss(net, x, y, num_data):
     return scale_factor * (kl_total - log_lik)
 
 
+class UserModel(PyroModule):
+    """The benchmarked architecture as a user writes it: a :class:`~pyro.nn.PyroModule` whose
+    ``forward`` is the model, with one :class:`~vdn_pyro.TemporalNeurons` layer (fixed AR(1)
+    prior, per-unit beta) per neuron layer. Its module names differ from :class:`~vdn_pyro.VDN`'s,
+    so the two never meet in Pyro's param store.
+
+    :param StepConfig config: the architecture.
+    :param list betas: one ``(H,)`` tensor per layer.
+    :param float scale_min: floor of the likelihood scale.
+    """
+
+    def __init__(self, config, betas, scale_min=1e-3):
+        super().__init__()
+        self.encoder = nn.Linear(config.input, config.hidden)
+        width, layers = config.hidden, []
+        for beta in betas:
+            prior = ARPrior(config.units, 1, learn_phi=False, learn_constant=False, learn_scale=False)
+            layers.append(TemporalNeurons(width, config.units, prior=prior, beta=beta))
+            width = config.units
+        self.neurons = PyroModule[nn.ModuleList](layers)
+        self.readout = nn.Linear(width, config.out)
+        self.raw_obs_scale = nn.Parameter(torch.zeros(config.out))
+        self.scale_min = scale_min
+
+    def forward(self, x, y, num_data=None):
+        """``x (B, T, D)``, ``y (B, T, out)``: the model, each layer sampling its prior (its
+        posterior when run by the guide)."""
+        with data_plate(x.shape[0], num_data, x.device):
+            h = gelu(self.encoder(x))  # (B, T, F)
+            for i, layer in enumerate(self.neurons):
+                h = layer(gelu(h) if i else h)  # (B, T, H)
+            loc = self.readout(h).unsqueeze(-3)  # (B, 1, T, out)
+            scale = softplus(self.raw_obs_scale) + self.scale_min  # (out,)
+            return pyro.sample("obs", dist.Normal(loc, scale).to_event(2), obs=y.unsqueeze(-3))
+
+
+#: How :class:`UserModel` names what :class:`~vdn_pyro.VDN` calls (prefix -> prefix).
+USER_NAMES = (
+    ("trunk.net.0.", "encoder."),
+    ("layers.", "neurons."),
+    ("head.", "readout."),
+    ("likelihood.raw_scale", "raw_obs_scale"),
+)
+
+
+def user_from_vdn(net, config):
+    """A :class:`UserModel` holding ``net``'s parameter and buffer values.
+
+    :returns: ``(model, params)``: ``params`` are the model's parameters in the order of
+        ``net.parameters()`` (so gradients line up).
+    """
+    user = UserModel(config, [layer.beta for layer in net.layers], net.likelihood.scale_min)
+    user = user.to(device=net.head.weight.device, dtype=net.head.weight.dtype)
+    own = dict(user.named_parameters())
+    own.update(user.named_buffers())
+    params = []
+    with torch.no_grad():
+        for kind, items in (("param", net.named_parameters()), ("buffer", net.named_buffers())):
+            for name, value in items:
+                mapped = next((new + name[len(a) :] for a, new in USER_NAMES if name.startswith(a)), None)
+                if mapped not in own:
+                    raise KeyError(f"no counterpart in UserModel for the VDN {kind} {name!r}")
+                own[mapped].copy_(value)
+                if kind == "param":
+                    params.append(own[mapped])
+    if len(params) != len(list(user.parameters())):
+        raise KeyError("UserModel has parameters the VDN lacks")
+    return user, params
+
+
 def make_step(variant, config, device="cpu", seed=0):
     """A zero-argument training step (loss, backward, Adam step) for one variant, on its own copy
     of the network (all copies start from the same parameters)."""
     if variant not in LABELS:
         raise ValueError(f"Expected a variant in {list(LABELS)}, but got {variant!r}.")
     net, x, y = build(config, deterministic=variant == "twin", seed=seed, device=device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     num_data = config.num_data
+    if variant == "user":
+        return _user_step(net, config, x, y, num_data)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     if variant == "hand":
 
         def loss_fn():
@@ -199,7 +286,8 @@ def make_step(variant, config, device="cpu", seed=0):
             elbo = JitLocalELBO() if variant == "jit" else LocalELBO()
 
         def loss_fn():
-            return elbo.loss_and_stats(net.model, net.guide, x, y, num_data=num_data)[0]
+            with module_params():  # as fit runs it: the network's own parameters, no param store
+                return elbo.loss_and_stats(net.model, net.guide, x, y, num_data=num_data)[0]
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -213,28 +301,63 @@ def make_step(variant, config, device="cpu", seed=0):
     return step
 
 
+class _ZeroGrad:
+    """The part of an optimiser the measurements call: ``zero_grad`` (``pyro.optim`` has none)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def zero_grad(self, set_to_none=True):
+        self.module.zero_grad(set_to_none=set_to_none)
+
+
+def _user_step(net, config, x, y, num_data):
+    """Variant (e): stock ``SVI`` on :class:`UserModel` under Pyro's default settings."""
+    user, _ = user_from_vdn(net, config)
+    guide = NeuronGuide(user)
+    elbo = TraceMeanField_ELBO()
+    svi = SVI(user, guide, pyro.optim.Adam({"lr": 1e-3}), elbo)
+
+    def step():
+        return svi.step(x, y, num_data)
+
+    def loss_fn():
+        return elbo.differentiable_loss(user, guide, x, y, num_data)
+
+    step.network, step.optimizer, step.loss_fn, step.elbo = user, _ZeroGrad(user), loss_fn, elbo
+    return step
+
+
 def check_same_math(config, device="cpu"):
-    """Loss and gradients of (a) and (c), in float32 and float64, and of (b), in float32, from
-    one random state.
+    """Loss and gradients of (a), (e) and (c), in float32 and float64, and of (b), in float32,
+    from one random state.
 
     :returns: dict of the largest differences relative to (c) (the benchmark fails above 1e-6).
     """
     out = {}
     for dtype in (torch.float32, torch.float64):
         net, x, y = build(config, device=device, dtype=dtype)
+        user, user_params = user_from_vdn(net, config)
         losses, grads = {}, {}
-        names = ("eager", "jit", "hand") if dtype == torch.float32 else ("eager", "hand")
+        names = ("eager", "jit", "user", "hand") if dtype == torch.float32 else ("eager", "user", "hand")
         for name in names:
             net.zero_grad(set_to_none=True)
+            user.zero_grad(set_to_none=True)
             pyro.set_rng_seed(123)
+            params = net.parameters()
             if name == "hand":
                 loss = hand_loss(net, x, y, config.num_data)
+            elif name == "user":
+                stock = TraceMeanField_ELBO()
+                loss = stock.differentiable_loss(user, NeuronGuide(user), x, y, config.num_data)
+                params = user_params
             else:
                 elbo = JitLocalELBO() if name == "jit" else LocalELBO()
-                loss = elbo.loss_and_stats(net.model, net.guide, x, y, num_data=config.num_data)[0]
+                with module_params():
+                    loss = elbo.loss_and_stats(net.model, net.guide, x, y, num_data=config.num_data)[0]
             loss.backward()
             losses[name] = loss.item()
-            grads[name] = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+            grads[name] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
         tag = "f32" if dtype == torch.float32 else "f64"
         ours = names[:-1]
         scale = max(1.0, abs(losses["hand"]))
@@ -416,8 +539,14 @@ def ratios(timing, memory):
         else:
             value = wall = memory[num] / memory[den] if memory[den] else math.nan
         rows.append(
-            {"ratio": f"{num}/{den}", "quantity": quantity, "cpu": value, "wall": wall, "target": bound,
-             "met": bool(value <= bound)}
+            {
+                "ratio": f"{num}/{den}",
+                "quantity": quantity,
+                "cpu": value,
+                "wall": wall,
+                "target": bound,
+                "met": bool(value <= bound),
+            }
         )
     return rows
 
@@ -474,8 +603,12 @@ def main(args):
 
 def _main(args):
     torch.set_num_threads(args.threads)
-    config = TINY if args.tiny else StepConfig(
-        batch=args.batch, input=args.input, units=args.units, layers=args.layers, steps=args.steps
+    config = (
+        TINY
+        if args.tiny
+        else StepConfig(
+            batch=args.batch, input=args.input, units=args.units, layers=args.layers, steps=args.steps
+        )
     )
     if args.memory_probe:
         config = StepConfig(**json.loads(args.memory_probe))
@@ -531,7 +664,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=8, help="time steps T")
     parser.add_argument("--reps", type=int, default=None, help="timed steps per variant (default 30)")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch intra-op threads (default 1: steadiest on a shared machine)",
     )
     parser.add_argument("--validation", choices=("off", "on", "both"), default="both")
@@ -539,7 +674,8 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the eager step")
     parser.add_argument(
-        "--inductor", action="store_true",
+        "--inductor",
+        action="store_true",
         help="also time JitLocalELBO(backend='inductor') (needs a C++ compiler; compiles for minutes)",
     )
     parser.add_argument("--out-dir", default=None, help="write step_speed.json and .md here")

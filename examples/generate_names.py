@@ -54,8 +54,8 @@ class KLThermostat:
     r"""Per-unit beta thermostat for :class:`RecurrentVDN` (a fit callback).
 
     After every step it updates an exponential moving average of each unit's KL per sequence
-    (the sum over the step sites ``"<name>.z.<t>"`` of the batch-mean KL; ended rows contribute
-    exactly 0) and moves :math:`\log\beta_i` by ``rate`` times the log-distance outside
+    (the sum over the step sites ``"<name>.z.<t>"`` of the units' layer of the batch-mean KL;
+    ended rows contribute exactly 0) and moves :math:`\log\beta_i` by ``rate`` times the log-distance outside
     ``[low, high]`` (clipped at 3), keeping beta in ``[beta_min, beta_max]``.
     """
 
@@ -68,8 +68,7 @@ class KLThermostat:
 
     def on_step_end(self, state):
         network = state.network
-        prefix = f"{network.config.name}.z."
-        kl = sum(s.kl for site, s in state.stats.items() if site.startswith(prefix))  # (H,)
+        kl = sum(s.kl for site, s in state.stats.items() if network.z.owns(site))  # (H,)
         self.ema = kl if self.ema is None else self.decay * self.ema + (1 - self.decay) * kl
         above = torch.log(self.ema / self.high)  # (H,)
         below = torch.log(self.ema.clamp_min(1e-8) / self.low)  # (H,)

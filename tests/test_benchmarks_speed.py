@@ -5,6 +5,7 @@ tables, CSV and PNG. The speed targets themselves are judged on the full runs, n
 import math
 import sys
 
+import pyro
 import pytest
 import torch
 
@@ -32,10 +33,31 @@ def test_step_speed_tiny(tmp_path):
     timing = results["timing"]["off"]
     assert set(timing["cpu_ms"]) == set(step_speed.VARIANTS)
     assert all(t > 0 for t in timing["cpu_ms"].values())
-    assert {r["ratio"] for r in results["ratios"]["off"]} == {"eager/hand", "jit/hand", "eager/twin"}
+    ratios = {r["ratio"] for r in results["ratios"]["off"]}
+    assert ratios == {"eager/hand", "jit/hand", "eager/twin", "user/hand"}
     assert set(results["memory_bytes"]) == set(step_speed.VARIANTS)
     assert results["syncs"]["off"]["jit"]["host_reads"] <= results["syncs"]["off"]["eager"]["host_reads"]
     assert (tmp_path / "step_speed.md").read_text().count("| (a) eager") == 1
+
+
+def test_user_model_holds_the_networks_parameters():
+    """Variant (e) is the same network written as a user's PyroModule: same parameter values,
+    one counterpart per VDN parameter, and under stock TraceMeanField_ELBO the same loss as the
+    hand-written step from the same seed."""
+    config = step_speed.TINY
+    net, x, y = step_speed.build(config)
+    user, params = step_speed.user_from_vdn(net, config)
+    assert len(params) == len(list(net.parameters())) == len(list(user.parameters()))
+    for p, q in zip(net.parameters(), params):
+        assert p is not q and torch.equal(p, q)
+    assert [layer.site for layer in user.neurons] == ["neurons.0.z", "neurons.1.z"]
+    pyro.set_rng_seed(5)
+    stock = pyro.infer.TraceMeanField_ELBO().differentiable_loss(
+        user, step_speed.NeuronGuide(user), x, y, config.num_data
+    )
+    pyro.set_rng_seed(5)
+    hand = step_speed.hand_loss(net, x, y, config.num_data)
+    assert abs(stock.item() - hand.item()) <= 1e-5 * max(1.0, abs(hand.item()))
 
 
 def test_scaling_tiny(tmp_path):

@@ -137,6 +137,48 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a[name], b[name]), f"{name} differs after resume"
 
 
+#: The recipe of the ``ett`` preset on the quick run: closed-form skip path, CRPS selection.
+METRIC_SELECTION = [
+    "--set",
+    "fit.select=crps",
+    "--set",
+    "fit.skip_fit=ridge",
+    "--set",
+    "fit.val_every=2",
+    "--set",
+    "fit.val_samples=4",
+    "--set",
+    "neurons.mean=skip",
+    "--set",
+    "neurons.likelihood_scale=heteroscedastic",
+]
+
+
+def test_metric_selection_resumes_exactly_and_evaluates_the_selected_state(tmp_path, capsys):
+    """With the benchmark's recipe (ridge skip path, CRPS selection), a resumed run ends in the
+    state of the uninterrupted one, selects the same step, and ``vdn evaluate`` of the run
+    directory scores the selected state, as ``vdn fit`` did."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["--quiet", *METRIC_SELECTION, *NO_EXTRAS]
+    assert main(["fit", "--preset", "quick", "--run-dir", str(straight), *common]) == 0
+    assert "best validation crps" in capsys.readouterr().out
+    assert main(["fit", "--preset", "quick", "--run-dir", str(split), *common, "--set", "fit.steps=4"]) == 0
+    assert main(["fit", "--resume", str(split), "--quiet", "--set", "fit.steps=6"]) == 0
+    a, b = load_checkpoint(straight / "checkpoints"), load_checkpoint(split / "checkpoints")
+    assert a["history"]["best_step"] == b["history"]["best_step"] >= 0
+    assert a["history"]["best_val_loss"] == b["history"]["best_val_loss"]
+    for name in a["network"]:
+        assert torch.equal(a["network"][name], b["network"][name]), f"{name} differs after resume"
+        assert torch.equal(a["history"]["best_state"][name], b["history"]["best_state"][name]), name
+    scores = [row.get("val_crps") for row in b["history"]["rows"]]
+    assert all(score is not None for score in scores) and min(scores) >= b["history"]["best_val_loss"]
+    info = json.loads((straight / "run.json").read_text())
+    assert info["best_step"] == a["history"]["best_step"]
+    fitted = json.loads((straight / "metrics.json").read_text())["models"]
+    assert main(["evaluate", str(straight)]) == 0
+    assert json.loads((straight / "metrics.json").read_text())["models"] == fitted
+
+
 def test_deterministic_twin_run(tmp_path):
     run = tmp_path / "twin"
     argv = [

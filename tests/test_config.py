@@ -59,6 +59,64 @@ def test_presets_validate(name):
     assert isinstance(config, RunConfig)
 
 
+def test_the_run_config_is_the_recipe_of_train_forecaster():
+    """Every training key of the file reaches the TrainConfig, every network key the
+    ForecasterConfig; a refusal of either names its section."""
+    overrides = [
+        "fit.select=nll",
+        "fit.val_samples=7",
+        "fit.skip_fit=sgd",
+        "fit.ridges=[0.5, 2]",
+        "fit.start_at_skip=false",
+        "fit.steps=9",
+        "fit.log_every=3",
+        "fit.val_every=4",
+        "data.chunk=3",
+        "data.train_stride=5",
+        "data.val_stride=6",
+        "evaluate.batch_size=11",
+        "neurons.mean=skip",
+        "neurons.likelihood_scale=heteroscedastic",
+        "neurons.train_draws=5",
+    ]
+    config = load_config(overrides=overrides)
+    recipe = config.train_config()
+    assert (recipe.select, recipe.num_samples, recipe.skip_fit, recipe.ridges) == (
+        "nll",
+        7,
+        "sgd",
+        (0.5, 2.0),
+    )
+    assert (recipe.start_at_skip, recipe.steps, recipe.log_every, recipe.val_every) == (False, 9, 3, 4)
+    assert (recipe.chunk, recipe.train_stride, recipe.val_stride, recipe.eval_batch_size) == (3, 5, 6, 11)
+    assert (recipe.lr, recipe.lr_decay, recipe.batch_size) == (config.fit.lr, config.fit.lr_decay, 32)
+    network = config.forecaster_config()
+    assert (network.mean, network.likelihood_scale, network.train_draws) == ("skip", "heteroscedastic", 5)
+    assert (network.lookback, network.horizon) == (config.data.lookback, config.data.horizon)
+    assert config.forecaster_config(deterministic=True).deterministic
+    with pytest.raises(ConfigError, match="^neurons: mean='skip'") as info:
+        load_config(overrides=["neurons.mean=skip"]).forecaster_config()
+    assert info.value.path == "neurons"
+
+
+def test_ett_preset_is_the_benchmark_recipe():
+    """The H = 96 recipe of the README's ETTh1 table: the closed-form skip path as the mean, the
+    neurons on the scale, selection on the validation CRPS, no constraint."""
+    config = load_config(preset="ett")
+    assert (config.data.source, config.data.split, config.data.lookback, config.data.horizon) == (
+        "ett",
+        "ett_hourly",
+        336,
+        96,
+    )
+    recipe, network = config.train_config(), config.forecaster_config()
+    assert (recipe.skip_fit, recipe.select, recipe.start_at_skip) == ("ridge", "crps", True)
+    assert (network.mean, network.likelihood_scale, network.units) == ("skip", "heteroscedastic", 64)
+    assert recipe.batch_size * recipe.chunk == 256  # windows per step
+    sections = config.constraints
+    assert not any(getattr(sections, name).enabled for name in type(sections).model_fields)
+
+
 def test_quick_preset_is_tiny():
     config = load_config(preset="quick")
     assert config.fit.steps <= 10 and config.neurons.units <= 8
@@ -117,6 +175,10 @@ def test_parse_overrides_types():
         ({"constraints": {"kl_band": {"low": 1.0, "high": 0.5}}}, "constraints.kl_band.high", "low < high"),
         ({"diagnostics": {"kl_band": [0.1]}}, "diagnostics.kl_band", "expected a list of 2 numbers >= 0"),
         ({"colour": "blue"}, "colour", "unknown key; expected one of data, neurons"),
+        ({"fit": {"select": "accuracy"}}, "fit.select", "expected one of 'loss', 'crps', 'mse', 'nll'"),
+        ({"fit": {"skip_fit": "closed"}}, "fit.skip_fit", "expected one of 'joint', 'ridge', 'sgd'"),
+        ({"fit": {"ridges": []}}, "fit.ridges", "expected a non-empty list of numbers >= 0, got []"),
+        ({"fit": {"ridges": [0.1, -1]}}, "fit.ridges[1]", "expected number >= 0, got -1"),
     ],
     ids=[
         "ill-typed-int",
@@ -132,6 +194,10 @@ def test_parse_overrides_types():
         "band-order",
         "band-length",
         "top-level",
+        "selection",
+        "skip-fit",
+        "no-ridges",
+        "negative-ridge",
     ],
 )
 def test_errors_name_the_dotted_path(data, path, message):

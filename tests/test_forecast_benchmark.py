@@ -1,5 +1,7 @@
-"""Smoke tests of the ETTh1 forecasting benchmark and the AR study (``--quick``)."""
+"""Smoke tests of the ETTh1 forecasting benchmark and the AR study (``--quick``), and of the one
+recipe behind them and ``vdn fit --preset ett``."""
 
+import json
 import sys
 
 import pandas as pd
@@ -7,6 +9,9 @@ import pytest
 import torch
 
 from tests.common import ETT_PATH, ROOT, load_script, requires_ett
+from vdn_pyro.cli import main as vdn
+from vdn_pyro.config import load_config
+from vdn_pyro.forecasting import METRICS
 
 pytestmark = requires_ett()
 
@@ -52,8 +57,19 @@ def test_quick_benchmark_writes_one_table(tmp_path, capsys):
 @pytest.mark.parametrize("skip_fit", ["sgd", "ridge"])
 def test_the_fitted_dlinear_is_lent_and_reported_once(tmp_path, skip_fit):
     bench = load("forecast_ett")
-    argv = ["--quick", "--data", str(ETT_PATH), "--out-dir", str(tmp_path), "--skip-fit", skip_fit,
-            "--models", "vdn", "dlinear", "linear"]
+    argv = [
+        "--quick",
+        "--data",
+        str(ETT_PATH),
+        "--out-dir",
+        str(tmp_path),
+        "--skip-fit",
+        skip_fit,
+        "--models",
+        "vdn",
+        "dlinear",
+        "linear",
+    ]
     args = bench.apply_quick(bench.parse_args(argv))
     args.quick, args.seeds = False, [0, 1]
     calls = []
@@ -90,8 +106,9 @@ def test_parallel_jobs_give_the_serial_rows(tmp_path):
 
 def test_quick_ar_study_writes_the_half_life_histogram(tmp_path):
     study = load("ar_study")
-    args = study.parse_args(["--quick", "--data", str(ETT_PATH), "--out-dir", str(tmp_path),
-                             "--variants", "normal", "ar-band"])
+    args = study.parse_args(
+        ["--quick", "--data", str(ETT_PATH), "--out-dir", str(tmp_path), "--variants", "normal", "ar-band"]
+    )
     summary = study.main(args)
     assert list(summary["model"]) == ["normal", "ar-band"]
     runs = pd.read_csv(tmp_path / "ar_study_runs.csv")
@@ -107,3 +124,55 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="ETTh1.csv"):
         missing = str(tmp_path / "ETTh1.csv")
         bench.main(bench.parse_args(["--quick", "--data", missing, "--out-dir", str(tmp_path)]))
+
+
+def test_the_benchmark_defaults_are_the_ett_preset():
+    bench = load("forecast_ett")
+    config = bench.run_config(bench.parse_args(["--data", str(ETT_PATH)]), 96, 0)
+    assert config == load_config(preset="ett", overrides=[f"data.path={ETT_PATH}"])
+
+
+def _cli_overrides(bench, args):
+    """``--set`` items giving ``vdn fit --preset ett`` the benchmark's options of ``args``."""
+    values = {key: getattr(args, dest) for dest, key in bench.CONFIG_KEYS.items()}
+    values["fit.batch_size"] = args.batch_size // args.chunk
+    return [item for key, value in values.items() for item in ("--set", f"{key}={json.dumps(value)}")]
+
+
+def test_vdn_fit_preset_ett_trains_the_benchmark_row(tmp_path):
+    """One recipe: ``vdn fit --preset ett`` with the benchmark's ``--quick`` options scores exactly
+    the benchmark's VDN row (ridge skip path, CRPS selection, monitor on), and ``vdn evaluate``
+    of the run directory scores it again."""
+    bench = load("forecast_ett")
+    args = bench.parse_args(
+        ["--quick", "--data", str(ETT_PATH), "--out-dir", str(tmp_path), "--models", "vdn"]
+    )
+    bench.main(args)
+    row = pd.read_csv(tmp_path / "forecast_ett_runs.csv").iloc[0]
+    run = tmp_path / "run"
+    argv = ["fit", "--preset", "ett", "--run-dir", str(run), "--quiet", "--set", f"data.path={ETT_PATH}"]
+    argv += [*_cli_overrides(bench, args), "--set", "diagnostics.monitor_every=3"]
+    argv += ["--set", "output.plots=false", "--set", "output.idata=false"]
+    assert vdn(argv) == 0
+    fitted = json.loads((run / "metrics.json").read_text())["models"]["vdn"]
+    assert {k: fitted[k] for k in METRICS} == pytest.approx({k: row[k] for k in METRICS}, rel=1e-6, abs=1e-9)
+    assert json.loads((run / "run.json").read_text())["best_val_loss"] == pytest.approx(row["best_val_loss"])
+    assert vdn(["evaluate", str(run)]) == 0
+    assert json.loads((run / "metrics.json").read_text())["models"]["vdn"] == fitted
+
+
+@pytest.mark.slow
+def test_vdn_fit_preset_ett_reproduces_the_readme_row(tmp_path):
+    """``vdn fit --preset ett`` then ``vdn evaluate``: the README's H = 96 VDN row (the 3-seed
+    mean of ``benchmarks/results/forecast_ett.csv``) within two seed standard deviations
+    (a few minutes on one core)."""
+    table = pd.read_csv(ROOT / "benchmarks" / "results" / "forecast_ett.csv")
+    reference = table[(table["horizon"] == 96) & (table["model"] == "vdn")].iloc[0]
+    run = tmp_path / "run"
+    argv = ["fit", "--preset", "ett", "--run-dir", str(run), "--quiet", "--set", f"data.path={ETT_PATH}"]
+    assert vdn([*argv, "--set", "output.plots=false", "--set", "output.idata=false"]) == 0
+    assert vdn(["evaluate", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())["models"]["vdn"]
+    for key in ("mse", "crps", "nll"):
+        spread = max(2 * reference[f"{key}_std"], 1e-3)
+        assert abs(metrics[key] - reference[key]) <= spread, (key, metrics[key], reference[key])

@@ -75,6 +75,12 @@ def test_training_windows_and_chunks():
         TrainConfig(lr_decay=1.5)
     with pytest.raises(ValueError, match="select"):
         TrainConfig(select="accuracy")
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="log_every"):
+        TrainConfig(log_every=1.5)
+    with pytest.raises(ValueError, match="optim"):
+        TrainConfig(optim="sgd")
 
 
 class _Opt:
@@ -107,7 +113,7 @@ def test_validation_selector_keeps_the_best_state(monkeypatch):
     model = _Model([3.0, 1.0, 2.0, 2.5, 0.5])
     calls = []
 
-    def fake_evaluate(m, x, y, num_samples, seed=None):
+    def fake_evaluate(m, x, y, num_samples, batch_size=512, seed=None):
         return {"crps": m.scores.pop(0)}
 
     monkeypatch.setattr(forecasting, "evaluate_forecaster", fake_evaluate)
@@ -145,6 +151,60 @@ def test_validation_selector_can_keep_the_starting_state(monkeypatch):
     assert selector.history[0] == (0, 1.0) and selector.best_step == 0 and state.step == 20
     selector.on_fit_end(state)
     assert model.state == 0
+
+
+def test_validation_selector_records_in_the_fit_result_and_resumes(monkeypatch):
+    """The selection lives in the FitResult (which fit checkpoints): a selector started on a
+    resumed state carries on exactly as the uninterrupted one."""
+    import vdn_pyro.forecasting as forecasting
+
+    scores = [3.0, 1.0, 2.0, 2.5, 0.5, 0.7, 0.8, 0.9]
+    monkeypatch.setattr(forecasting, "evaluate_forecaster", lambda m, *a, **k: {"crps": m.scores.pop(0)})
+
+    def run(model, selector, state, steps):
+        for step in steps:
+            state.step = model.state = step
+            state.history.history.append({"step": step, "loss": 0.0})  # a logged row at every step
+            selector.on_step_end(state)
+            if state.stop:
+                break
+
+    straight = _Model(scores)
+    state = FitState(network=straight, optimizer=None, elbo=None)
+    state.history = FitResult(None, [], {}, {}, [], math.nan, -1, {}, 0, 0.0, {})
+    selector = ValidationSelector(straight, None, None, "crps", every=10, patience=3)
+    run(straight, selector, state, range(1, 101))
+    assert state.step == 80 and selector.best_step == 50
+    result = state.history
+    assert (result.best_val_loss, result.best_step, result.best_state) == (0.5, 50, {"state": 50})
+    assert [(r["step"], r["val_crps"]) for r in result.history if "val_crps" in r] == selector.history
+
+    resumed = _Model(scores)
+    first = FitState(network=resumed, optimizer=None, elbo=None)
+    first.history = FitResult(None, [], {}, {}, [], math.nan, -1, {}, 0, 0.0, {})
+    run(resumed, ValidationSelector(resumed, None, None, "crps", every=10, patience=3), first, range(1, 36))
+    again = FitState(network=resumed, optimizer=None, elbo=None, step=35, history=first.history)
+    selector = ValidationSelector(resumed, None, None, "crps", every=10, patience=3)
+    selector.on_fit_start(again)
+    assert (selector.best, selector.best_step, selector.waited) == (1.0, 20, 1)
+    run(resumed, selector, again, range(36, 101))
+    assert again.step == 80 and selector.best_step == 50 and again.history.best_state == {"state": 50}
+    selector.on_fit_end(again)
+    assert resumed.state == 50
+
+
+def test_early_stopping_rebuilds_its_wait_on_resume():
+    history = FitResult(None, [], {}, {}, [], math.nan, -1, {}, 0, 0.0, {})
+    history.history = [{"step": s, "val_loss": v} for s, v in [(10, 2.0), (20, 1.0), (30, 1.5), (40, 1.2)]]
+    history.best_step = 20
+    state = FitState(network=None, optimizer=None, elbo=None, step=40, history=history)
+    stop = EarlyStopping(3)
+    stop.on_fit_start(state)
+    assert stop.waited == 2
+    state.step = 50
+    history.history.append({"step": 50, "val_loss": 1.1})
+    stop.on_step_end(state)
+    assert state.stop and stop.stopped_step == 50
 
 
 def test_epoch_decay_and_early_stopping_callbacks():
@@ -190,6 +250,58 @@ def test_train_and_evaluate_every_model(chunk, select):
             assert 0 <= scores["coverage_50"] <= scores["coverage_90"] <= 1
 
 
+def test_training_and_scoring_leave_the_global_random_state_alone():
+    splits = toy_splits()
+    config = TrainConfig(epochs=2, batch_size=64, lr=0.01, patience=0, skip_fit="ridge", num_samples=10)
+    model = Forecaster(lookback=16, horizon=4, units=4, features=8, kernel_size=5, train_draws=4)
+    x_test, y_test = splits.windows("test")
+    before = torch.get_rng_state()
+    train_forecaster(model, splits, config, seed=3)
+    first = evaluate_forecaster(model, x_test, y_test, num_samples=10, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(5)  # another state: the seeded scores do not depend on it
+    second = evaluate_forecaster(model, x_test, y_test, num_samples=10, seed=3)
+    assert {k: first[k] for k in METRICS} == {k: second[k] for k in METRICS}
+
+
+def test_steps_cadence_and_resume_through_the_recipe(tmp_path):
+    """``steps``, ``val_every`` and ``log_every`` reach fit, and a run resumed from a checkpoint
+    ends where the uninterrupted one does, selection included."""
+    splits = toy_splits()
+    options = dict(
+        batch_size=32, lr=0.01, patience=0, num_samples=10, skip_fit="ridge", val_every=2, log_every=2
+    )
+
+    def run(steps, directory, resume=False):
+        torch.manual_seed(0)
+        net = Forecaster(
+            lookback=16,
+            horizon=4,
+            units=4,
+            features=8,
+            kernel_size=5,
+            train_draws=4,
+            likelihood_scale="heteroscedastic",
+            mean="skip",
+        )
+        result = train_forecaster(
+            net, splits, TrainConfig(steps=steps, **options), seed=1, checkpoint_dir=directory, resume=resume
+        )
+        return net, result
+
+    straight, result = run(8, tmp_path / "a")
+    assert result.steps == 8 and [row["step"] for row in result.history] == [2, 4, 6, 8]
+    assert all("val_crps" in row for row in result.history) and result.best_step in (0, 2, 4, 6, 8)
+    run(4, tmp_path / "b")
+    resumed, again = run(8, tmp_path / "b", resume=True)
+    assert again.resumed_from == 4 and (again.best_step, again.best_val_loss) == (
+        result.best_step,
+        result.best_val_loss,
+    )
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("skip_fit", ["sgd", "ridge"])
 def test_pretrained_skip_path_stays_frozen(skip_fit):
     splits = toy_splits()
@@ -227,6 +339,7 @@ def test_least_squares_fit_is_the_exact_minimiser_and_selects_on_validation():
     design = np.hstack([x.double().numpy(), np.ones((x.shape[0], 1))])
     solution, *_ = np.linalg.lstsq(design, y.double().numpy(), rcond=None)
     assert_close(exact.point(x).double(), torch.from_numpy(design @ solution), atol=2e-4, rtol=1e-4)
+
     # ... so the gradient of the training MSE at it vanishes (relative to a random DLinear's)
     def grad_norm(m):
         m.zero_grad()

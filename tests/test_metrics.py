@@ -5,9 +5,12 @@ import pytest
 import torch
 
 from tests.common import assert_close
+from vdn_pyro import metrics
 from vdn_pyro.metrics import (
     crps_gaussian,
     crps_samples,
+    crps_sum,
+    energy_score,
     forecast_metrics,
     gaussian_interval,
     gaussian_interval_coverage,
@@ -17,12 +20,18 @@ from vdn_pyro.metrics import (
     interval_width,
     mae,
     mse,
+    path_metrics,
     sample_interval,
+    sum_coverage,
+    sum_interval,
+    sum_interval_width,
+    variogram_score,
 )
 
 sr = pytest.importorskip("scoringrules")
 
 Z90 = 1.6448536269514722  # standard normal quantile at 0.95
+_INV_SQRT_PI = 1 / math.sqrt(math.pi)  # CRPS of N(0, 1) averaged over N(0, 1) observations
 
 
 def test_mse_mae_hand_values():
@@ -207,3 +216,209 @@ def test_forecast_metrics_errors():
         forecast_metrics(torch.zeros(4, 3), scale=torch.ones(3), y=torch.zeros(3))
     with pytest.raises(ValueError, match=r"samples of shape.*\(S, 3\)"):
         forecast_metrics(torch.zeros(4, 2), y=torch.zeros(3))
+
+
+# ---- scores that see paths: samples (S,) + B + (H,), y B + (H,), one score per window ----
+
+ESTIMATORS = [(True, "fair"), (False, "nrg")]
+
+
+def _random_paths(seed, num_samples=23, batch=(4, 3), horizon=9, level=0.0):
+    """Correlated random paths (a random walk plus noise) with per-window level and scale."""
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.5, 2.0, size=batch + (1,))
+    steps = rng.normal(size=(num_samples,) + batch + (horizon,))
+    samples = level + scale * (np.cumsum(steps, -1) + rng.normal(size=steps.shape))
+    y = level + scale * np.cumsum(rng.normal(size=batch + (horizon,)), -1)
+    return samples, y
+
+
+def _sr_paths(samples):
+    """Our (S,) + B + (H,) ensemble in scoringrules' layout B + (S, H)."""
+    return np.moveaxis(samples, 0, -2)
+
+
+@pytest.mark.parametrize("fair,estimator", ESTIMATORS, ids=["fair", "plain"])
+def test_energy_score_against_scoringrules(fair, estimator):
+    samples, y = _random_paths(3)
+    expected = sr.es_ensemble(y, _sr_paths(samples), estimator=estimator)  # (4, 3)
+    out = energy_score(samples, y, fair=fair, reduction="none")
+    assert out.shape == (4, 3) and out.dtype == torch.float64
+    assert_close(out, expected, atol=1e-10, rtol=0)
+    assert_close(energy_score(samples, y, fair=fair), expected.mean(), atol=1e-10, rtol=0)
+    assert_close(energy_score(samples, y, fair=fair, reduction="sum"), expected.sum(), atol=1e-9, rtol=0)
+    # a common level far above the spread: the centred Gram form keeps full accuracy
+    high, y_high = _random_paths(3, level=1e4)
+    expected = sr.es_ensemble(y_high, _sr_paths(high), estimator=estimator)
+    assert_close(energy_score(high, y_high, fair=fair, reduction="none"), expected, atol=1e-8, rtol=0)
+
+
+def test_energy_score_hand_values():
+    # S identical paths: no spread, the score is the Euclidean error, exactly, also in float32
+    path = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    samples = path.expand(5, 2, 4)  # (S=5, B=2, H=4)
+    y = torch.stack([path, path + torch.tensor([3.0, 4.0, 0.0, 0.0])])  # (B, H)
+    for fair in (True, False):
+        out = energy_score(samples, y, fair=fair, reduction="none")
+        assert out.dtype == torch.float32
+        assert torch.equal(out, torch.tensor([0.0, 5.0]))
+    # H = 1: the energy score is the CRPS
+    rng = np.random.default_rng(4)
+    draws, obs = rng.normal(size=(17, 6, 1)), rng.normal(size=(6, 1))
+    assert_close(
+        energy_score(draws, obs, reduction="none"),
+        crps_samples(draws[..., 0], obs[:, 0], reduction="none"),
+        atol=1e-12,
+    )
+    # one window given as a bare path: y (H,), samples (S, H), one score of shape ()
+    paths, path = _random_paths(4, batch=())
+    out = energy_score(paths, path, reduction="none")
+    assert out.shape == ()
+    assert_close(out, sr.es_ensemble(path, paths, estimator="fair"), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0], ids=["p0.5", "p1", "p2"])
+@pytest.mark.parametrize("fair,estimator", ESTIMATORS, ids=["fair", "plain"])
+def test_variogram_score_against_scoringrules(p, fair, estimator):
+    samples, y = _random_paths(5, num_samples=11, horizon=7)
+    expected = sr.vs_ensemble(y, _sr_paths(samples), p=p, estimator=estimator)  # (4, 3)
+    out = variogram_score(samples, y, p=p, fair=fair, reduction="none")
+    assert out.shape == (4, 3)
+    assert_close(out, expected, atol=1e-9, rtol=1e-12)
+    assert_close(variogram_score(samples, y, p=p, fair=fair), expected.mean(), atol=1e-9, rtol=1e-12)
+
+
+def test_variogram_score_sees_increments_only():
+    samples, y = _random_paths(6, num_samples=8, horizon=5)
+    shifted = variogram_score(samples + 7.0, y - 3.0, reduction="none")
+    assert_close(shifted, variogram_score(samples, y, reduction="none"), atol=1e-10)
+    assert_close(variogram_score(samples[..., :1], y[..., :1]), 0.0)  # H = 1: no pairs
+
+
+@pytest.mark.parametrize("fair,estimator", ESTIMATORS, ids=["fair", "plain"])
+def test_crps_sum_against_scoringrules(fair, estimator):
+    samples, y = _random_paths(7)
+    expected = sr.crps_ensemble(y.sum(-1), samples.sum(-1), m_axis=0, estimator=estimator)  # (4, 3)
+    assert_close(crps_sum(samples, y, fair=fair, reduction="none"), expected, atol=1e-10, rtol=0)
+    assert_close(crps_sum(samples, y, fair=fair), expected.mean(), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("level", [0.5, 0.9])
+def test_sum_interval_against_numpy(level):
+    samples, y = _random_paths(8, num_samples=41, batch=(300,))
+    sums, y_sum = samples.sum(-1), y.sum(-1)  # (S, B), (B,)
+    lower, upper = np.quantile(sums, (1 - level) / 2, axis=0), np.quantile(sums, (1 + level) / 2, axis=0)
+    interval = sum_interval(samples, level)
+    assert_close(interval.lower, lower, atol=1e-10)
+    assert_close(interval.upper, upper, atol=1e-10)
+    inside = ((lower <= y_sum) & (y_sum <= upper)).astype(float)
+    assert 0 < inside.mean() < 1  # the data exercise both outcomes
+    assert_close(sum_coverage(samples, y, level, reduction="none"), inside)
+    assert_close(sum_coverage(samples, y, level), inside.mean())
+    assert_close(sum_interval_width(samples, level, reduction="none"), upper - lower, atol=1e-10)
+    assert_close(sum_interval_width(samples, level), (upper - lower).mean(), atol=1e-10)
+
+
+def test_path_scores_chunked_equal_unchunked(monkeypatch):
+    samples, y = _random_paths(9, num_samples=6, batch=(5, 2), horizon=4)
+    whole = {
+        "energy": energy_score(samples, y, reduction="none"),
+        "variogram": variogram_score(samples, y, reduction="none"),
+    }
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 30)  # one window a chunk
+    assert_close(energy_score(samples, y, reduction="none"), whole["energy"], atol=1e-12)
+    assert_close(variogram_score(samples, y, reduction="none"), whole["variogram"], atol=1e-12)
+
+
+def test_path_scores_see_cross_step_dependence():
+    """Two forecasters with the same N(0, 1) marginals, scored on perfectly correlated truths
+    (one shock per window held over the horizon): steps drawn independently, or one shared shock
+    per path. The marginal CRPS cannot tell them apart; the path scores prefer the shared shock."""
+    gen = torch.Generator().manual_seed(0)
+    num_samples, num_windows, horizon = 100, 400, 24
+    y = torch.randn(num_windows, 1, generator=gen, dtype=torch.float64).expand(num_windows, horizon)
+    independent = torch.randn(num_samples, num_windows, horizon, generator=gen, dtype=torch.float64)
+    shared = torch.randn(num_samples, num_windows, 1, generator=gen, dtype=torch.float64)
+    shared = shared.expand(num_samples, num_windows, horizon)  # (S, B, H)
+
+    def z_score(score):
+        """Mean per-window difference (independent - shared) over its standard error."""
+        diff = score(independent) - score(shared)  # (B,)
+        return (diff.mean() / (diff.std() / math.sqrt(num_windows))).item()
+
+    marginal = lambda x: crps_samples(x, y, reduction="none").mean(-1)  # (B,)
+    # equal within Monte Carlo error, and both at the exact CRPS of N(0, 1) against N(0, 1) truths
+    assert abs(z_score(marginal)) < 4
+    for forecast in (independent, shared):
+        per_window = marginal(forecast)
+        assert abs(per_window.mean().item() - _INV_SQRT_PI) < 4 * per_window.std().item() / math.sqrt(
+            num_windows
+        )
+    assert z_score(lambda x: energy_score(x, y, reduction="none")) > 8
+    assert z_score(lambda x: crps_sum(x, y, reduction="none")) > 8
+    assert z_score(lambda x: variogram_score(x, y, reduction="none")) > 8
+    # the 90% interval of the sum holds about 0.9 (S - 1) / (S + 1) for the shared shock only
+    assert abs(sum_coverage(shared, y, 0.9).item() - 0.9 * 99 / 101) < 0.05
+    assert sum_coverage(independent, y, 0.9).item() < 0.4
+
+
+def test_path_metrics_and_forecast_metrics_paths():
+    samples, y = _random_paths(10, num_samples=30, batch=(6, 2), horizon=5)
+    out = path_metrics(samples, y)
+    assert list(out) == [
+        "energy",
+        "crps_sum",
+        "coverage_50_sum",
+        "width_50_sum",
+        "coverage_90_sum",
+        "width_90_sum",
+    ]
+    assert all(isinstance(v, float) for v in out.values())
+    assert_close(out["energy"], energy_score(samples, y))
+    assert_close(out["crps_sum"], crps_sum(samples, y))
+    assert_close(out["coverage_90_sum"], sum_coverage(samples, y, 0.9))
+    assert_close(out["width_50_sum"], sum_interval_width(samples, 0.5))
+    plain = path_metrics(samples, y, fair=False, variogram=True)
+    assert_close(plain["energy"], energy_score(samples, y, fair=False))
+    assert_close(plain["variogram"], variogram_score(samples, y, fair=False))
+    # forecast_metrics: the marginal keys and values are unchanged, the path keys follow
+    before = forecast_metrics(samples, y=y)
+    after = forecast_metrics(samples, y=y, paths=True)
+    assert list(after) == list(before) + list(out)
+    assert {k: after[k] for k in before} == before
+    assert {k: after[k] for k in out} == out
+    loc, scale = samples.mean(0), samples.std(0)
+    both = forecast_metrics(samples, loc, scale, y=y, paths=True)
+    assert both["nll"] == forecast_metrics(samples, loc, scale, y=y)["nll"]
+    assert both["energy"] == out["energy"]
+    with pytest.raises(ValueError, match="paths=True needs joint sample paths"):
+        forecast_metrics(loc=loc, scale=scale, y=y, paths=True)
+
+
+def test_path_score_errors():
+    samples, y = torch.zeros(4, 3, 5), torch.zeros(3, 5)
+    with pytest.raises(ValueError, match=r"energy_score: expected samples of shape \(S,\) \+ y.shape"):
+        energy_score(torch.zeros(4, 5, 3), y)
+    with pytest.raises(ValueError, match=r"crps_sum: expected y of shape B \+ \(H,\).*got \(\)"):
+        crps_sum(torch.zeros(4), torch.tensor(0.0))
+    bad = samples.clone()
+    bad[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="energy_score: expected finite samples but got 1 NaN"):
+        energy_score(bad, y)
+    with pytest.raises(
+        ValueError, match="crps_sum: expected finite y but got 6 NaN or infinite values of 15"
+    ):
+        crps_sum(samples, torch.tensor([[math.inf, -math.inf, 0, 0, 0]]).expand(3, 5))
+    with pytest.raises(ValueError, match="fair=True needs at least 2 samples but got 1; pass fair=False"):
+        energy_score(samples[:1], y)
+    assert_close(energy_score(samples[:1], y, fair=False), 0.0)
+    with pytest.raises(ValueError, match="expected an order p > 0"):
+        variogram_score(samples, y, p=0)
+    with pytest.raises(
+        ValueError, match=r"sum_interval_width: expected samples of shape \(S,\) \+ B \+ \(H,\)"
+    ):
+        sum_interval_width(torch.zeros(4), 0.9)
+    with pytest.raises(ValueError, match="0 < level < 1"):
+        sum_coverage(samples, y, 1.5)
+    with pytest.raises(TypeError, match="path_metrics: expected y to be a tensor or numeric array"):
+        path_metrics(samples, y=object())

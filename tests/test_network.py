@@ -1,6 +1,7 @@
 """Tests for :class:`vdn_pyro.VDN`: sites and shapes, gradients, the deterministic twin,
 parameter isolation, prediction and input validation."""
 
+import contextlib
 import copy
 import math
 import re
@@ -13,6 +14,7 @@ from pyro import poutine
 
 from tests.common import assert_close
 from vdn_pyro import VDN, AmortizedNormal, ARPrior, LocalELBO, fit
+from vdn_pyro.primitives import module_params
 
 B, D, OUT, T = 5, 4, 2, 6
 
@@ -50,7 +52,12 @@ def test_model_and_guide_sites_agree(temporal, latent_dim, pooling, prior):
     lead = (B, T) if temporal else (B,)
     x, y = torch.randn(lead + (D,)), torch.randn(lead + (OUT,))
     guide_tr = poutine.trace(net.guide).get_trace(x, y)
-    model_tr = poutine.trace(poutine.replay(net.model, trace=guide_tr)).get_trace(x, y)
+    passed_on = []  # what the last layer hands to the head in the model's replay of the guide
+    hook = net.head.register_forward_hook(lambda module, args, out: passed_on.append(args[0]))
+    try:
+        model_tr = poutine.trace(poutine.replay(net.model, trace=guide_tr)).get_trace(x, y)
+    finally:
+        hook.remove()
     guide_sites, model_sites = sample_sites(guide_tr), sample_sites(model_tr)
 
     assert list(guide_sites) == ["layers.0.z", "layers.1.z"] == net.site_names
@@ -67,13 +74,20 @@ def test_model_and_guide_sites_agree(temporal, latent_dim, pooling, prior):
         assert dims == {"data": -2, f"{name}.units": -1} == {f.name: f.dim for f in m["cond_indep_stack"]}
         assert torch.equal(torch.as_tensor(g["scale"]), torch.as_tensor(m["scale"]))
 
+    # the guide returns {site: value}, the values its sites took
+    returned = guide_tr.nodes["_RETURN"]["value"]
+    assert list(returned) == net.site_names
+    for name in net.site_names:
+        assert returned[name] is guide_sites[name]["value"], name
+
     # what the last layer passes on: pooled over the k latent dims
     z = guide_sites["layers.1.z"]["value"]  # (B, H, k[, T])
     pooled = z.sum(-2 if temporal else -1)  # (B, H[, T])
     pooled = {"mean": pooled / latent_dim, "sum": pooled, "sqrt": pooled / math.sqrt(latent_dim)}[pooling]
     if temporal:
         pooled = pooled.transpose(-1, -2)  # (B, T, H)
-    assert_close(guide_tr.nodes["_RETURN"]["value"], pooled, atol=1e-6, rtol=1e-6)
+    assert len(passed_on) == 1
+    assert_close(passed_on[0], pooled, atol=1e-6, rtol=1e-6)
     assert model_tr.nodes["_RETURN"]["value"].shape == y.shape
 
 
@@ -102,7 +116,14 @@ LIKELIHOODS = {
 @pytest.mark.parametrize("prior", ["normal", "ar"])
 def test_gradients_reach_every_parameter(prior, scale_mode, likelihood):
     net = VDN(
-        D, 3, units=(4, 3), latent_dim=2, hidden=(8,), prior=prior, learn_prior=True, scale_mode=scale_mode,
+        D,
+        3,
+        units=(4, 3),
+        latent_dim=2,
+        hidden=(8,),
+        prior=prior,
+        learn_prior=True,
+        scale_mode=scale_mode,
         **likelihood,
     )
     lead = (B, T) if prior == "ar" else (B,)  # the AR prior acts over time
@@ -142,7 +163,7 @@ def test_deterministic_twin(temporal):
 
     guide_tr = poutine.trace(det.guide).get_trace(x, y)
     assert not sample_sites(guide_tr)
-    assert guide_tr.nodes["_RETURN"]["value"] is None
+    assert guide_tr.nodes["_RETURN"]["value"] == {}
 
     loss, stats = LocalELBO().loss_and_stats(det.model, det.guide, x, y)
     assert stats == {}
@@ -179,9 +200,12 @@ def test_deterministic_twin_is_trainable():
 # ---------------------------------------------------------------------------------------------
 
 
-def seeded_loss(net, x, y, seed=1):
+def seeded_loss(net, x, y, seed=1, isolated=True):
+    """One seeded loss; ``isolated`` runs it as the library's own loops do, inside
+    :func:`~vdn_pyro.primitives.module_params` (the global param store is left untouched)."""
     pyro.set_rng_seed(seed)
-    return float(LocalELBO().loss_and_stats(net.model, net.guide, x, y)[0].detach())
+    with module_params() if isolated else contextlib.nullcontext():
+        return float(LocalELBO().loss_and_stats(net.model, net.guide, x, y)[0].detach())
 
 
 def test_two_networks_do_not_share_parameters():
@@ -211,6 +235,28 @@ def test_two_networks_do_not_share_parameters():
         assert torch.equal(value, state[key]), key
     assert len(pyro.get_param_store()) == 0
     assert list(pyro.get_param_store().keys()) == []
+
+
+def test_two_networks_keep_their_parameters_under_stock_pyro():
+    """Called outside the library's loops, under Pyro's default settings, a network registers its
+    parameters in the global param store (Pyro's convention, so ``pyro.optim`` finds them); each
+    network still computes with its own parameters."""
+    pyro.set_rng_seed(3)
+    first = VDN(D, OUT, units=(4,), hidden=(8,))
+    pyro.set_rng_seed(3)
+    second = VDN(D, OUT, units=(4,), hidden=(8,))
+    x, y = torch.randn(B, D), torch.randn(B, OUT)
+    before = seeded_loss(second, x, y, isolated=False)
+    assert seeded_loss(first, x, y, isolated=False) == before
+    stored = [p for _, p in pyro.get_param_store().named_parameters()]
+    assert len(stored) == len(list(second.parameters()))
+    assert {id(p) for p in stored} == {id(p) for p in second.parameters()}  # the first caller's tensors
+    with torch.no_grad():
+        for p in first.parameters():
+            p.add_(0.5)
+    assert seeded_loss(first, x, y, isolated=False) != before
+    assert seeded_loss(second, x, y, isolated=False) == before
+    assert seeded_loss(second, x, y, isolated=True) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,99 +341,147 @@ def _with(value, tensor, index):
 BAD_INPUTS = {
     "feature-count": (
         lambda: _net().model(torch.randn(B, D + 1), _y()),
-        ValueError, r"Expected x of shape \(B, 4\) or \(B, T, 4\)", r"but got \(5, 5\)",
+        ValueError,
+        r"Expected x of shape \(B, 4\) or \(B, T, 4\)",
+        r"but got \(5, 5\)",
     ),
     "x-y-batch": (
         lambda: _net().model(_x(), torch.randn(B - 1, OUT)),
-        ValueError, r"Expected y of shape \(5, 2\)", r"but got \(4, 2\)",
+        ValueError,
+        r"Expected y of shape \(5, 2\)",
+        r"but got \(4, 2\)",
     ),
     "x-y-time": (
         lambda: _net().model(torch.randn(B, T, D), torch.randn(B, T + 1, OUT)),
-        ValueError, r"Expected y of shape \(5, 6, 2\)", r"but got \(5, 7, 2\)",
+        ValueError,
+        r"Expected y of shape \(5, 6, 2\)",
+        r"but got \(5, 7, 2\)",
     ),
     "nan-in-x": (
         lambda: _net().model(_with(math.nan, _x(), 3), _y()),
-        ValueError, r"Expected finite x", r"contains NaN or inf",
+        ValueError,
+        r"Expected finite x",
+        r"contains NaN or inf",
     ),
     "inf-in-y": (
         lambda: _net().model(_x(), _with(math.inf, _y(), 1)),
-        ValueError, r"Expected finite y", r"contains NaN or inf",
+        ValueError,
+        r"Expected finite y",
+        r"contains NaN or inf",
     ),
     "beta-zero": (
         lambda: VDN(D, OUT, units=(4,), beta=0),
-        ValueError, r"Expected beta of layer 0 > 0", r"but got \[0\.0, 0\.0, 0\.0, 0\.0\]",
+        ValueError,
+        r"Expected beta of layer 0 > 0",
+        r"but got \[0\.0, 0\.0, 0\.0, 0\.0\]",
     ),
     "beta-negative": (
         lambda: VDN(D, OUT, units=(4,), beta=-1),
-        ValueError, r"Expected beta of layer 0 > 0", r"but got \[-1\.0, -1\.0, -1\.0, -1\.0\]",
+        ValueError,
+        r"Expected beta of layer 0 > 0",
+        r"but got \[-1\.0, -1\.0, -1\.0, -1\.0\]",
     ),
     "beta-one-negative-unit": (
         lambda: VDN(D, OUT, units=(4, 3), beta=[1.0, torch.tensor([1.0, -2.0, 1.0])]),
-        ValueError, r"Expected beta of layer 1 > 0", r"but got \[-2\.0\] at units \[1\]",
+        ValueError,
+        r"Expected beta of layer 1 > 0",
+        r"but got \[-2\.0\] at units \[1\]",
     ),
     "beta-shape": (
         lambda: VDN(D, OUT, units=(4,), beta=[torch.ones(3)]),
-        ValueError, r"Expected beta of layer 0 to be a number or have shape \(4,\)", r"but got shape \(3,\)",
+        ValueError,
+        r"Expected beta of layer 0 to be a number or have shape \(4,\)",
+        r"but got shape \(3,\)",
     ),
     "beta-shape-second-layer": (
         lambda: VDN(D, OUT, units=(4, 3), beta=[1.0, torch.ones(4)]),
-        ValueError, r"Expected beta of layer 1 to be a number or have shape \(3,\)", r"but got shape \(4,\)",
+        ValueError,
+        r"Expected beta of layer 1 to be a number or have shape \(3,\)",
+        r"but got shape \(4,\)",
     ),
     "beta-type": (
         lambda: VDN(D, OUT, units=(4,), beta="big"),
-        TypeError, r"Expected beta of layer 0 to be a positive number", r"but got str",
+        TypeError,
+        r"Expected beta of layer 0 to be a positive number",
+        r"but got str",
     ),
     "ar-order-vdn": (
         lambda: VDN(D, OUT, prior="ar", ar_order=0),
-        ValueError, r"Expected ar_order >= 1", r"but got 0",
+        ValueError,
+        r"Expected ar_order >= 1",
+        r"but got 0",
     ),
     "ar-order-prior": (
         lambda: ARPrior(4, order=0),
-        ValueError, r"Expected AR order >= 1", r"but got 0",
+        ValueError,
+        r"Expected AR order >= 1",
+        r"but got 0",
     ),
     "units-vdn": (
         lambda: VDN(D, OUT, units=(0,)),
-        ValueError, r"Expected units to be a non-empty tuple of ints >= 1", r"but got \(0,\)",
+        ValueError,
+        r"Expected units to be a non-empty tuple of ints >= 1",
+        r"but got \(0,\)",
     ),
     "units-amortized": (
         lambda: AmortizedNormal(D, 0),
-        ValueError, r"Expected units >= 1", r"but got 0",
+        ValueError,
+        r"Expected units >= 1",
+        r"but got 0",
     ),
     "scale-mode": (
         lambda: VDN(D, OUT, scale_mode="global"),
-        ValueError, r"Expected scale_mode in \('unit', 'input'\)", r"but got 'global'",
+        ValueError,
+        r"Expected scale_mode in \('unit', 'input'\)",
+        r"but got 'global'",
     ),
     "likelihood": (
         lambda: VDN(D, OUT, likelihood="poisson"),
-        ValueError, r"Expected likelihood in \[.*'gaussian'.*\]", r"but got 'poisson'",
+        ValueError,
+        r"Expected likelihood in \[.*'gaussian'.*\]",
+        r"but got 'poisson'",
     ),
     "label-too-large": (
         lambda: VDN(D, 3, likelihood="categorical").model(_x(), torch.tensor([0, 1, 2, 3, 0])),
-        ValueError, r"Expected class labels in \[0, 3\)", r"but got values in \[0, 3\]",
+        ValueError,
+        r"Expected class labels in \[0, 3\)",
+        r"but got values in \[0, 3\]",
     ),
     "label-negative": (
         lambda: VDN(D, 3, likelihood="categorical").model(_x(), torch.tensor([0, -1, 2, 1, 0])),
-        ValueError, r"Expected class labels in \[0, 3\)", r"but got values in \[-1, 2\]",
+        ValueError,
+        r"Expected class labels in \[0, 3\)",
+        r"but got values in \[-1, 2\]",
     ),
     "label-float": (
         lambda: VDN(D, 3, likelihood="categorical").model(_x(), torch.zeros(B)),
-        TypeError, r"Expected integer class labels", r"but got dtype torch.float32",
+        TypeError,
+        r"Expected integer class labels",
+        r"but got dtype torch.float32",
     ),
     "x-not-tensor": (
         lambda: _net().model(np.zeros((B, D), dtype=np.float32), _y()),
-        TypeError, r"Expected x to be a torch.Tensor", r"but got ndarray",
+        TypeError,
+        r"Expected x to be a torch.Tensor",
+        r"but got ndarray",
     ),
     "x-integer": (
         lambda: _net().model(torch.zeros(B, D, dtype=torch.long), _y()),
-        TypeError, r"Expected x to have a floating dtype", r"but got torch.int64",
+        TypeError,
+        r"Expected x to have a floating dtype",
+        r"but got torch.int64",
     ),
     "fit-rows": (
         lambda: fit(_net(), torch.randn(10, D), torch.randn(9, OUT), steps=1),
-        ValueError, r"Expected x and y with the same number of rows", r"but got 10 and 9",
+        ValueError,
+        r"Expected x and y with the same number of rows",
+        r"but got 10 and 9",
     ),
     "fit-steps-and-epochs": (
         lambda: fit(_net(), torch.randn(10, D), torch.randn(10, OUT), steps=5, epochs=2),
-        ValueError, r"exactly one of steps or epochs", r"got steps=5, epochs=2",
+        ValueError,
+        r"exactly one of steps or epochs",
+        r"got steps=5, epochs=2",
     ),
 }
 

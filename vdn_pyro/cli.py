@@ -32,6 +32,13 @@ with status 130 (143 for SIGTERM). Errors in the configuration, the run director
 checkpoint print one line to stderr and exit with status 2 (``vdn --debug ...`` shows the
 traceback); a run that keeps producing NaN/inf exits with status 1.
 
+The training is :func:`~vdn_pyro.forecasting.train_forecaster` with the
+:class:`~vdn_pyro.forecasting.TrainConfig` of the configuration
+(:meth:`~vdn_pyro.config.RunConfig.train_config`): the recipe the examples and the benchmarks
+train with, so ``vdn fit --preset ett`` trains the VDN row of ``benchmarks/forecast_ett.py`` at
+H = 96. The command asks for what a library leaves off: SIGINT/SIGTERM handling, and the seed
+``fit.seed`` for the initial weights and for the fit's own random state.
+
 Everything the command does is also available from Python: :func:`fit_run`, :func:`load_run`,
 :func:`evaluate_run` and :func:`report_run`.
 """
@@ -62,21 +69,18 @@ from vdn_pyro.data import (
     load_default,
     load_ett,
     ratio_splits,
-    window_chunks,
 )
-from vdn_pyro.forecasting import METRICS, EarlyStopping, EpochDecay, evaluate_forecaster
+from vdn_pyro.forecasting import METRICS, evaluate_forecaster, train_forecaster, training_windows
 from vdn_pyro.inference import (
     CheckpointError,
     FitResult,
     FreeBits,
     KLBand,
-    LocalELBO,
     LocBand,
     NonFiniteError,
     Persistence,
     ScaleGuard,
     UnitMonitor,
-    fit,
     layer_summary,
     load_checkpoint,
     save_inference_data,
@@ -84,7 +88,7 @@ from vdn_pyro.inference import (
     unit_report,
 )
 from vdn_pyro.inference import arviz as vdn_arviz
-from vdn_pyro.models import Forecaster, ForecasterConfig, RepeatLast
+from vdn_pyro.models import Forecaster, RepeatLast
 
 __all__ = [
     "Run",
@@ -100,7 +104,6 @@ __all__ = [
     "report_run",
 ]
 
-SITE = "layers.0.z"
 QUANTILE_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
 EXIT_USAGE = 2
 EXIT_NONFINITE = 1
@@ -228,18 +231,15 @@ def load_data(config):
     return series, splits
 
 
-def _training_items(config, splits):
-    """Training items ``(N, T, L)``/``(N, T, H)`` (``(N, L)``/``(N, H)`` when ``chunk = 1``)."""
-    data = config.data
+def _training_items(recipe, splits):
+    """Training items ``(N, T, L)``/``(N, T, H)`` (``(N, L)``/``(N, H)`` when ``chunk = 1``), as
+    :func:`~vdn_pyro.forecasting.train_forecaster` cuts them."""
     try:
-        x, y = window_chunks(splits.train, data.lookback, data.horizon, data.chunk, data.train_stride)
+        return training_windows(splits, recipe)
     except ValueError as e:
         raise ConfigError.at(
-            "data.chunk", f"the training split holds no chunk of {data.chunk} windows: {e}"
+            "data.chunk", f"the training split holds no chunk of {recipe.chunk} windows: {e}"
         ) from None
-    if data.chunk == 1:
-        x, y = x[:, 0], y[:, 0]  # (N, L), (N, H)
-    return x, y
 
 
 def _windows(config, splits, split):
@@ -253,39 +253,12 @@ def _windows(config, splits, split):
 
 def build_network(config):
     """The :class:`~vdn_pyro.models.Forecaster` described by ``config.neurons`` and
-    ``config.data`` (lookback, horizon).
+    ``config.data`` (lookback, horizon): :meth:`~vdn_pyro.config.RunConfig.forecaster_config`.
 
     :raises ConfigError: if the forecaster refuses the options.
     """
-    n, prior = config.neurons, config.neurons.prior
+    options = config.forecaster_config()
     try:
-        options = ForecasterConfig(
-            lookback=config.data.lookback,
-            horizon=config.data.horizon,
-            units=n.units,
-            latent_dim=n.latent_dim,
-            features=n.features,
-            kernel_size=n.kernel_size,
-            instance_norm=n.instance_norm,
-            skip=n.skip,
-            skip_norm=n.skip_norm,
-            activation=n.activation,
-            prior=prior.kind,
-            ar_order=prior.order,
-            phi=prior.phi,
-            phi_range=prior.phi_range,
-            learn_prior=prior.learn,
-            scale_mode=n.scale_mode,
-            scale_min=n.scale_min,
-            scale_max=n.scale_max,
-            init_scale=n.init_scale,
-            likelihood_scale=n.likelihood_scale,
-            likelihood_scale_min=n.likelihood_scale_min,
-            mean=n.mean,
-            beta=n.beta,
-            train_draws=n.train_draws,
-            deterministic=n.deterministic,
-        )
         return Forecaster(options)
     except (TypeError, ValueError) as e:
         raise ConfigError.at("neurons", str(e)) from None
@@ -338,47 +311,9 @@ def _check_constraints(constraints, network):
             raise ConfigError.at("constraints", str(e)) from None
 
 
-class _AnalysisConfig:
-    """The forecaster's config plus ``out_features`` (= horizon), as the ArviZ export reads it."""
-
-    def __init__(self, config):
-        self._config = config
-
-    def __getattr__(self, name):
-        return getattr(self._config, name)
-
-    @property
-    def out_features(self):
-        return self._config.horizon
-
-
-class _AnalysisView:
-    """A :class:`~vdn_pyro.models.Forecaster` seen through the interface of
-    :class:`~vdn_pyro.VDN` that :func:`~vdn_pyro.inference.unit_report` and
-    :func:`~vdn_pyro.inference.to_inference_data` read (``posteriors(x)`` and
-    ``config.out_features``). Everything else is the network's own."""
-
-    def __init__(self, network):
-        self._network = network
-
-    def __getattr__(self, name):
-        return getattr(self._network, name)
-
-    @property
-    def config(self):
-        return _AnalysisConfig(self._network.config)
-
-    @torch.no_grad()
-    def posteriors(self, x):
-        """``{site: (loc, scale)}``, each ``(B, U, k[, T])``."""
-        return {SITE: self._network.posterior(x)}
-
-
-def _analysis_view(network):
-    """``network`` itself if it already has the VDN analysis interface, else a view."""
-    if hasattr(network, "posteriors") and hasattr(network.config, "out_features"):
-        return network
-    return _AnalysisView(network)
+def _site(network):
+    """The sample site of the forecaster's layer of neurons (``"layers.0.z"``)."""
+    return network.site_names[0]
 
 
 def _diagnostic_windows(x, count):
@@ -404,9 +339,9 @@ class _RunMonitor:
         report.to_csv(self.path, mode="a", header=header, index=False)
 
     def _forward(self, hook, state):
-        """Call the monitor's hook on a view of the network it can read; save new records."""
+        """Call the monitor's hook; save the records it adds."""
         before = len(self.monitor.reports)
-        getattr(self.monitor, hook)(dataclasses.replace(state, network=_analysis_view(state.network)))
+        getattr(self.monitor, hook)(state)
         for _, report in self.monitor.reports[before:]:
             self._append(report)
 
@@ -431,21 +366,6 @@ class _RunMonitor:
 
     def on_fit_end(self, state):
         self._forward("on_fit_end", state)
-
-
-class _ResumableEarlyStopping(EarlyStopping):
-    """Early stopping whose wait count is rebuilt from the history on resume."""
-
-    def on_fit_start(self, state):
-        best, self.waited = math.inf, 0
-        for row in state.history.history:
-            val = row.get("val_loss")
-            if val is None or not math.isfinite(val):
-                continue
-            if val < best:
-                best, self.waited = val, 0
-            else:
-                self.waited += 1
 
 
 # ----------------------------------------------------------------------------- the run
@@ -525,9 +445,10 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
         )
     with _torch_settings(config):
         series, splits = load_data(config)
-        x, y = _training_items(config, splits)  # (N, T, L), (N, T, H)
-        x_val, y_val = _windows(config, splits, "val")  # (V, L), (V, H)
-        pyro.set_rng_seed(config.fit.seed)
+        recipe = config.train_config()
+        x, _ = _training_items(recipe, splits)  # (N, T, L)
+        x_val, _ = _windows(config, splits, "val")  # (V, L)
+        pyro.set_rng_seed(config.fit.seed)  # the initial weights; the fit draws from its own seed
         network = build_network(config)
         constraints = build_constraints(config)
         _check_constraints(constraints, network)
@@ -545,12 +466,7 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
         dump_config(config, run_dir.config)
         started = datetime.datetime.now().isoformat(timespec="seconds")
         run_dir.write_info(status="running", started=started, command=argv, versions=_versions())
-        fit_options = config.fit
         callbacks = []
-        if fit_options.lr_decay < 1:
-            callbacks.append(EpochDecay(fit_options.lr_decay))
-        if fit_options.patience:
-            callbacks.append(_ResumableEarlyStopping(fit_options.patience))
         if config.diagnostics.monitor_every and not config.neurons.deterministic:
             callbacks.append(
                 _RunMonitor(
@@ -560,35 +476,23 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
                     **_report_options(config, constraints),
                 )
             )
-        steps = fit_options.steps
         fit_logger = logging.getLogger("vdn_pyro.inference.fit")
         quiet_filter = _QuietFitLog()
         fit_logger.addFilter(quiet_filter)
         try:
-            result = fit(
+            result = train_forecaster(
                 network,
-                x,
-                y,
-                steps=steps,
-                epochs=None if steps is not None else fit_options.epochs,
-                batch_size=fit_options.batch_size,
-                lr=fit_options.lr,
-                optim=fit_options.optim,
-                elbo=LocalELBO(num_particles=fit_options.num_particles),
-                val_data=(x_val, y_val),
-                val_every=fit_options.val_every,
-                log_every=fit_options.log_every,
-                seed=fit_options.seed,
+                splits,
+                recipe,
+                seed=config.fit.seed,
                 callbacks=callbacks,
                 constraints=constraints,
-                restore_best=fit_options.restore_best,
                 progress=progress,
                 log_dir=run_dir.root,
                 checkpoint_dir=run_dir.checkpoints,
-                checkpoint_every=fit_options.checkpoint_every,
+                checkpoint_every=config.fit.checkpoint_every,
                 resume=resume,
-                max_bad_steps=fit_options.max_bad_steps,
-                living_kl=fit_options.living_kl,
+                handle_signals=True,
             )
         except BaseException as e:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
@@ -611,7 +515,7 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
         if result.interrupted:
             return run
         echo(
-            f"fitted {result.steps} steps in {result.seconds:.1f} s (best validation loss "
+            f"fitted {result.steps} steps in {result.seconds:.1f} s (best validation {config.fit.select} "
             f"{result.best_val_loss:.4f} at step {result.best_step})"
         )
         evaluate_run(run, echo=echo)
@@ -769,8 +673,9 @@ def _dashboard(run, report, path):
         "train": np.array([r["loss_per_obs"] for r in rows], dtype=float),
         "val": np.array([np.nan if r.get("val_loss") is None else r["val_loss"] for r in rows], dtype=float),
     }
-    kl = np.asarray(result.unit_kl.get(SITE, np.zeros((0, config.neurons.units))))
-    beta = None if config.neurons.deterministic else result.unit_beta.get(SITE)
+    site = _site(run.network)
+    kl = np.asarray(result.unit_kl.get(site, np.zeros((0, config.neurons.units))))
+    beta = None if config.neurons.deterministic else result.unit_beta.get(site)
     steps = np.asarray(result.logged_steps)[: kl.shape[0]]
     kl_band = tuple(config.diagnostics.kl_band)
     loc_band = tuple(config.diagnostics.loc_band)
@@ -808,14 +713,13 @@ def report_run(run, plots=True, echo=print):
     :returns: dict name -> path of every file written.
     """
     config, files = run.config, {}
-    view = _analysis_view(run.network)
     x_test, y_test = _windows(config, run.splits, "test")
     report = None
     with _torch_settings(config):
         if not config.neurons.deterministic:
             x_diag, _ = _windows(config, run.splits, config.diagnostics.split)
             x_diag = _diagnostic_windows(x_diag, config.diagnostics.max_points)
-            report = unit_report(view, x_diag, **_report_options(config, run.constraints))
+            report = unit_report(run.network, x_diag, **_report_options(config, run.constraints))
             report.to_csv(run.dir.units, index=False)
             layer_summary(report).to_csv(run.dir.layers, index=False)
             files.update(units=run.dir.units, layers=run.dir.layers)
@@ -829,7 +733,7 @@ def report_run(run, plots=True, echo=print):
         if config.output.idata:
             count = min(config.output.idata_obs, x_test.shape[0])
             idata = to_inference_data(
-                view,
+                run.network,
                 x_test[:count],
                 y_test[:count],
                 num_samples=config.output.idata_draws,
@@ -839,7 +743,7 @@ def report_run(run, plots=True, echo=print):
             )
             run.dir.idata.unlink(missing_ok=True)
             save_inference_data(idata, run.dir.idata)
-            summary = _arviz_summary(vdn_arviz, idata)
+            summary = _arviz_summary(vdn_arviz, idata, _site(run.network))
             summary.to_csv(run.dir.summary)
             files.update(idata=run.dir.idata, summary=run.dir.summary)
         if plots and config.output.plots:
@@ -849,17 +753,19 @@ def report_run(run, plots=True, echo=print):
             if idata is not None and not config.neurons.deterministic:
                 from vdn_pyro.plots import plot_forest
 
-                files["forest"] = plot_forest(run.dir.forest, idata, SITE, obs=0, dpi=config.output.dpi)
+                site = _site(run.network)
+                files["forest"] = plot_forest(run.dir.forest, idata, site, obs=0, dpi=config.output.dpi)
     echo(f"wrote {', '.join(str(Path(p).relative_to(run.dir.root)) for p in files.values())}")
     return files
 
 
-def _arviz_summary(vdn_arviz, idata):
-    """``az.summary`` of the unit posteriors: one row per (window, unit), mean, sd, 94% HDI."""
+def _arviz_summary(vdn_arviz, idata, site):
+    """``az.summary`` of the unit posteriors of ``site``: one row per (window, unit), mean, sd,
+    94% HDI."""
     import warnings
 
     az = vdn_arviz._arviz()
-    options = {"var_names": [SITE]}
+    options = {"var_names": [site]}
     if vdn_arviz.arviz_major_version() >= 1:  # pragma: no cover - arviz >= 1 only
         options.update(ci_kind="hdi", ci_prob=0.94)
     with warnings.catch_warnings():

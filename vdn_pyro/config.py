@@ -5,14 +5,17 @@ A run is described by one :class:`RunConfig` with seven sections, every option d
     data:         which series, how it is split and cut into windows
     neurons:      the forecaster: units, latent_dim, prior {kind, order, ...}, beta, scale_mode ...
     constraints:  local constraints (kl_band, free_bits, loc_band, scale_guard, persistence)
-    fit:          steps or epochs, batch_size, lr, seed, checkpoint_every ...
+    fit:          the training recipe: steps or epochs, batch_size, lr, seed, select, skip_fit ...
     diagnostics:  bands of the per-unit table and the unit monitor during training
     evaluate:     predictive draws and baselines for the test metrics
     output:       run directory root, plots and the InferenceData export
 
 A configuration is built in three layers, each overriding the one before: a preset by name
 (:data:`PRESETS`; ``default`` when none is given), a YAML or TOML file, and ``key=value``
-overrides with dotted keys (``fit.lr=1e-3``). The schema is a set of :mod:`pydantic` models with
+overrides with dotted keys (``fit.lr=1e-3``). :meth:`RunConfig.train_config` and
+:meth:`RunConfig.forecaster_config` turn a configuration into the recipe of
+:func:`~vdn_pyro.forecasting.train_forecaster` and the :class:`~vdn_pyro.models.Forecaster` it
+trains, for ``vdn fit`` and the benchmarks alike. The schema is a set of :mod:`pydantic` models with
 ``extra="forbid"``, so an unknown or ill-typed key is an error; :func:`validate_config` turns
 pydantic's errors into one :class:`ConfigError` whose message names the dotted path::
 
@@ -30,6 +33,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vdn_pyro.forecasting import RIDGES, TrainConfig
+from vdn_pyro.models.forecaster import ForecasterConfig
 
 __all__ = [
     "PRESETS",
@@ -306,6 +312,10 @@ class ConstraintsConfig(_Section):
 class FitConfig(_Section):
     """The optimisation (see :func:`~vdn_pyro.fit`).
 
+    Together with the windows of ``data`` (``chunk``, ``train_stride``, ``val_stride``) it is the
+    :class:`~vdn_pyro.forecasting.TrainConfig` of :func:`~vdn_pyro.forecasting.train_forecaster`
+    (:meth:`RunConfig.train_config`), the recipe the benchmarks train with too.
+
     :ivar epochs: passes over the training items (ignored when ``steps`` is set).
     :ivar steps: total optimisation steps, or ``null`` to use ``epochs``.
     :ivar batch_size: training items per step.
@@ -317,8 +327,17 @@ class FitConfig(_Section):
     :ivar log_every: steps between rows of the logs.
     :ivar val_every: steps between validations (``null``: once per epoch).
     :ivar checkpoint_every: steps between checkpoints (``null``: once per epoch).
-    :ivar patience: stop after this many validations without a better validation loss
+    :ivar patience: stop after this many validations without a better validation score
         (0: never).
+    :ivar select: the validation score: ``loss`` (minus the ELBO per window) or a metric of the
+        predictive, ``crps``, ``mse`` or ``nll``, over every validation window (lower is better).
+    :ivar val_samples: predictive draws per validation window when ``select`` is a metric.
+    :ivar skip_fit: how the skip path is fitted: with the rest (``joint``), or first and then
+        frozen, in closed form (``ridge``: ridge least squares, the penalty chosen on the
+        validation MSE) or as a DLinear trained by this recipe (``sgd``).
+    :ivar ridges: the penalties (per observation) ``skip_fit: ridge`` chooses from.
+    :ivar start_at_skip: with a fitted skip path, start from that DLinear's Gaussian predictive
+        (zero head) and let the starting state compete in the selection.
     :ivar restore_best: evaluate and report the best-validation weights.
     :ivar max_bad_steps: stop after this many non-finite steps in a row.
     :ivar living_kl: KL (nats) above which a unit counts as living in the logs and the bar.
@@ -339,6 +358,13 @@ class FitConfig(_Section):
     val_every: PositiveInt | None = None
     checkpoint_every: PositiveInt | None = None
     patience: NonNegativeInt = 0
+    select: Literal["loss", "crps", "mse", "nll"] = "loss"
+    val_samples: PositiveInt = 100
+    skip_fit: Literal["joint", "ridge", "sgd"] = "joint"
+    ridges: Annotated[list[NonNegativeFloat], Field(min_length=1)] = Field(
+        default_factory=lambda: list(RIDGES)
+    )
+    start_at_skip: bool = True
     restore_best: bool = True
     max_bad_steps: PositiveInt = 10
     living_kl: NonNegativeFloat = 0.01
@@ -424,10 +450,90 @@ class RunConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    def forecaster_config(self, **changes):
+        """The :class:`~vdn_pyro.models.ForecasterConfig` of ``neurons`` and ``data`` (look-back,
+        horizon).
+
+        :param changes: options to change, e.g. ``deterministic=True`` for the twin.
+        :raises ConfigError: at ``neurons`` if the forecaster refuses the options.
+        """
+        n, prior = self.neurons, self.neurons.prior
+        options = dict(
+            lookback=self.data.lookback,
+            horizon=self.data.horizon,
+            units=n.units,
+            latent_dim=n.latent_dim,
+            features=n.features,
+            kernel_size=n.kernel_size,
+            instance_norm=n.instance_norm,
+            skip=n.skip,
+            skip_norm=n.skip_norm,
+            activation=n.activation,
+            prior=prior.kind,
+            ar_order=prior.order,
+            phi=prior.phi,
+            phi_range=prior.phi_range,
+            learn_prior=prior.learn,
+            scale_mode=n.scale_mode,
+            scale_min=n.scale_min,
+            scale_max=n.scale_max,
+            init_scale=n.init_scale,
+            likelihood_scale=n.likelihood_scale,
+            likelihood_scale_min=n.likelihood_scale_min,
+            mean=n.mean,
+            beta=n.beta,
+            train_draws=n.train_draws,
+            deterministic=n.deterministic,
+        )
+        options.update(changes)
+        try:
+            return ForecasterConfig(**options)
+        except (TypeError, ValueError) as e:
+            raise ConfigError.at("neurons", str(e)) from None
+
+    def train_config(self):
+        """The :class:`~vdn_pyro.forecasting.TrainConfig` of ``fit``, ``data`` (chunk and
+        strides) and ``evaluate`` (scoring batch size): the recipe of
+        :func:`~vdn_pyro.forecasting.train_forecaster`.
+
+        :raises ConfigError: at ``fit`` if the recipe refuses the options.
+        """
+        f, d = self.fit, self.data
+        try:
+            return TrainConfig(
+                epochs=f.epochs,
+                steps=f.steps,
+                batch_size=f.batch_size,
+                lr=f.lr,
+                lr_decay=f.lr_decay,
+                optim=f.optim,
+                patience=f.patience,
+                select=f.select,
+                train_stride=d.train_stride,
+                chunk=d.chunk,
+                val_stride=d.val_stride,
+                num_samples=f.val_samples,
+                eval_batch_size=self.evaluate.batch_size,
+                num_particles=f.num_particles,
+                skip_fit=f.skip_fit,
+                ridges=tuple(f.ridges),
+                start_at_skip=f.start_at_skip,
+                val_every=f.val_every,
+                log_every=f.log_every,
+                restore_best=f.restore_best,
+                max_bad_steps=f.max_bad_steps,
+                living_kl=f.living_kl,
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError.at("fit", str(e)) from None
+
 
 #: Named starting points. ``default`` is the schema's defaults (the main job: the embedded CO2
-#: series); ``ett`` is ETTh1 under the standard 12/4/4-month protocol; ``quick`` is a tiny run
-#: for tests and smoke checks (seconds).
+#: series); ``ett`` is the recipe of the README's ETTh1 benchmark at H = 96 (the standard
+#: 12/4/4-month protocol; ``benchmarks/forecast_ett.py`` trains its VDN forecaster with it): 64
+#: units with AR(1) priors over chunks of 4 windows 2 h apart, mean = the frozen closed-form
+#: (ridge) skip path, heteroscedastic scale from K = 16 posterior draws, selection on the
+#: validation CRPS; ``quick`` is a tiny run for tests and smoke checks (seconds).
 PRESETS = {
     "default": {},
     "ett": {
@@ -436,12 +542,34 @@ PRESETS = {
             "split": "ett_hourly",
             "lookback": 336,
             "horizon": 96,
-            "chunk": 1,
-            "train_stride": 4,
+            "chunk": 4,
+            "train_stride": 2,
         },
-        "neurons": {"units": 64, "features": 64},
-        "fit": {"epochs": 10, "batch_size": 256, "lr": 5e-3, "lr_decay": 0.6, "patience": 3},
-        "diagnostics": {"monitor_every": 50},
+        "neurons": {
+            "units": 64,
+            "features": 64,
+            "activation": "gelu",
+            "prior": {"kind": "ar", "phi": 0.5},
+            "beta": 1e-3,
+            "init_scale": 0.5,
+            "likelihood_scale": "heteroscedastic",
+            "mean": "skip",
+            "train_draws": 16,
+        },
+        "constraints": {"kl_band": {"enabled": False}},
+        "fit": {
+            "epochs": 10,
+            "batch_size": 64,
+            "lr": 5e-3,
+            "lr_decay": 0.6,
+            "patience": 3,
+            "select": "crps",
+            "val_samples": 32,
+            "skip_fit": "ridge",
+            "log_every": 20,
+        },
+        "diagnostics": {"monitor_every": 200},
+        "evaluate": {"num_samples": 100},
     },
     "quick": {
         "data": {
@@ -517,7 +645,8 @@ def _describe(annotation, metadata=(), plural=False):
                         sizes[attr] = getattr(inner, attr)
         low, high = sizes.get("min_length"), sizes.get("max_length")
         count = f"{low} " if low is not None and low == high else ""
-        return f"a list of {count}{_describe(item, plural=True)}"
+        kind = "a non-empty list" if low and high is None else "a list"
+        return f"{kind} of {count}{_describe(item, plural=True)}"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "a section (a mapping of keys)"
     name = _NAMES.get(annotation, (getattr(annotation, "__name__", str(annotation)),) * 2)[int(plural)]

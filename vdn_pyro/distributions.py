@@ -9,6 +9,9 @@ The KL from a mean-field posterior :math:`q(z) = \prod_t \mathcal{N}(z_t; m_t, v
 :func:`torch.distributions.register_kl`, so :class:`~pyro.infer.TraceMeanField_ELBO` needs no Monte
 Carlo estimate for it.
 
+:class:`GaussMarkov` is a posterior over such a path: a first-order Gauss-Markov chain whose steps
+are correlated, with an analytic KL to :class:`ARProcess` that is linear in :math:`T`.
+
 Helpers map unconstrained parameters to stationary coefficients (:func:`pacf_to_coeffs`) and convert
 between an AR(1) coefficient and its half-life (:func:`half_life`, :func:`phi_from_half_life`).
 """
@@ -23,8 +26,10 @@ from torch.distributions.utils import lazy_property
 
 __all__ = [
     "ARProcess",
+    "GaussMarkov",
     "coeffs_to_pacf",
     "half_life",
+    "linear_recurrence",
     "pacf_to_coeffs",
     "phi_from_half_life",
 ]
@@ -516,3 +521,320 @@ def _kl_independent_arprocess(q, p):
         )  # (...,)
 
     return (neg_entropy + cross_entropy).expand(batch_shape)
+
+
+#: Above this many steps, :func:`linear_recurrence` runs as a parallel scan off the CPU.
+_SCAN_MIN_STEPS = 16
+
+
+def linear_recurrence(weight, value):
+    r"""Solve the first-order linear recurrence :math:`x_t = w_t x_{t-1} + u_t` from
+    :math:`x_0 = u_0` along the last dim.
+
+    The work runs on time-major ``movedim`` views (no copy): for inputs laid out time-major, as a
+    head's output ``(B, T, ...)`` moved to time-last is, every step reads whole blocks. The result
+    is a time-last view of time-major memory. Two schedules, both using only products and sums of
+    the inputs (no division by cumulative products, which would underflow):
+
+    - a sequential loop over :math:`T` (on the CPU, where it measured faster, and for short chains
+      anywhere): :math:`O(T)` work;
+    - a parallel Hillis–Steele scan (other devices when :math:`T >` ``_SCAN_MIN_STEPS``): each of
+      :math:`\lceil \log_2 T \rceil` rounds composes the affine maps of windows twice as long,
+      :math:`(w, u)_{(t-2d, t]} = (w_t w_{t-d},\; w_t u_{t-d} + u_t)`, so there are
+      :math:`O(\log T)` kernel launches for :math:`O(T \log T)` work.
+
+    ``weight[..., 0]`` never enters the result.
+
+    >>> linear_recurrence(torch.tensor([0.0, 0.5, 0.5]), torch.tensor([1.0, 1.0, 1.0]))
+    tensor([1.0000, 1.5000, 1.7500])
+
+    :param torch.Tensor weight: :math:`w`, shape ``(..., T)`` or ``(..., 1)`` (constant over time),
+        broadcastable with ``value``.
+    :param torch.Tensor value: :math:`u`, shape ``(..., T)``.
+    :returns: :math:`x`, the broadcast shape ``(..., T)``.
+    """
+    value = value.expand(_broadcast_shapes(weight.shape, value.shape))  # (..., T)
+    num_steps = value.shape[-1]
+    weight = weight.expand(weight.shape[:-1] + (num_steps,))  # (..., T), also from (..., 1)
+    parallel = value.device.type != "cpu" and num_steps > _SCAN_MIN_STEPS
+    return (_recurrence_scan if parallel else _recurrence_loop)(weight, value)
+
+
+def _recurrence_loop(weight, value):
+    """:func:`linear_recurrence` as a loop over time: ``(..., T), (..., T) -> (..., T)``."""
+    weight, value = weight.movedim(-1, 0), value.movedim(-1, 0)  # (T, ...) views
+    out = [value[0]]  # T tensors (...,)
+    for t in range(1, value.shape[0]):
+        out.append(torch.addcmul(value[t], weight[t], out[-1]))  # (...,)
+    return torch.stack(out).movedim(0, -1)  # (..., T)
+
+
+def _recurrence_scan(weight, value):
+    """:func:`linear_recurrence` as a parallel scan: ``(..., T), (..., T) -> (..., T)``."""
+    weight, value = weight.movedim(-1, 0), value.movedim(-1, 0)  # (T, ...) views
+    num_steps, span = value.shape[0], 1
+    while span < num_steps:
+        # after this round x[t] holds the composition over (t - 2 span, t]; the first 2 span are done
+        tail = torch.addcmul(value[span:], weight[span:], value[:-span])  # (T - d, ...)
+        value = torch.cat([value[:span], tail])  # (T, ...)
+        if 2 * span < num_steps:
+            weight = torch.cat([weight[:span], weight[span:] * weight[:-span]])  # (T, ...)
+        span *= 2
+    return value.movedim(0, -1)  # (..., T)
+
+
+class GaussMarkov(dist.TorchDistribution):
+    r"""A first-order Gauss-Markov chain over ``T`` steps, independently per batch element.
+
+    .. math::
+
+        z_1 = b_1 + s_1 \varepsilon_1, \qquad
+        z_t = a_t z_{t-1} + b_t + s_t \varepsilon_t \quad (t > 1),
+        \qquad \varepsilon_t \sim \mathcal{N}(0, 1),
+
+    with a transition :math:`a_t`, an offset :math:`b_t` and a scale :math:`s_t > 0` per step
+    (:math:`a_1` is unused). The path is Gaussian with a tridiagonal precision. Its marginals
+    follow :math:`m_t = a_t m_{t-1} + b_t`, :math:`v_t = a_t^2 v_{t-1} + s_t^2`, and its lag
+    covariances are products,
+
+    .. math:: \mathrm{Cov}(z_t, z_{t-j}) = (a_t a_{t-1} \cdots a_{t-j+1}) \, v_{t-j} .
+
+    It is the posterior family of a path: for one AR(1) unit with a linear Gaussian emission the
+    exact posterior is such a chain. The KL to an :class:`ARProcess` of order :math:`p` is closed
+    form and costs :math:`O(p^2 T)` (registered with :func:`torch.distributions.register_kl`).
+
+    Batch shape is the broadcast of the three parameters' shapes without their last dim; event
+    shape is ``(T,)``. ``rsample``, ``mean`` and ``variance`` run the recurrences with
+    :func:`linear_recurrence`; ``log_prob`` and ``entropy`` are :math:`O(T)` and vectorised.
+
+    >>> d = GaussMarkov(torch.full((3, 5), 0.9), torch.zeros(3, 5), torch.ones(3, 5))
+    >>> d.batch_shape, d.event_shape
+    (torch.Size([3]), torch.Size([5]))
+    >>> d.variance[0, :3]
+    tensor([1.0000, 1.8100, 2.4661])
+
+    :param torch.Tensor transition: :math:`a_t`, shape ``(..., T)``; ``transition[..., 0]`` is
+        ignored.
+    :param torch.Tensor offset: :math:`b_t`, shape ``(..., T)``.
+    :param torch.Tensor scale: :math:`s_t > 0`, shape ``(..., T)``.
+    :param bool validate_args: as in :class:`torch.distributions.Distribution`.
+    """
+
+    arg_constraints = {
+        "transition": constraints.independent(constraints.real, 1),
+        "offset": constraints.independent(constraints.real, 1),
+        "scale": constraints.independent(constraints.positive, 1),
+    }
+    support = constraints.independent(constraints.real, 1)
+    has_rsample = True
+
+    def __init__(self, transition, offset, scale, validate_args=None):
+        if not torch.is_tensor(offset):
+            offset = torch.as_tensor(offset, dtype=torch.get_default_dtype())
+        transition = torch.as_tensor(transition, dtype=offset.dtype, device=offset.device)
+        scale = torch.as_tensor(scale, dtype=offset.dtype, device=offset.device)
+        if min(transition.dim(), offset.dim(), scale.dim()) == 0:
+            raise ValueError(
+                "Expected transition, offset and scale with a time dim last, shape (..., T), but got "
+                f"shapes {tuple(transition.shape)}, {tuple(offset.shape)} and {tuple(scale.shape)}. "
+                "For a single step use a trailing dim of size 1."
+            )
+        try:
+            shape = _broadcast_shapes(transition.shape, offset.shape, scale.shape)
+        except RuntimeError as e:
+            raise ValueError(
+                f"Expected transition {tuple(transition.shape)}, offset {tuple(offset.shape)} and "
+                f"scale {tuple(scale.shape)} to have broadcastable shapes (..., T)."
+            ) from e
+        self.transition = transition.expand(shape)  # (..., T)
+        self.offset = offset.expand(shape)  # (..., T)
+        self.scale = scale.expand(shape)  # (..., T)
+        super().__init__(shape[:-1], shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        """Expand to a larger batch shape without copying parameters (Pyro plates call this).
+
+        :param tuple batch_shape: the new batch shape, broadcastable from :attr:`batch_shape`.
+        :returns: a :class:`GaussMarkov` with batch shape ``batch_shape`` and event ``(T,)``.
+        """
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape and _instance is None:
+            return self  # immutable: Pyro's plates re-expand every site to the shape it has
+        new = self._get_checked_instance(GaussMarkov, _instance)
+        shape = batch_shape + self.event_shape
+        new.transition = self.transition.expand(shape)  # (..., T)
+        new.offset = self.offset.expand(shape)  # (..., T)
+        new.scale = self.scale.expand(shape)  # (..., T)
+        super(GaussMarkov, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def num_steps(self):
+        """The number of time steps :math:`T` (``int``)."""
+        return self.event_shape[0]
+
+    @property
+    def mean(self):
+        r"""The marginal means :math:`m_t = a_t m_{t-1} + b_t`, shape ``(..., T)``."""
+        return linear_recurrence(self.transition, self.offset)  # (..., T)
+
+    @property
+    def variance(self):
+        r"""The marginal variances :math:`v_t = a_t^2 v_{t-1} + s_t^2`, shape ``(..., T)``."""
+        return linear_recurrence(self.transition.pow(2), self.scale.pow(2))  # (..., T)
+
+    def _lag_covariances(self, num_lags):
+        r"""``[C_0, ..., C_{L-1}]`` with ``C_j[..., u] = Cov(z_{u+j}, z_u)``, shape ``(..., T - j)``:
+        :math:`C_j = a_{u+j} C_{j-1}[u]`."""
+        out = [self.variance]  # (..., T)
+        for j in range(1, min(num_lags, self.num_steps)):
+            out.append(self.transition[..., j:] * out[-1][..., :-1])  # (..., T - j)
+        return out
+
+    def lag_covariance(self, num_lags):
+        r"""Lag covariances :math:`\mathrm{Cov}(z_t, z_{t-j})` for :math:`j = 0, \dots, L-1`.
+
+        :param int num_lags: the number of lags :math:`L \ge 1`.
+        :returns: shape ``(..., T, L)``; entry ``[..., t, j]`` is :math:`\mathrm{Cov}(z_t, z_{t-j})`,
+            and 0 where :math:`t < j` (no such step).
+        :rtype: torch.Tensor
+        """
+        if isinstance(num_lags, bool) or not isinstance(num_lags, numbers.Integral) or num_lags < 1:
+            raise ValueError(f"Expected num_lags to be an int >= 1, but got {num_lags!r}.")
+        covs = self._lag_covariances(num_lags)
+        pad = torch.nn.functional.pad
+        covs = [pad(cov, (j, 0)) for j, cov in enumerate(covs)]  # L' tensors (..., T)
+        covs += [torch.zeros_like(covs[0])] * (num_lags - len(covs))
+        return torch.stack(covs, dim=-1)  # (..., T, L)
+
+    @property
+    def covariance_matrix(self):
+        r"""The dense covariance of the path, shape ``(..., T, T)``.
+
+        This is :math:`O(T^2)` memory; meant for tests and small ``T``.
+        """
+        lags = self.lag_covariance(self.num_steps)  # (..., T, T): [t, j] = Cov(z_t, z_{t-j})
+        idx = torch.arange(self.num_steps, device=lags.device)  # (T,)
+        later = torch.maximum(idx[:, None], idx[None, :])  # (T, T)
+        gap = (idx[:, None] - idx[None, :]).abs()  # (T, T)
+        return lags[..., later, gap]  # (..., T, T)
+
+    def log_prob(self, value):
+        r"""Exact log density of a path, from its innovations.
+
+        .. math::
+
+            \log q(z) = \sum_t \log \mathcal{N}\big(z_t; a_t z_{t-1} + b_t, s_t^2\big),
+            \qquad z_0 = 0 .
+
+        :param torch.Tensor value: shape ``(..., T)``, broadcastable with ``batch_shape + (T,)``.
+        :returns: shape ``(...,)``, the broadcast of ``value.shape[:-1]`` and :attr:`batch_shape`.
+        :rtype: torch.Tensor
+        """
+        if self._validate_args:
+            self._validate_sample(value)
+        first = value[..., :1] - self.offset[..., :1]  # (..., 1)
+        rest = value[..., 1:] - self.offset[..., 1:]  # (..., T - 1)
+        rest = torch.addcmul(rest, self.transition[..., 1:], value[..., :-1], value=-1)  # (..., T - 1)
+        white = torch.cat([first, rest], dim=-1) / self.scale  # (..., T)
+        return -0.5 * white.pow(2).sum(-1) - self.scale.log().sum(-1) - 0.5 * self.num_steps * _LOG_2PI
+
+    def rsample(self, sample_shape=()):
+        """Draw reparametrised paths: the recurrence on standard Normal innovations, as a scan.
+
+        :param torch.Size sample_shape: leading sample dimensions.
+        :returns: shape ``sample_shape + batch_shape + (T,)``.
+        :rtype: torch.Tensor
+        """
+        shape = self._extended_shape(torch.Size(sample_shape))
+        noise = torch.randn(shape, dtype=self.offset.dtype, device=self.offset.device)  # (..., T)
+        return linear_recurrence(self.transition, torch.addcmul(self.offset, self.scale, noise))  # (..., T)
+
+    def entropy(self):
+        r"""Differential entropy :math:`\sum_t \tfrac12 \log(2\pi e\, s_t^2)`, shape ``(...,)``."""
+        return self.scale.log().sum(-1) + 0.5 * self.num_steps * (1 + _LOG_2PI)
+
+
+@torch.distributions.register_kl(GaussMarkov, ARProcess)
+def _kl_gauss_markov_arprocess(q, p):
+    r"""Closed-form :math:`\mathrm{KL}(q \,\|\, p)` of a :class:`GaussMarkov` path to an AR(p).
+
+    :math:`\mathrm{KL} = -H(q) - \mathbb{E}_q \log p(z)`. With :math:`p' = \min(p, T)`, the mean
+    :math:`m` and covariance :math:`S` of :math:`z_{1:p'}` under :math:`q`, the stationary start
+    contributes
+
+    .. math::
+
+        -\tfrac12 \big[p' \log 2\pi + \log\det G + (m - \mu)^\top G^{-1} (m - \mu)
+        + \mathrm{tr}(G^{-1} S)\big],
+
+    and each later step :math:`-\tfrac12 \log(2\pi s^2) - \tfrac{1}{2 s^2}\, \mathbb{E}_q[r_t^2]`
+    with the residual :math:`r_t = z_t - c - \sum_j \phi_j z_{t-j} = w^\top (z_t, \dots, z_{t-p})
+    - c`, :math:`w = (1, -\phi_1, \dots, -\phi_p)`:
+
+    .. math::
+
+        \mathbb{E}_q[r_t^2] = \big(\mathbb{E}_q r_t\big)^2
+        + \sum_{i,l=0}^{p} w_i w_l \,\mathrm{Cov}_q(z_{t-i}, z_{t-l}),
+
+    where every covariance is a lag covariance of :math:`q` up to lag :math:`p`. The cost is
+    :math:`O(p^2 T)`.
+
+    :param GaussMarkov q: the posterior, event ``(T,)``.
+    :param ARProcess p: the prior, event ``(T,)``.
+    :returns: shape: the broadcast of the two batch shapes.
+    """
+    if q.event_shape != p.event_shape:
+        raise ValueError(
+            f"Expected the posterior event shape {tuple(q.event_shape)} to equal the ARProcess "
+            f"event shape {tuple(p.event_shape)} (one value per time step)."
+        )
+    order, num_steps = p.order, p.num_steps
+    head = min(order, num_steps)
+    batch_shape = _broadcast_shapes(q.batch_shape, p.batch_shape)
+    loc = q.mean  # (..., T)
+    covs = q._lag_covariances(order + 1)  # C_j: (..., T - j), C_j[u] = Cov(z_{u+j}, z_u)
+
+    small = getattr(p, "_unexpanded", p)  # the prior before plates expanded it: (H, k) batch
+    scale_tril = small._init_scale_tril  # (..., p', p')
+    tril_inv = small._init_tril_inv  # (..., p', p'), solved once per prior
+    mean = small.constant / (1 - small.coeffs.sum(-1))  # (...,)
+    white = (tril_inv * (loc[..., :head] - mean.unsqueeze(-1)).unsqueeze(-2)).sum(-1)  # (..., p')
+    # tr(G^{-1} S) = sum_ab (G^{-1})_ab S_ab, with S_ab = Cov(z_a, z_b) = C_{|a-b|}[min(a, b)]
+    precision = tril_inv.transpose(-1, -2) @ tril_inv  # (..., p', p')
+    trace = (precision.diagonal(dim1=-2, dim2=-1) * covs[0][..., :head]).sum(-1)  # (...,)
+    for gap in range(1, head):
+        band = precision.diagonal(offset=gap, dim1=-2, dim2=-1)  # (..., p' - gap)
+        trace = trace + 2 * (band * covs[gap][..., : head - gap]).sum(-1)  # (...,)
+    cross_entropy = 0.5 * (
+        head * _LOG_2PI
+        + 2 * scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        + white.pow(2).sum(-1)
+        + trace
+    )  # (...,)
+
+    if num_steps > order:
+        coeffs, ar_scale = small.coeffs, small.scale  # (..., p), (...,)
+        # residual mean m_t - c - sum_j phi_j m_{t-j} for t = p..T-1, from shifted views
+        resid = loc[..., order:] - small.constant.unsqueeze(-1)  # (..., T - p)
+        for j in range(1, order + 1):
+            lagged = loc[..., order - j : num_steps - j]  # (..., T - p): m_{t-j}
+            resid = torch.addcmul(resid, coeffs[..., j - 1 : j], lagged, value=-1)
+        # Var(w^T (z_t, ..., z_{t-p})) with w_0 = 1, w_j = -phi_j; Cov(z_{t-i}, z_{t-l}) for i <= l
+        # is C_{l-i}[t - l], a slice [p - l, T - l) of C_{l-i}
+        weights = [None] + [-coeffs[..., j - 1 : j] for j in range(1, order + 1)]  # (..., 1) each
+        resid_var = covs[0][..., order:]  # (..., T - p): i = l = 0
+        for i in range(order + 1):
+            for l_ in range(i, order + 1):
+                if i == l_ == 0:
+                    continue
+                cov = covs[l_ - i][..., order - l_ : num_steps - l_]  # (..., T - p)
+                weight = weights[l_] if i == 0 else weights[i] * weights[l_]  # (..., 1)
+                resid_var = torch.addcmul(resid_var, weight if i == l_ else 2 * weight, cov)
+        cross_entropy = cross_entropy + (
+            0.5 * (resid.pow(2) + resid_var).sum(-1) / ar_scale.pow(2)
+            + (num_steps - order) * (ar_scale.log() + 0.5 * _LOG_2PI)
+        )  # (...,)
+
+    return (cross_entropy - q.entropy()).expand(batch_shape)

@@ -1,18 +1,22 @@
-r"""A forecasting harness shared by the distributional forecaster and its baselines.
+r"""The training recipe of every forecaster, and the harness that scores it.
 
-One recipe trains and scores every model, so comparisons are like for like:
+One recipe trains every model -- ``vdn fit``, the examples and the benchmarks all call
+:func:`train_forecaster` with a :class:`TrainConfig` -- so comparisons are like for like:
 
 - **training** (:func:`train_forecaster`): windows (or chunks of T windows) from the training rows,
   optionally subsampled by ``train_stride``; :func:`~vdn_pyro.fit` with Adam and a learning rate
   multiplied by ``lr_decay`` every epoch (:class:`EpochDecay`); once per epoch every validation
   window is scored (:class:`ValidationSelector`, by default on the CRPS, a proper scoring rule
   that rewards both an accurate mean and a calibrated spread; ``select="loss"`` uses fit's
-  validation ELBO instead), training stops after ``patience`` epochs without improvement and the
-  best-validation state is restored; point baselines get their predictive scale from the
-  training residuals (before every validation, and at the end). Optionally a forecaster is trained
-  in two stages (``skip_fit`` or ``skip_from``): its DLinear skip path is fitted alone first, in
-  closed form (:func:`fit_least_squares`: ridge least squares, the penalty chosen on the
-  validation MSE) or by the same gradient recipe, then frozen while the rest is fitted by the ELBO;
+  validation ELBO instead, with :class:`EarlyStopping`), training stops after ``patience``
+  epochs without improvement and the best-validation state is restored; point baselines get their
+  predictive scale from the training residuals (before every validation, and at the end).
+  Optionally a forecaster is trained in two stages (``skip_fit`` or ``skip_from``): its DLinear
+  skip path is fitted alone first, in closed form (:func:`fit_least_squares`: ridge least
+  squares, the penalty chosen on the validation MSE) or by the same gradient recipe, then frozen
+  while the rest is fitted by the ELBO. Logs, checkpoints and exact resume are :func:`fit`'s,
+  passed through; the selection state lives in the :class:`~vdn_pyro.FitResult`, so a resumed run
+  selects as the uninterrupted one would;
 - **scoring** (:func:`evaluate_forecaster`): every window of the split, in batches, through each
   model's ``predict(x, num_samples)``, a :class:`~vdn_pyro.models.ForecastPrediction`, or, when
   the model's predictive marginal is exactly Gaussian (``has_exact_marginal``), through
@@ -36,12 +40,12 @@ Every one-Gaussian metric comes from :func:`vdn_pyro.metrics.forecast_metrics`; 
 MSE, MAE, CRPS and widths.
 """
 
+import contextlib
 import copy
 import dataclasses
 import math
 import time
 
-import pyro
 import torch
 
 from vdn_pyro.data.windows import window_chunks
@@ -52,15 +56,17 @@ from vdn_pyro.models.baselines import DLinear, normal_equations, solve_ridge
 
 __all__ = [
     "METRICS",
+    "OPTIMIZERS",
+    "RIDGES",
     "SELECTIONS",
+    "SKIP_FITS",
     "EarlyStopping",
     "EpochDecay",
     "TrainConfig",
     "ValidationSelector",
-    "RIDGES",
-    "SKIP_FITS",
     "evaluate_forecaster",
     "fit_least_squares",
+    "fit_skip",
     "score_prediction",
     "train_forecaster",
     "training_windows",
@@ -75,24 +81,30 @@ SELECTIONS = ("crps", "mse", "nll", "loss")
 SKIP_FITS = ("joint", "sgd", "ridge")
 #: Ridge penalties (per observation) tried by :func:`fit_least_squares`.
 RIDGES = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+#: Optimisers by name (see :func:`~vdn_pyro.fit`).
+OPTIMIZERS = ("adam", "clipped_adam", "adamw")
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The training and scoring recipe shared by every model.
+    """The training recipe shared by every model (``vdn fit`` builds one from its ``fit`` and
+    ``data`` sections: :meth:`vdn_pyro.config.RunConfig.train_config`).
 
-    :ivar int epochs: maximum number of passes over the training items.
+    :ivar int epochs: maximum number of passes over the training items (ignored when ``steps``
+        is set).
+    :ivar steps: maximum number of optimisation steps, or ``None`` to use ``epochs``.
     :ivar int batch_size: training items per step.
-    :ivar float lr: initial Adam learning rate.
-    :ivar float lr_decay: learning-rate factor applied at every new epoch.
-    :ivar int patience: stop after this many epochs without a better validation score (0: never).
+    :ivar float lr: initial learning rate.
+    :ivar float lr_decay: learning-rate factor applied at every new epoch (1: constant).
+    :ivar optim: an optimiser name of :data:`OPTIMIZERS`, or ``callable(params)``.
+    :ivar int patience: stop after this many validations without a better score (0: never).
     :ivar str select: validation criterion, one of :data:`SELECTIONS` (lower is better).
     :ivar int train_stride: rows between consecutive training windows (1: every window; larger
         values subsample the training windows).
     :ivar int chunk: windows per training item T (1: static windows); consecutive windows of a
         chunk are ``train_stride`` rows apart and chunks tile the windows without overlap.
     :ivar int val_stride: rows between validation windows (1: every window).
-    :ivar int num_samples: predictive draws S per window when scoring.
+    :ivar int num_samples: predictive draws S per validation window when selecting on a metric.
     :ivar int eval_batch_size: windows per scoring batch.
     :ivar int num_particles: ELBO particles.
     :ivar str skip_fit: how a forecaster's skip path is fitted, one of :data:`SKIP_FITS`:
@@ -104,12 +116,19 @@ class TrainConfig:
         Gaussian predictive (zero head, its calibrated scale;
         :meth:`~vdn_pyro.models.Forecaster.init_skip`) and score the validation split once
         before training, so the starting state is a selection candidate.
+    :ivar val_every: steps between validations, or ``None`` for once per epoch.
+    :ivar log_every: steps between history rows, or ``None`` for once per epoch.
+    :ivar bool restore_best: end with the best-validation state (else the last one).
+    :ivar int max_bad_steps: stop after this many non-finite steps in a row.
+    :ivar float living_kl: KL (nats) above which a unit counts as living in the logs.
     """
 
     epochs: int = 10
+    steps: int | None = None
     batch_size: int = 256
     lr: float = 5e-3
     lr_decay: float = 0.5
+    optim: object = "adam"
     patience: int = 3
     select: str = "crps"
     train_stride: int = 1
@@ -121,11 +140,31 @@ class TrainConfig:
     skip_fit: str = "joint"
     ridges: tuple = RIDGES
     start_at_skip: bool = True
+    val_every: int | None = None
+    log_every: int | None = None
+    restore_best: bool = True
+    max_bad_steps: int = 10
+    living_kl: float = 0.01
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "train_stride", "chunk", "val_stride", "num_samples",
-                     "eval_batch_size", "num_particles"):
+        names = (
+            "epochs",
+            "batch_size",
+            "train_stride",
+            "chunk",
+            "val_stride",
+            "num_samples",
+            "eval_batch_size",
+            "num_particles",
+            "max_bad_steps",
+            "steps",
+            "val_every",
+            "log_every",
+        )
+        for name in names:
             value = getattr(self, name)
+            if value is None and name in ("steps", "val_every", "log_every"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected {name} to be an int >= 1, but got {value!r}.")
         if not self.lr > 0 or not 0 < self.lr_decay <= 1:
@@ -136,6 +175,10 @@ class TrainConfig:
             raise ValueError(f"Expected select in {SELECTIONS}, but got {self.select!r}.")
         if self.skip_fit not in SKIP_FITS:
             raise ValueError(f"Expected skip_fit in {SKIP_FITS}, but got {self.skip_fit!r}.")
+        if not (callable(self.optim) or self.optim in OPTIMIZERS):
+            raise ValueError(f"Expected optim in {OPTIMIZERS} or callable(params), but got {self.optim!r}.")
+        if not self.living_kl >= 0:
+            raise ValueError(f"Expected living_kl >= 0, but got {self.living_kl!r}.")
         self.ridges = _check_ridges(self.ridges)
 
 
@@ -170,6 +213,9 @@ class EpochDecay:
 class EarlyStopping:
     """Fit callback: stop after ``patience`` validations without a new best validation loss.
 
+    On resume it rebuilds its wait count from the history, so a resumed run stops where the
+    uninterrupted one would.
+
     :param int patience: validations to wait (0 disables stopping).
     """
 
@@ -177,6 +223,18 @@ class EarlyStopping:
         self.patience = int(patience)
         self.waited = 0
         self.stopped_step = None
+
+    def on_fit_start(self, state):
+        best, self.waited = math.inf, 0
+        rows = state.history.history if state.history is not None else []
+        for row in rows:
+            val = row.get("val_loss")
+            if val is None or not math.isfinite(val):
+                continue
+            if val < best:
+                best, self.waited = val, 0
+            else:
+                self.waited += 1
 
     def on_step_end(self, state):
         rows = state.history.history
@@ -194,7 +252,11 @@ class ValidationSelector:
     """Fit callback: score every validation window every ``every`` steps, keep the best state,
     stop after ``patience`` scorings without improvement, and load the best state at the end.
 
-    Scoring runs on a fork of torch's random state, so it never changes the training draws.
+    Scoring runs on a fork of torch's random state, so it never changes the training draws. The
+    best score, its step and its state are also written to the fit's
+    :class:`~vdn_pyro.FitResult` (``best_val_loss``, ``best_step``, ``best_state``), which
+    :func:`~vdn_pyro.fit` checkpoints, and each score to the history row of its step, if logged,
+    as ``"val_<metric>"``; a resumed fit picks the selection up from there.
 
     :param model: the model being fitted (with ``predict``; see :func:`evaluate_forecaster`).
     :param torch.Tensor x_val: validation windows ``(N, L)``.
@@ -206,23 +268,49 @@ class ValidationSelector:
     :param int num_samples: predictive draws when the model has no exact marginal.
     :param bool score_start: also score the state before the first step (step 0), which then
         competes with the trained states.
+    :param int batch_size: windows per scoring batch.
+    :param bool restore: load the best state at the end.
     :ivar list history: ``(step, score)`` pairs.
     :ivar float best: the best score. :ivar int best_step: its step.
     """
 
     def __init__(
-        self, model, x_val, y_val, metric="crps", every=1, patience=3, before=None, num_samples=100,
+        self,
+        model,
+        x_val,
+        y_val,
+        metric="crps",
+        every=1,
+        patience=3,
+        before=None,
+        num_samples=100,
         score_start=False,
+        batch_size=512,
+        restore=True,
     ):
         if metric not in METRICS:
             raise ValueError(f"Expected metric in {METRICS}, but got {metric!r}.")
         self.model, self.x_val, self.y_val = model, x_val, y_val
         self.metric, self.every, self.patience = metric, int(every), int(patience)
-        self.before, self.num_samples = before, num_samples
+        self.before, self.num_samples, self.batch_size = before, num_samples, batch_size
         self.history, self.best, self.best_step, self.best_state = [], math.inf, -1, None
-        self.waited, self.score_start = 0, bool(score_start)
+        self.waited, self.score_start, self.restore = 0, bool(score_start), bool(restore)
+
+    @property
+    def key(self):
+        """The history key of the scores, ``"val_<metric>"``."""
+        return f"val_{self.metric}"
 
     def on_fit_start(self, state):
+        result = state.history
+        if state.step > 0 and result is not None:  # resumed: the selection so far is in the result
+            self.history = [(row["step"], row[self.key]) for row in result.history if self.key in row]
+            if result.best_step >= 0 and math.isfinite(result.best_val_loss):
+                self.best, self.best_step = result.best_val_loss, result.best_step
+                self.best_state = result.best_state or None
+                # one scoring at every multiple of `every`: those after the best one were waited
+                self.waited = state.step // self.every - result.best_step // self.every
+            return
         if self.score_start and state.step == 0:
             self.on_step_end(state)
 
@@ -232,7 +320,9 @@ class ValidationSelector:
         try:
             if self.before is not None:
                 self.before()
-            scores = evaluate_forecaster(self.model, self.x_val, self.y_val, self.num_samples, seed=None)
+            scores = evaluate_forecaster(
+                self.model, self.x_val, self.y_val, self.num_samples, batch_size=self.batch_size, seed=None
+            )
         finally:
             torch.set_rng_state(rng)
             self.model.train()
@@ -243,16 +333,22 @@ class ValidationSelector:
             return
         value = self.score()
         self.history.append((state.step, value))
+        result = state.history
+        if result is not None and result.history and result.history[-1]["step"] == state.step:
+            result.history[-1][self.key] = value
         if value < self.best:
             self.best, self.best_step, self.waited = value, state.step, 0
             self.best_state = copy.deepcopy(self.model.state_dict())
+            if result is not None:
+                result.best_val_loss, result.best_step = value, state.step
+                result.best_state = self.best_state
             return
         self.waited += 1
         if self.patience and self.waited >= self.patience:
             state.stop = True
 
     def on_fit_end(self, state):
-        if self.best_state is not None:
+        if self.restore and self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self.model.eval()
 
@@ -274,14 +370,52 @@ def training_windows(splits, config, split="train"):
     return x, y
 
 
+def fit_skip(model, splits, config=None, *, seed=0):
+    """The first stage of ``config.skip_fit``: a :class:`~vdn_pyro.models.DLinear` shaped like
+    ``model``'s skip path, fitted in closed form (``"ridge"``) or by this recipe (``"sgd"``).
+
+    :param model: a :class:`~vdn_pyro.models.Forecaster` with a skip path.
+    :param splits: a :class:`~vdn_pyro.data.ForecastSplits`.
+    :param TrainConfig config: the recipe (``skip_fit``, ``ridges``).
+    :param int seed: seeds the ``"sgd"`` fit.
+    :returns: the fitted DLinear, or ``None`` under ``"joint"`` or without a skip path. The
+        global random state is left as it was.
+    """
+    config = config or TrainConfig()
+    if config.skip_fit == "joint" or getattr(model, "skip", None) is None:
+        return None
+    with torch.random.fork_rng(devices=[]):  # its initial weights leave the caller's stream as it was
+        source = DLinear(splits.lookback, splits.horizon, model.skip.kernel_size, model.skip.instance_norm)
+    if config.skip_fit == "ridge":
+        fit_least_squares(source, splits, config.ridges)
+    else:
+        train_forecaster(source, splits, config, seed=seed)
+    return source
+
+
 def train_forecaster(
-    model, splits, config=None, *, seed=0, callbacks=(), constraints=(), elbo=None, skip_from=None
+    model,
+    splits,
+    config=None,
+    *,
+    seed=0,
+    callbacks=(),
+    constraints=(),
+    elbo=None,
+    skip_from=None,
+    progress=False,
+    log_dir=None,
+    checkpoint_dir=None,
+    checkpoint_every=None,
+    resume=False,
+    handle_signals=False,
 ):
     """Train one model with the shared recipe (see the module docstring).
 
     Models without trainable parameters (:class:`~vdn_pyro.models.RepeatLast`) skip
     :func:`~vdn_pyro.fit`; models with a ``calibrate(x, y)`` method (point baselines) are then
-    calibrated on the training windows.
+    calibrated on the training windows. The global random state is left as it was (the fit
+    draws from its own, seeded by ``seed``).
 
     :param model: a :class:`~vdn_pyro.models.Forecaster` or a point baseline.
     :param splits: a :class:`~vdn_pyro.data.ForecastSplits`.
@@ -292,19 +426,21 @@ def train_forecaster(
     :param elbo: the estimator (default :class:`~vdn_pyro.LocalELBO` with ``num_particles``).
     :param skip_from: a fitted :class:`~vdn_pyro.models.DLinear` to copy into a forecaster's
         skip path, frozen (:meth:`~vdn_pyro.models.Forecaster.init_skip`); with
-        ``config.skip_fit`` other than ``"joint"`` and no ``skip_from``, one is fitted here first.
+        ``config.skip_fit`` other than ``"joint"`` and no ``skip_from``, one is fitted here first
+        (:func:`fit_skip`; again on resume, where the checkpoint's weights then replace it).
+    :param bool progress: show fit's progress bar.
+    :param log_dir: where fit writes ``log.csv`` and ``log.jsonl`` (``None``: no logs).
+    :param checkpoint_dir: where fit writes ``last.pt`` (``None``: no checkpoints).
+    :param int checkpoint_every: steps between checkpoints (default: once per epoch).
+    :param resume: fit's ``resume`` (``True`` continues from ``checkpoint_dir/last.pt``).
+    :param bool handle_signals: let fit catch SIGINT/SIGTERM and stop with a checkpoint (for
+        command-line programs).
     :returns: the :class:`~vdn_pyro.FitResult` (with ``best_val_loss``/``best_step`` holding the
         selection score and its step), or ``None`` when nothing was trained.
     """
     config = config or TrainConfig()
-    if skip_from is None and config.skip_fit != "joint" and getattr(model, "skip", None) is not None:
-        skip_from = DLinear(
-            splits.lookback, splits.horizon, model.skip.kernel_size, model.skip.instance_norm
-        )
-        if config.skip_fit == "ridge":
-            fit_least_squares(skip_from, splits, config.ridges)
-        else:
-            train_forecaster(skip_from, splits, config, seed=seed)
+    if skip_from is None:
+        skip_from = fit_skip(model, splits, config, seed=seed)
     if skip_from is not None:
         model.init_skip(skip_from, freeze=True, start_at_source=config.start_at_skip)
     x, y = training_windows(splits, config)
@@ -314,35 +450,51 @@ def train_forecaster(
     if any(p.requires_grad for p in model.parameters()):
         x_val, y_val = splits.windows("val", stride=config.val_stride)  # (W * C, L), (W * C, H)
         batch_size = min(config.batch_size, x.shape[0])
-        per_epoch = math.ceil(x.shape[0] / batch_size)
+        every = config.val_every or math.ceil(x.shape[0] / batch_size)  # default: once per epoch
         if config.select == "loss":
             watchers = [EarlyStopping(config.patience)]
             val_data = (x_val, y_val)
         else:
             selector = ValidationSelector(
-                model, x_val, y_val, config.select, per_epoch, config.patience, calibrate, config.num_samples,
+                model,
+                x_val,
+                y_val,
+                config.select,
+                every,
+                config.patience,
+                calibrate,
+                config.num_samples,
                 score_start=skip_from is not None and config.start_at_skip,
+                batch_size=config.eval_batch_size,
+                restore=config.restore_best,
             )
             watchers, val_data = [selector], None
         result = fit(
             model,
             x,
             y,
-            epochs=config.epochs,
+            steps=config.steps,
+            epochs=None if config.steps is not None else config.epochs,
             batch_size=batch_size,
             lr=config.lr,
+            optim=config.optim,
             elbo=elbo or LocalELBO(num_particles=config.num_particles),
             val_data=val_data,
-            val_every=per_epoch,
-            log_every=per_epoch,
+            val_every=every,
+            log_every=config.log_every or math.ceil(x.shape[0] / batch_size),
             seed=seed,
             callbacks=[EpochDecay(config.lr_decay), *watchers, *callbacks],
             constraints=constraints,
-            restore_best=config.select == "loss",
-            progress=False,
+            restore_best=config.restore_best,
+            progress=progress,
+            log_dir=log_dir,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            max_bad_steps=config.max_bad_steps,
+            handle_signals=handle_signals,
+            living_kl=config.living_kl,
         )
-        if config.select != "loss":
-            result.best_val_loss, result.best_step = selector.best, selector.best_step
     if calibrate is not None:
         calibrate()
     return result
@@ -391,6 +543,17 @@ def fit_least_squares(model, splits, ridges=RIDGES, stride=1):
     return {"ridge": best[0], "val_mse": best[1], "path": path}
 
 
+@contextlib.contextmanager
+def _seeded(seed, device):
+    """Run the block on a fork of torch's random state seeded with ``seed`` (``None``: no fork)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _mixture_scores(pred, y):
     """NLL and exact central-interval coverage of a Gaussian-mixture prediction (means)."""
     nll = -pred.log_prob(y).mean().item()
@@ -428,22 +591,22 @@ def evaluate_forecaster(model, x, y, num_samples=100, batch_size=512, seed=0, ex
     :param torch.Tensor y: targets ``(N, H)``.
     :param int num_samples: predictive draws S.
     :param int batch_size: windows per batch.
-    :param seed: seeds the predictive draws (``None``: leave the random state alone).
+    :param seed: seeds the predictive draws, on a fork of torch's random state that is restored
+        afterwards (``None``: draw from the current state).
     :returns: dict of :data:`METRICS` (means over all ``N * H`` elements) plus ``seconds``.
     """
     start = time.perf_counter()
-    if seed is not None:
-        pyro.set_rng_seed(seed)
     model.eval()
     totals, count = dict.fromkeys(METRICS, 0.0), 0
     predict = model.predict
     if exact and getattr(model, "has_exact_marginal", False):
         predict = model.predict_marginal
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        scores = score_prediction(predict(xb, num_samples), yb)
-        for key in METRICS:
-            totals[key] += scores[key] * yb.numel()
-        count += yb.numel()
+    with _seeded(seed, x.device):
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            scores = score_prediction(predict(xb, num_samples), yb)
+            for key in METRICS:
+                totals[key] += scores[key] * yb.numel()
+            count += yb.numel()
     out = {key: value / count for key, value in totals.items()}
     out["seconds"] = time.perf_counter() - start
     return out

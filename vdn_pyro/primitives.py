@@ -9,6 +9,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
 
 __all__ = [
     "BETA_FLOOR",
@@ -119,16 +120,48 @@ def record_posterior(site, loc, scale, layer):
         record[site] = (loc, scale, layer)
 
 
+class _ObservationShapeCheck(Messenger):
+    """Refuse a sample site whose batch shape is ``(B,)`` inside the data plate: the plate is at
+    dim -2, so Pyro would broadcast such a site to ``(B, B)`` without an error."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+    def _pyro_sample(self, msg):
+        if self.batch < 2 or not pyro.infer.is_validation_enabled():
+            return
+        if (msg.get("infer") or {}).get(NEURONS_INFER_KEY) or isinstance(msg["fn"], _Subsample):
+            return
+        shape = tuple(getattr(msg["fn"], "batch_shape", ()))
+        if shape == (self.batch,):
+            raise ValueError(
+                f"Site '{msg['name']}' has batch shape ({self.batch},) inside the data plate, which is "
+                f"batch dim -2 (the units of a neuron layer are dim -1), so Pyro would broadcast it to "
+                f"({self.batch}, {self.batch}). Give it batch shape ({self.batch}, 1): unsqueeze(-2) "
+                "its parameters and its observations (or move one dim into the event with "
+                ".to_event(...) after unsqueezing)."
+            )
+
+
+@contextlib.contextmanager
 def data_plate(batch, num_data=None, device=None):
     """The plate over the ``batch`` observations of a minibatch, at dim -2.
 
     With ``num_data = N > batch`` the minibatch is a subsample, so every site inside is scaled by
-    N / batch: the minibatch estimate of the full-data ELBO.
+    N / batch: the minibatch estimate of the full-data ELBO. Inside it, a site over observations
+    has batch shape ``(B, 1)`` (observations at dim -2); while Pyro's validation is on, a site with
+    batch shape ``(B,)``, which Pyro would silently broadcast to ``(B, B)``, is refused.
 
     :param int batch: observations in this call, B.
     :param int num_data: full data-set size N (default B).
     :param device: device of the subsample indices.
     :raises ValueError: if ``num_data < batch``.
+
+    >>> import pyro.distributions as dist
+    >>> with data_plate(3):
+    ...     pyro.sample("y", dist.Normal(torch.zeros(3, 1, 2), 1.0).to_event(1)).shape
+    torch.Size([3, 1, 2])
     """
     size = batch if num_data is None else int(num_data)
     if size < batch:
@@ -137,7 +170,8 @@ def data_plate(batch, num_data=None, device=None):
             "whole training set."
         )
     subsample = None if size == batch else torch.arange(batch, device=device)
-    return pyro.plate(DATA_PLATE, size, subsample=subsample, dim=-2)
+    with pyro.plate(DATA_PLATE, size, subsample=subsample, dim=-2) as index, _ObservationShapeCheck(batch):
+        yield index
 
 
 def as_beta(beta, units, *, name="beta", allow_zero=False):

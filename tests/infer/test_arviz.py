@@ -63,7 +63,12 @@ def test_groups_dims_and_coords(idata, fitted):
     nets, x, y = fitted
     net = nets[False][0]
     assert groups(idata) == {
-        "posterior", "posterior_predictive", "log_likelihood", "prior", "observed_data", "constant_data",
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "prior",
+        "observed_data",
+        "constant_data",
         "training",
     }
     post = group(idata, "posterior")
@@ -259,10 +264,10 @@ def test_seed_fixes_the_draws_and_leaves_the_global_state_alone(fitted):
     [
         (dict(num_samples=0), ValueError, r"Expected num_samples to be an int >= 1, but got 0"),
         (dict(chains=1.5), ValueError, r"Expected chains to be an int >= 1, but got 1.5"),
-        (dict(network=torch.nn.Linear(3, 1)), TypeError, r"Expected a VDN \(with .layers\), but got Linear"),
+        (dict(network=torch.nn.Linear(3, 1)), TypeError, r"contains Neurons layers .* got Linear"),
         (dict(x=torch.randn(4, 5)), ValueError, r"Expected x of shape \(B, 3\) or \(B, T, 3\)"),
     ],
-    ids=["num-samples", "chains", "not-a-vdn", "x-shape"],
+    ids=["num-samples", "chains", "no-neurons", "x-shape"],
 )
 def test_bad_arguments_are_refused(options, error, match):
     options = {"network": VDN(D, 1, units=(4,), hidden=(8,)), "x": torch.randn(4, D), **options}

@@ -70,9 +70,21 @@ def _state(net):
     return params, betas
 
 
+class _SharedState:
+    """At the end of a fit, inside its random state (the shared one that rank 0 checkpoints; fit
+    restores the caller's own state on return), draws once from the rank's own noise stream and
+    records the shared state after that draw."""
+
+    def on_fit_end(self, state):
+        own = state.elbo._forward_own_stream(
+            lambda: torch.randn(4), dist.get_rank(), (), {}, torch.device("cpu")
+        )
+        self.noise, self.rng = own, torch.get_rng_state()
+
+
 def _worker(exact_net, noisy_net, x, y, checkpoint_dir):
     """Runs in every rank; rank 0's return value comes back to the test."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     report = {}
     # 1. the exact comparison, with a thermostat and rank-0 checkpoints
     result = distributed_fit(
@@ -90,9 +102,9 @@ def _worker(exact_net, noisy_net, x, y, checkpoint_dir):
         {k: s.kl for k, s in stats.items()},
     )
     # 3. sampling: ranks stay identical, noise differs between them, shared RNG stays in sync
-    distributed_fit(noisy_net, x, y, constraints=[_thermostat()], **_fit_options())
-    noise = elbo._forward_own_stream(lambda: torch.randn(4), rank, (), {}, torch.device("cpu"))
-    report["noisy"] = (_state(noisy_net), noise, torch.get_rng_state())
+    probe = _SharedState()
+    distributed_fit(noisy_net, x, y, constraints=[_thermostat()], callbacks=[probe], **_fit_options())
+    report["noisy"] = (_state(noisy_net), probe.noise, probe.rng)
     gathered = [None] * world
     dist.all_gather_object(gathered, report)
     return gathered

@@ -8,6 +8,8 @@ sampled latents are taken from a guide trace, and both sides see the same ones t
 
 import math
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
@@ -16,7 +18,6 @@ from torch.nn.functional import gelu
 
 from tests.common import assert_close
 from vdn_pyro import VDN, LocalELBO
-from vdn_pyro.primitives import DATA_PLATE
 
 LOG_2PI = math.log(2 * math.pi)
 B, D, OUT, T = 6, 5, 2, 7
@@ -33,11 +34,7 @@ def softplus(x):
 
 def normal_kl(loc_q, scale_q, loc_p, scale_p):
     """KL(N(loc_q, scale_q^2) || N(loc_p, scale_p^2)), elementwise."""
-    return (
-        torch.log(scale_p / scale_q)
-        + (scale_q**2 + (loc_q - loc_p) ** 2) / (2 * scale_p**2)
-        - 0.5
-    )
+    return torch.log(scale_p / scale_q) + (scale_q**2 + (loc_q - loc_p) ** 2) / (2 * scale_p**2) - 0.5
 
 
 def normal_log_density(y, loc, scale):
@@ -411,8 +408,10 @@ def test_minibatch_estimates_average_to_full_loss(deterministic):
     estimates = []
     for idx in torch.randperm(n).split(batch):
         tr, _ = guide_values(net, x[idx], y[idx], num_data=n)
-        if not deterministic:  # the guide's data plate is subsampled
-            assert tr.nodes[DATA_PLATE]["type"] == "sample"
+        if not deterministic:  # the guide's data plate is subsampled: its sites carry N/B
+            for layer in net.layers:
+                scale = torch.as_tensor(tr.nodes[layer.site]["scale"])
+                assert_close(scale, layer.beta * (n / batch), rtol=1e-12)
         for site, value in full_z.items():
             tr.nodes[site]["value"] = value[idx]
         loss, _ = LocalELBO().loss_and_stats(net.model, replayed(net, tr), x[idx], y[idx], num_data=n)
@@ -420,3 +419,38 @@ def test_minibatch_estimates_average_to_full_loss(deterministic):
     assert_close(torch.stack(estimates).mean(), full.detach(), atol=1e-9, rtol=1e-12)
     # ... and not trivially: the minibatch estimates differ from each other
     assert float(torch.stack(estimates).std()) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-reparameterised guide sites are refused
+# ---------------------------------------------------------------------------------------------
+
+
+def poisson_model(y):
+    rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+    count = pyro.sample("count", dist.Poisson(rate))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("obs", dist.Normal(count, 1.0), obs=y)
+
+
+def poisson_guide(y):
+    shape = pyro.param("shape", torch.tensor(2.0), constraint=dist.constraints.positive)
+    rate = pyro.sample("rate", dist.Gamma(shape, 1.0))
+    pyro.sample("count", dist.Poisson(rate))  # no rsample: the gradient needs a score-function term
+
+
+@pytest.mark.parametrize("estimator", ["mean_field", "trace"])
+def test_non_reparameterised_guide_site_is_refused(estimator):
+    """As TraceMeanField_ELBO refuses it: LocalELBO has no score-function term, so its gradient
+    at a site without rsample would be silently wrong."""
+    y = torch.tensor([1.0, 3.0, 2.0])
+    with pytest.raises(ValueError) as info:
+        LocalELBO(estimator).loss_and_stats(poisson_model, poisson_guide, y)
+    message = str(info.value)
+    assert "site 'count' draws from Poisson, which has no rsample" in message  # what and why
+    assert "Use a reparameterisable distribution" in message and "Trace_ELBO" in message  # what to do
+    # the same model with the discrete site observed instead: every latent is reparameterised
+    conditioned = poutine.condition(poisson_model, data={"count": torch.tensor(2.0)})
+    guide = poutine.block(poisson_guide, hide=["count"])
+    loss, _ = LocalELBO(estimator).loss_and_stats(conditioned, guide, y)
+    assert torch.isfinite(loss) and loss.requires_grad

@@ -1,9 +1,11 @@
 """Tests for :func:`vdn_pyro.inference.fit` and its :class:`FitResult`."""
 
 import math
+import random
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.nn import PyroModule
@@ -12,6 +14,8 @@ from pyro.optim.clipped_adam import ClippedAdam
 from tests.common import assert_close
 from vdn_pyro import VDN, FitResult, LocalELBO, fit
 from vdn_pyro.inference import FitState, evaluate_loss
+from vdn_pyro.models import Neurons
+from vdn_pyro.primitives import data_plate
 
 D = 3
 WEIGHT = torch.tensor([[1.5], [-2.0], [0.5]])
@@ -140,8 +144,17 @@ def test_validation_loss_and_best_state():
     x_val, y_val = regression(60, seed=321)
     net = small_net()
     result = fit(
-        net, x, y, steps=40, batch_size=40, lr=2e-2, val_data=(x_val, y_val), val_every=5, log_every=5,
-        seed=0, restore_best=True,
+        net,
+        x,
+        y,
+        steps=40,
+        batch_size=40,
+        lr=2e-2,
+        val_data=(x_val, y_val),
+        val_every=5,
+        log_every=5,
+        seed=0,
+        restore_best=True,
     )
     val = [row["val_loss"] for row in result.history]
     assert len(val) == 8 and all(math.isfinite(v) for v in val)
@@ -259,3 +272,116 @@ def test_custom_optimizer_factory():
     fit(net, x, y, steps=2, batch_size=16, optim=factory, seed=0)
     assert len(made) == 1
     assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+
+
+# ----------------------------------------------------------------------------- any network
+class UserNet(PyroModule):
+    """A user's Pyro model with two Neurons layers and no model/guide methods: fit uses the
+    module as the model and NeuronGuide(module) as the guide."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.GELU())
+        self.first = Neurons(16, 6, beta=0.2)
+        self.second = Neurons(6, 4, beta=torch.linspace(0.1, 0.4, 4))
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x, y=None, num_data=None):
+        with data_plate(x.shape[0], num_data):
+            z = self.second(self.first(self.enc(x)))  # (B, 6) -> (B, 4)
+            loc = self.head(z).unsqueeze(-2)  # (B, 1, 1): observations at dim -2
+            obs = None if y is None else y.unsqueeze(-2)  # (B, 1, 1)
+            return pyro.sample("obs", dist.Normal(loc, 0.5).to_event(1), obs=obs)
+
+
+@pytest.mark.parametrize("local_params", [False, True], ids=["default-settings", "module-local-params"])
+def test_fit_trains_a_user_model_without_model_or_guide(local_params, request):
+    if local_params:
+        request.getfixturevalue("module_local_params")
+    x, y = regression(128)
+    net = UserNet()
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    result = fit(net, x, y, steps=60, batch_size=32, lr=2e-2, log_every=5, seed=0)
+    unmoved = [name for name, p in net.named_parameters() if torch.equal(p, before[name])]
+    assert unmoved == []
+    assert result.history[-1]["loss_per_obs"] < result.history[0]["loss_per_obs"] - 1.0
+    assert set(result.unit_kl) == set(result.unit_beta) == {"first.z", "second.z"}
+    assert result.unit_kl["first.z"].shape == (12, 6) and result.unit_kl["second.z"].shape == (12, 4)
+    assert np.allclose(result.unit_beta["second.z"], net.second.beta.numpy()[None])
+    assert evaluate_loss(net, x, y) < result.history[0]["loss_per_obs"] - 1.0
+    assert len(pyro.get_param_store()) == 0
+
+
+def test_fit_refuses_what_it_cannot_train():
+    x, y = regression(10)
+
+    class HalfPair(PyroModule):
+        def model(self, x, y, num_data=None):
+            pass
+
+    with pytest.raises(TypeError, match=r"both a model and a guide, or neither, but HalfPair has no guide"):
+        fit(HalfPair(), x, y, steps=1)
+    with pytest.raises(TypeError, match=r"Expected network to be a torch.nn.Module .* but got function"):
+        fit(lambda x, y: None, x, y, steps=1)
+    for bad in (-1, 2**32, 1.5, True):
+        with pytest.raises(ValueError, match=r"Expected seed to be None or an int in \[0, 2\*\*32\)"):
+            fit(small_net(), x, y, steps=1, seed=bad)
+
+
+def test_fit_and_evaluate_loss_leave_the_param_store_empty_and_networks_apart():
+    """Under Pyro's default settings a PyroModule registers its parameters in the global store;
+    fit and evaluate_loss run inside module_params, so the store stays empty and two networks of
+    one architecture (hence identical parameter names) never share a tensor."""
+    assert not pyro.settings.get("module_local_params")
+    x, y = regression(64)
+    first, second = small_net(), small_net()
+    fit(first, x, y, steps=5, batch_size=16, seed=0)
+    assert len(pyro.get_param_store()) == 0
+    trained_first = {name: p.detach().clone() for name, p in first.named_parameters()}
+    before_second = {name: p.detach().clone() for name, p in second.named_parameters()}
+    fit(second, x, y, steps=5, batch_size=16, seed=1)
+    evaluate_loss(second, x, y)
+    assert len(pyro.get_param_store()) == 0
+    for name, p in first.named_parameters():  # fitting the second left the first alone
+        assert torch.equal(p, trained_first[name]), name
+    assert all(not torch.equal(p, before_second[name]) for name, p in second.named_parameters())
+    assert not {p.data_ptr() for p in first.parameters()} & {p.data_ptr() for p in second.parameters()}
+
+
+def _global_rng_state():
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()  # noqa: NPY002
+
+
+@pytest.mark.parametrize("seed", [None, 7], ids=["no-seed", "seed"])
+def test_fit_leaves_the_global_random_state_as_it_was(seed):
+    """fit draws from a private random state: the caller's torch, numpy and Python states are the
+    same after the fit as before (the old fit reseeded torch with torch.seed() when seed=None)."""
+    x, y = regression(40)
+    net = small_net()
+    x_val, y_val = regression(10, seed=9)
+    torch.manual_seed(123)
+    np.random.seed(123)  # noqa: NPY002
+    random.seed(123)
+    before = _global_rng_state()
+    result = fit(net, x, y, steps=4, batch_size=16, val_data=(x_val, y_val), val_every=2, seed=seed)
+    after = _global_rng_state()
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+    assert isinstance(result.seed, int) and (seed is None or result.seed == seed)
+
+
+def test_a_run_without_seed_reports_the_seed_that_repeats_it():
+    x, y = regression(48)
+
+    def run(seed):
+        pyro.set_rng_seed(3)  # identical initialisation
+        net = small_net()
+        return net, fit(net, x, y, steps=6, batch_size=16, seed=seed)
+
+    first, r1 = run(None)
+    other, r2 = run(None)
+    again, r3 = run(r1.seed)
+    assert r1.seed != r2.seed  # fresh entropy each time (a clash has probability 2**-31)
+    assert r3.seed == r1.seed and r3.history == r1.history
+    for p, q in zip(first.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, o) for p, o in zip(first.parameters(), other.parameters()))

@@ -103,7 +103,13 @@ def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
     x, y = regression(50)  # batches of 16: 4 per epoch, the last of 2 rows
     val = regression(20, seed=9)
     common = dict(
-        batch_size=16, lr=2e-2, val_data=val, val_every=3, log_every=2, seed=11, progress=False,
+        batch_size=16,
+        lr=2e-2,
+        val_data=val,
+        val_every=3,
+        log_every=2,
+        seed=11,
+        progress=False,
         elbo=LocalELBO(num_particles=2),
     )
     straight_net, straight_c = small_net(), constraint_set()
@@ -111,7 +117,13 @@ def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
 
     run_dir = tmp_path / "run"
     first = fit(
-        small_net(), x, y, steps=7, constraints=constraint_set(), checkpoint_dir=run_dir, log_dir=run_dir,
+        small_net(),
+        x,
+        y,
+        steps=7,
+        constraints=constraint_set(),
+        checkpoint_dir=run_dir,
+        log_dir=run_dir,
         **common,
     )
     assert first.checkpoint_path == str(run_dir / "last.pt") and first.steps == 7
@@ -121,8 +133,15 @@ def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
     resumed_net, resumed_c = small_net(init_seed=99), constraint_set()  # different initial weights
     common["seed"] = 12345  # a resumed run takes its random state from the checkpoint
     resumed = fit(
-        resumed_net, x, y, steps=14, constraints=resumed_c, checkpoint_dir=run_dir, log_dir=run_dir,
-        resume=True, **common,
+        resumed_net,
+        x,
+        y,
+        steps=14,
+        constraints=resumed_c,
+        checkpoint_dir=run_dir,
+        log_dir=run_dir,
+        resume=True,
+        **common,
     )
     assert resumed.resumed_from == 7 and resumed.steps == 14
     assert_same(resumed_net.state_dict(), straight_net.state_dict(), "network")
@@ -146,8 +165,17 @@ def test_resume_with_the_same_arguments_finishes_the_run(tmp_path):
     x, y = regression(30)
     fit(small_net(), x, y, epochs=1, batch_size=8, seed=0, progress=False, checkpoint_dir=tmp_path)
     assert load_checkpoint(tmp_path)["step"] == 4
-    done = fit(small_net(), x, y, epochs=3, batch_size=8, seed=0, progress=False, checkpoint_dir=tmp_path,
-               resume="auto")
+    done = fit(
+        small_net(),
+        x,
+        y,
+        epochs=3,
+        batch_size=8,
+        seed=0,
+        progress=False,
+        checkpoint_dir=tmp_path,
+        resume="auto",
+    )
     assert done.resumed_from == 4 and done.steps == 12
     again = fit(
         small_net(), x, y, epochs=3, batch_size=8, progress=False, checkpoint_dir=tmp_path, resume=True
@@ -157,8 +185,9 @@ def test_resume_with_the_same_arguments_finishes_the_run(tmp_path):
 
 def test_resume_auto_without_checkpoint_starts_afresh(tmp_path):
     x, y = regression(20)
-    result = fit(small_net(), x, y, steps=2, batch_size=10, progress=False, checkpoint_dir=tmp_path,
-                 resume="auto")
+    result = fit(
+        small_net(), x, y, steps=2, batch_size=10, progress=False, checkpoint_dir=tmp_path, resume="auto"
+    )
     assert result.resumed_from == 0 and result.steps == 2 and (tmp_path / "last.pt").is_file()
 
 
@@ -223,8 +252,19 @@ def test_nan_loss_steps_are_skipped_and_never_checkpointed(tmp_path):
 
     with pytest.warns(RuntimeWarning, match=r"Step [34]: the loss is nan; skipped the update"):
         result = fit(
-            net, x, y, steps=8, batch_size=8, seed=0, elbo=PoisonedELBO({3, 4}), progress=False,
-            checkpoint_dir=tmp_path, checkpoint_every=1, callbacks=[Spy()], log_every=1, log_dir=tmp_path,
+            net,
+            x,
+            y,
+            steps=8,
+            batch_size=8,
+            seed=0,
+            elbo=PoisonedELBO({3, 4}),
+            progress=False,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=1,
+            callbacks=[Spy()],
+            log_every=1,
+            log_dir=tmp_path,
         )
     assert result.skipped_steps == [3, 4] and result.steps == 8
     assert [r["step"] for r in result.history] == [1, 2, 5, 6, 7, 8]
@@ -241,8 +281,18 @@ def test_persistent_nan_stops_with_a_clear_error_and_a_finite_checkpoint(tmp_pat
     net = small_net()
     with pytest.warns(RuntimeWarning):
         with pytest.raises(NonFiniteError, match=r"3 steps in a row \(4 to 6\) were not finite") as info:
-            fit(net, x, y, steps=20, batch_size=8, elbo=PoisonedELBO(range(4, 100)), max_bad_steps=3,
-                progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+            fit(
+                net,
+                x,
+                y,
+                steps=20,
+                batch_size=8,
+                elbo=PoisonedELBO(range(4, 100)),
+                max_bad_steps=3,
+                progress=False,
+                checkpoint_dir=tmp_path,
+                checkpoint_every=1,
+            )
     assert "last checkpoint is" in str(info.value) and "Try a smaller lr" in str(info.value)
     saved = load_checkpoint(tmp_path)
     assert saved["step"] == 5 and all_finite(saved["network"]) and all_finite(net.state_dict())
@@ -278,8 +328,18 @@ def test_progress_bar_does_not_change_the_logs(tmp_path, capsys):
     logs = {}
     for progress in (True, False):
         log_dir = tmp_path / str(progress)
-        fit(small_net(), x, y, steps=6, batch_size=16, log_every=2, val_data=val, seed=3,
-            progress=progress, log_dir=log_dir)
+        fit(
+            small_net(),
+            x,
+            y,
+            steps=6,
+            batch_size=16,
+            log_every=2,
+            val_data=val,
+            seed=3,
+            progress=progress,
+            log_dir=log_dir,
+        )
         err = capsys.readouterr().err
         if progress:
             assert "loss=" in err and "elbo/obs=" in err and "living=" in err and "6/6" in err
@@ -314,11 +374,32 @@ class RaiseSignal:
                 signal.raise_signal(sig)
 
 
+@pytest.fixture(params=["handler", "SIG_IGN"])
+def previous_sigint(request):
+    """Give SIGINT a known disposition for the test (a handler of the test's own, or SIG_IGN as a
+    background job inherits it), whatever the disposition pytest was started with; restored
+    after the test."""
+    calls = []
+    previous = {"handler": lambda signum, frame: calls.append(signum), "SIG_IGN": signal.SIG_IGN}
+    inherited = signal.signal(signal.SIGINT, previous[request.param])
+    yield signal.getsignal(signal.SIGINT), calls
+    signal.signal(signal.SIGINT, inherited)
+
+
 def test_signal_stops_after_the_step_with_a_checkpoint_and_restores_handlers(tmp_path, caplog):
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     x, y = regression(40)
-    result = fit(small_net(), x, y, steps=50, batch_size=8, progress=False, checkpoint_dir=tmp_path,
-                 callbacks=[RaiseSignal(3, [signal.SIGTERM])])
+    result = fit(
+        small_net(),
+        x,
+        y,
+        steps=50,
+        batch_size=8,
+        progress=False,
+        checkpoint_dir=tmp_path,
+        callbacks=[RaiseSignal(3, [signal.SIGTERM])],
+        handle_signals=True,
+    )
     assert result.interrupted and result.stop_reason == "SIGTERM" and result.exit_code == 143
     assert result.steps == 3 and load_checkpoint(tmp_path)["step"] == 3
     assert "fit interrupted by SIGTERM after step 3 of 50; checkpoint written to" in caplog.text
@@ -327,40 +408,94 @@ def test_signal_stops_after_the_step_with_a_checkpoint_and_restores_handlers(tmp
     assert resumed.stop_reason == "SIGTERM" and resumed.interrupted and resumed.steps == 3
 
 
-def test_second_signal_stops_at_once_without_a_checkpoint(tmp_path):
+def test_second_signal_stops_at_once_without_a_checkpoint(tmp_path, previous_sigint):
+    """Asked to, fit catches SIGINT over any previous disposition (also SIG_IGN) and restores
+    that disposition on the way out, also when a second signal aborts it."""
+    before, calls = previous_sigint
     x, y = regression(40)
     with pytest.raises(KeyboardInterrupt, match="second signal"):
-        fit(small_net(), x, y, steps=50, batch_size=8, progress=False, checkpoint_dir=tmp_path,
-            checkpoint_every=2, callbacks=[RaiseSignal(3, [signal.SIGINT, signal.SIGINT])])
+        fit(
+            small_net(),
+            x,
+            y,
+            steps=50,
+            batch_size=8,
+            progress=False,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=2,
+            callbacks=[RaiseSignal(3, [signal.SIGINT, signal.SIGINT])],
+            handle_signals=True,
+        )
     assert load_checkpoint(tmp_path)["step"] == 2  # the last periodic one
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before and calls == []
+
+
+def test_fit_leaves_signal_handlers_alone_by_default(previous_sigint):
+    """A library call: without handle_signals, the program's own disposition gets the signal."""
+    before, calls = previous_sigint
+    x, y = regression(40)
+    seen = []
+
+    class Spy:
+        def on_fit_start(self, state):
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    result = fit(
+        small_net(),
+        x,
+        y,
+        steps=6,
+        batch_size=8,
+        progress=False,
+        callbacks=[Spy(), RaiseSignal(3, [signal.SIGINT])],
+    )
+    assert seen == [before] and signal.getsignal(signal.SIGINT) is before
+    assert result.steps == 6 and not result.interrupted and result.stop_reason == "completed"
+    assert calls == ([signal.SIGINT] if before is not signal.SIG_IGN else [])
 
 
 def test_fit_in_a_worker_thread_leaves_signals_alone():
     x, y = regression(10)
     outcome, net = {}, small_net()
-    worker = threading.Thread(target=lambda: outcome.update(r=fit(net, x, y, steps=2, progress=False)))
+    before = signal.getsignal(signal.SIGINT)
+
+    def run():
+        outcome.update(r=fit(net, x, y, steps=2, progress=False, handle_signals=True))
+
+    worker = threading.Thread(target=run)
     worker.start()
     worker.join(timeout=120)
     assert outcome["r"].steps == 2 and not outcome["r"].interrupted
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_from_checkpoint_restores_the_history_of_a_run(tmp_path):
     x, y = regression(30)
     net = small_net()
-    done = fit(net, x, y, steps=6, batch_size=10, log_every=2, progress=False, checkpoint_dir=tmp_path,
-               checkpoint_every=4, val_data=regression(10, seed=3))
+    done = fit(
+        net,
+        x,
+        y,
+        steps=6,
+        batch_size=10,
+        log_every=2,
+        progress=False,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=4,
+        val_data=regression(10, seed=3),
+    )
     loaded = FitResult.from_checkpoint(tmp_path, network=net)
     assert loaded.network is net and loaded.stop_reason == "completed" and not loaded.interrupted
     assert loaded.history == done.history and loaded.logged_steps == done.logged_steps == [2, 4, 6]
-    assert loaded.steps == 6 and loaded.best_step == done.best_step
+    assert loaded.steps == 6 and loaded.best_step == done.best_step and loaded.seed == done.seed
+    assert isinstance(done.seed, int)  # drawn afresh, since the fit had no seed
     for site in done.unit_kl:
         assert (loaded.unit_kl[site] == done.unit_kl[site]).all()
         assert (loaded.unit_beta[site] == done.unit_beta[site]).all()
 
 
 # ----------------------------------------------------------------------------- other processes
-SCRIPT = '''
+SCRIPT = """
 import json, sys
 import pyro, torch
 from vdn_pyro import VDN, fit
@@ -378,10 +513,10 @@ if __name__ == "__main__":
     run_dir, every = sys.argv[1], int(sys.argv[2])
     net, x, y = make()
     result = fit(net, x, y, steps=10**6, batch_size=16, seed=0, progress=False, log_every=1,
-                 log_dir=run_dir, checkpoint_dir=run_dir, checkpoint_every=every)
+                 log_dir=run_dir, checkpoint_dir=run_dir, checkpoint_every=every, handle_signals=True)
     print(json.dumps({"steps": result.steps, "reason": result.stop_reason}), flush=True)
     sys.exit(result.exit_code)
-'''
+"""
 
 
 def start_run(tmp_path, checkpoint_every):
@@ -391,7 +526,11 @@ def start_run(tmp_path, checkpoint_every):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, str(script), str(run_dir), str(checkpoint_every)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     spec = importlib.util.spec_from_file_location("train_script", script)
     module = importlib.util.module_from_spec(spec)
@@ -429,8 +568,19 @@ def test_sigkill_mid_run_leaves_a_whole_checkpoint_to_resume_from(tmp_path):
     assert all(name.startswith(".last.pt.") and name.endswith(".tmp") for name in leftovers), leftovers
 
     net, x, y = make()
-    result = fit(net, x, y, steps=step + 3, batch_size=16, progress=False, log_every=1, log_dir=run_dir,
-                 checkpoint_dir=run_dir, checkpoint_every=1, resume=True)
+    result = fit(
+        net,
+        x,
+        y,
+        steps=step + 3,
+        batch_size=16,
+        progress=False,
+        log_every=1,
+        log_dir=run_dir,
+        checkpoint_dir=run_dir,
+        checkpoint_every=1,
+        resume=True,
+    )
     assert result.resumed_from == step and result.steps == step + 3
     assert load_checkpoint(run_dir)["step"] == step + 3
     logged = [int(r["step"]) for r in read_csv(run_dir / "log.csv")]
@@ -458,6 +608,14 @@ def test_signal_writes_a_final_checkpoint_and_exits_with_its_code(tmp_path, sig,
     saved = load_checkpoint(run_dir)
     assert saved["step"] == report["steps"] and saved["stop_reason"] == name
     net, x, y = make()
-    result = fit(net, x, y, steps=report["steps"] + 1, batch_size=16, progress=False, checkpoint_dir=run_dir,
-                 resume=True)
+    result = fit(
+        net,
+        x,
+        y,
+        steps=report["steps"] + 1,
+        batch_size=16,
+        progress=False,
+        checkpoint_dir=run_dir,
+        resume=True,
+    )
     assert result.steps == report["steps"] + 1 and not result.interrupted and result.exit_code == 0

@@ -60,8 +60,18 @@ def traces(net, x, y, **kwargs):
         ({"activation": "swish"}, ValueError, "activation in"),
         ({"phi_range": (0.5, 1.2)}, ValueError, "phi_range"),
     ],
-    ids=["units", "horizon-type", "prior", "scale-mode", "draws", "beta", "beta-shape", "lik-scale",
-         "activation", "phi-range"],
+    ids=[
+        "units",
+        "horizon-type",
+        "prior",
+        "scale-mode",
+        "draws",
+        "beta",
+        "beta-shape",
+        "lik-scale",
+        "activation",
+        "phi-range",
+    ],
 )
 def test_bad_config_is_rejected(options, error, match):
     with pytest.raises(error, match=match):
@@ -242,9 +252,19 @@ def test_mixture_lets_scales_follow_the_noise():
     for draws in (1, 16):
         pyro.set_rng_seed(0)
         net = Forecaster(
-            lookback=lookback, horizon=horizon, units=4, features=8, kernel_size=3,
-            instance_norm=None, skip=False, train_draws=draws, beta=1e-3, prior="normal",
-            likelihood_scale=0.1, activation="relu", init_scale=0.3,
+            lookback=lookback,
+            horizon=horizon,
+            units=4,
+            features=8,
+            kernel_size=3,
+            instance_norm=None,
+            skip=False,
+            train_draws=draws,
+            beta=1e-3,
+            prior="normal",
+            likelihood_scale=0.1,
+            activation="relu",
+            init_scale=0.3,
         )
         fit(net, x, y, steps=200, batch_size=n, lr=0.03, seed=0, progress=False)
         pred = net.predict_marginal(x)
@@ -263,7 +283,7 @@ def test_twin_has_no_latent_and_uses_the_posterior_mean(temporal):
     net = make(deterministic=True, train_draws=4)
     lead = (B, T) if temporal else (B,)
     x, y = torch.randn(lead + (L,)), torch.randn(lead + (H,))
-    assert net.guide(x, y) is None
+    assert net.guide(x, y) == {}
     tr = poutine.trace(net.model).get_trace(x, y)
     assert not latent_sites(tr)
     loc, _ = net.posterior(x)

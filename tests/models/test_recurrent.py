@@ -55,13 +55,15 @@ def test_trace_sites_and_shapes():
     obs = model_trace.nodes["obs"]
     assert obs["fn"].batch_shape == (4, 1) and obs["fn"].event_shape == (5,)
     assert obs["value"].shape == (4, 1, 5)
-    assert net.guide(x, y).shape == (4, 5, 3)
+    draws = net.guide(x, y)  # the guide returns {site: value}
+    assert list(draws) == [f"rnn.z.{t}" for t in range(5)]
+    assert all(value.shape == (4, 3, 1) for value in draws.values())
 
 
 def test_deterministic_has_no_latents():
     net = make(deterministic=True)
     x, y = batch()
-    assert net.guide(x, y) is None
+    assert net.guide(x, y) == {}
     trace = poutine.trace(net.model).get_trace(x, y)
     assert [n for n, s in trace.nodes.items() if s["type"] == "sample"] == ["data", "obs"]
     assert net.units == 0 and not hasattr(net, "prior")
@@ -116,22 +118,104 @@ def test_gradients_reach_every_parameter(variant):
     loss = LocalELBO().differentiable_loss(net.model, net.guide, x, y, num_data=10)
     loss.backward()
     names = [n for n, p in net.named_parameters()]
-    assert ("prior.raw_phi" in names) == (variant not in ("no-ar", "deterministic"))
+    assert ("z.prior.raw_phi" in names) == (variant not in ("no-ar", "deterministic"))
     for name, param in net.named_parameters():
         assert param.grad is not None, name
         assert float(param.grad.abs().sum()) > 0, name
 
 
+ELBOS = {"trace": pyro.infer.Trace_ELBO, "mean-field": pyro.infer.TraceMeanField_ELBO, "local": LocalELBO}
+
+
+def _unmoved(net, before):
+    """Names of the parameters equal to their snapshot ``before``."""
+    assert before, "the network has no parameters"
+    return [name for name, param in net.named_parameters() if torch.equal(param.detach(), before[name])]
+
+
+def _snapshot(net):
+    return {name: param.detach().clone() for name, param in net.named_parameters()}
+
+
+@pytest.mark.parametrize("elbo", list(ELBOS))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_stock_svi_trains_every_parameter(variant, elbo):
+    pyro.clear_param_store()
+    net = make(**VARIANTS[variant])
+    x, y = batch()  # padded rows included
+    svi = pyro.infer.SVI(net.model, net.guide, pyro.optim.Adam({"lr": 1e-2}), ELBOS[elbo]())
+    before = _snapshot(net)
+    for _ in range(3):
+        assert math.isfinite(svi.step(x, y))
+    assert _unmoved(net, before) == []
+    # pyro.optim trained the network's own tensors, all of them found through the param store
+    store = {id(value) for _, value in pyro.get_param_store().named_parameters()}
+    assert store >= {id(param) for param in net.parameters()}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_module_local_params_trains_every_parameter(variant):
+    pyro.settings.set(module_local_params=True)  # before building: PyroModules read it then
+    try:
+        net = make(**VARIANTS[variant])
+        x, y = batch()
+        elbo = pyro.infer.Trace_ELBO()(net.model, net.guide)
+        optim = torch.optim.Adam(elbo.parameters(), lr=1e-2)
+        before = _snapshot(net)
+        for _ in range(3):
+            optim.zero_grad()
+            loss = elbo(x, y)
+            loss.backward()
+            optim.step()
+        assert math.isfinite(loss.item())
+        assert _unmoved(net, before) == []
+        assert len(pyro.get_param_store()) == 0  # the global store was never touched
+    finally:
+        pyro.settings.set(module_local_params=False)
+
+
+def test_beta_buffer_is_the_layers_at_every_step():
+    net = make()
+    x, y = batch()
+    assert net.beta is net.z.beta and net.z.site == "rnn.z" and net.site_names == ["rnn.z"]
+    net.beta.copy_(torch.tensor([0.5, 2.0, 3.0]))  # in place, as KLBand does
+    for side in (net.guide, net.model):
+        trace = poutine.trace(side).get_trace(x, y)
+        for name in latent_sites(trace):
+            assert_close(trace.nodes[name]["scale"], torch.tensor([0.5, 2.0, 3.0]))
+
+
+def test_units_use_the_shared_ar_prior():
+    from vdn_pyro.models import ARPrior, find_neurons
+
+    net = make()
+    (layer,) = find_neurons(net)
+    assert layer is net.z and isinstance(layer.prior, ARPrior) and layer.prior is net.prior
+    assert net.prior.phi.shape == (3, 1) and net.prior.scale.shape == (3,)
+    # the conditional prior of a step is N(phi z_{t-1} + W h_t + c, s^2), with phi and s the ARPrior's
+    z_prev, h = torch.randn(4, 3), torch.randn(4, 8)
+    loc, scale = net.prior.step(z_prev, h)
+    assert_close(loc, net.prior.phi[:, 0] * z_prev + h @ net.prior.input.weight.T + net.prior.input.bias)
+    assert_close(scale, net.prior.scale.expand(4, 3))
+    net.prior.set_phi(torch.tensor([0.1, -0.2, 0.3]))  # what Persistence does
+    assert_close(net.prior.phi[:, 0], torch.tensor([0.1, -0.2, 0.3]), atol=1e-5)
+    assert_close(make(prior_scale=2.0, prior_scale_min=0.5).prior.scale, torch.full((3,), 2.0), atol=1e-5)
+    # the posterior mean path: the layer records every step's posterior
+    posts = net.posteriors(*batch())
+    assert list(posts) == [f"rnn.z.{t}" for t in range(5)]
+    assert all(loc.shape == scale.shape == (4, 3, 1) for loc, scale in posts.values())
+
+
 def test_phi_stays_inside_unit_interval():
     net = make()
     with torch.no_grad():
-        net.prior.raw_phi.copy_(torch.tensor([-50.0, 0.3, 50.0]))
+        net.prior.raw_phi.copy_(torch.tensor([[-50.0], [0.3], [50.0]]))  # (H, 1): an ARPrior's
     phi = net.prior.phi
     assert bool((phi.abs() < 1).all()) and phi[0] < -0.999 and phi[2] > 0.999
     assert bool(torch.isfinite(net.prior.half_life).all())
     no_ar = make(ar=False)
-    assert_close(no_ar.prior.phi, torch.zeros(3))
-    assert "prior.raw_phi" not in dict(no_ar.named_parameters())
+    assert_close(no_ar.prior.phi, torch.zeros(3, 1))
+    assert "z.prior.raw_phi" not in dict(no_ar.named_parameters())
 
 
 def test_generate_returns_strings_from_vocabulary():

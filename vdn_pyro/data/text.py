@@ -130,7 +130,10 @@ def load_names(kind="first", lowercase=True):
     try:
         import names  # noqa: F401  (only its data files are read)
     except ImportError as e:
-        raise ImportError("The name corpus ships with the 'names' package: pip install names") from e
+        raise ImportError(
+            "The name corpus ships with the 'names' package, which the examples extra installs: "
+            "pip install 'vdn_pyro[examples]' (or pip install names)."
+        ) from e
     seen, out = set(), []
     root = importlib.resources.files("names")
     for filename in NAME_LISTS[kind]:

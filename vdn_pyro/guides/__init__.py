@@ -2,6 +2,7 @@
 
 from vdn_pyro.guides.amortized import SCALE_MODES, AmortizedNormal
 from vdn_pyro.guides.builder import NeuronGuide, run_as_guide
+from vdn_pyro.guides.path import PathPosterior
 from vdn_pyro.guides.recurrent import RecurrentPosterior
 from vdn_pyro.guides.trunks import DLinearTrunk, MLPTrunk, instance_offset, make_activation
 
@@ -11,6 +12,7 @@ __all__ = [
     "DLinearTrunk",
     "MLPTrunk",
     "NeuronGuide",
+    "PathPosterior",
     "RecurrentPosterior",
     "instance_offset",
     "make_activation",

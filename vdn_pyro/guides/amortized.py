@@ -95,6 +95,11 @@ class AmortizedNormal(nn.Module):
         return self.dist_from(loc, scale, temporal)
 
     @staticmethod
+    def moments(loc, scale):
+        """Marginal means and scales from the parameters (for a Normal, the parameters)."""
+        return loc, scale
+
+    @staticmethod
     def dist_from(loc, scale, temporal=False):
         """The posterior from its parameters ``(..., B, H, k[, T])``: batch ``(..., B, H)``."""
         return dist.Normal(loc, scale).to_event(2 if temporal else 1)

@@ -14,12 +14,16 @@ Other latent sites of the model are for Pyro's autoguides: compose them with
     guide.append(AutoNormal(poutine.block(net, expose=["w"])))
 
 Inside the guide's pass such a site takes a draw from its prior (its guide value is not seen by
-the neuron heads), so put neuron layers upstream of, or beside, other latents.
+the neuron heads), so put neuron layers upstream of, or beside, other latents. A plate with random
+subsampling (``pyro.plate(..., subsample_size=b)``) is replayed from the guide on its own; inside
+an ``AutoGuideList`` pass explicit indices (``subsample=...``, as
+:func:`~vdn_pyro.primitives.data_plate` does) so that every part reads the same rows.
 """
 
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoGuide
+from pyro.poutine.subsample_messenger import _Subsample
 
 from vdn_pyro.primitives import NEURONS_INFER_KEY, capture_posteriors, neuron_mode
 
@@ -30,18 +34,41 @@ def _is_neuron_site(msg):
     return msg["type"] == "sample" and bool((msg.get("infer") or {}).get(NEURONS_INFER_KEY, False))
 
 
+def _is_subsample_site(msg):
+    return msg["type"] == "sample" and isinstance(msg.get("fn"), _Subsample)
+
+
 def _expose(msg):
     return msg["type"] == "param" or _is_neuron_site(msg)
 
 
-def run_as_guide(model, *args, **kwargs):
+def _expose_with_subsamples(msg):
+    return _expose(msg) or _is_subsample_site(msg)
+
+
+def run_as_guide(model, *args, subsample_sites=True, **kwargs):
     """Run ``model`` as its own guide: neuron layers sample their posteriors; every sample site
     but theirs is blocked.
 
+    :param bool subsample_sites: also expose the random subsample sites of the model's plates
+        (``pyro.plate(..., subsample_size=b)``), so that the model, replayed against the guide,
+        reads the same rows.
     :returns: ``{site: value}`` of the neuron sites.
     """
+    expose = _expose_with_subsamples if subsample_sites else _expose
     with neuron_mode("guide"):
-        trace = poutine.trace(poutine.block(model, expose_fn=_expose)).get_trace(*args, **kwargs)
+        try:
+            trace = poutine.trace(poutine.block(model, expose_fn=expose)).get_trace(*args, **kwargs)
+        except RuntimeError as error:
+            if "Multiple sample sites named" not in str(error):
+                raise
+            raise ValueError(
+                f"{str(error).splitlines()[0]}: two sample sites of the model share a name. A Neurons "
+                "layer is named after its place in the tree of PyroModules, and inside a plain "
+                "nn.ModuleList or nn.Sequential that path is lost. Hold the layers in "
+                "PyroModule[nn.ModuleList] (or PyroModule[nn.Sequential]), or pass name=... to each "
+                "layer."
+            ) from error
     return {
         name: site["value"]
         for name, site in trace.nodes.items()
@@ -71,7 +98,9 @@ class NeuronGuide(AutoGuide):
     ...     def forward(self, x, y=None):
     ...         with data_plate(x.shape[0]):
     ...             z = self.hidden(x)
-    ...             return pyro.sample("obs", dist.Normal(self.head(z), 1.0).to_event(1), obs=y)
+    ...             loc = self.head(z).unsqueeze(-2)  # (B, 1, 1): observations at dim -2
+    ...             obs = None if y is None else y.unsqueeze(-2)
+    ...             return pyro.sample("obs", dist.Normal(loc, 1.0).to_event(1), obs=obs)
     >>> net = Net()
     >>> guide = NeuronGuide(net)
     >>> sorted(guide(torch.randn(2, 3)))
@@ -85,7 +114,8 @@ class NeuronGuide(AutoGuide):
         """
         if getattr(self.model, "deterministic", False) is True:
             return {}
-        return run_as_guide(self.model, *args, **kwargs)
+        # inside an AutoGuideList the list's own plates own the subsample sites
+        return run_as_guide(self.model, *args, subsample_sites=self.master is None, **kwargs)
 
     def _loc(self, *args, **kwargs):
         with neuron_mode("mean"), capture_posteriors() as record, poutine.block():

@@ -18,6 +18,7 @@ from vdn_pyro.inference.constraints import (
     LocBand,
     Persistence,
     ScaleGuard,
+    layer_stats,
 )
 from vdn_pyro.inference.diagnostics import (
     STATUSES,
@@ -73,6 +74,7 @@ __all__ = [
     "fit",
     "init_distributed",
     "launch",
+    "layer_stats",
     "layer_summary",
     "load_checkpoint",
     "load_inference_data",

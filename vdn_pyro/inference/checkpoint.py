@@ -8,6 +8,12 @@ Writes are atomic: the payload goes to a temporary file in the target directory,
 ``fsync``-ed, and then :func:`os.replace` renames it over the target. A reader therefore sees either
 the previous checkpoint or the new one, never a partial file, even if the writer is killed.
 
+Any :class:`torch.nn.Module` can be checkpointed (its ``state_dict`` and a fingerprint of its
+architecture). :func:`load_network` loads the weights into a network you pass, whatever its
+class, and rebuilds the network itself from the stored configuration for the library's own
+networks (:data:`REBUILDABLE`: ``VDN``, ``Forecaster``, ``RecurrentVDN``; only these, looked up by
+their qualified name: nothing named in a file is ever imported).
+
 A file that is empty, truncated or unreadable raises :class:`CorruptCheckpointError`; a file that
 is not a vdn_pyro checkpoint raises :class:`ForeignCheckpointError`; a checkpoint of another
 architecture (or a newer format) raises :class:`IncompatibleCheckpointError`. All three subclass
@@ -27,10 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vdn_pyro.models.forecaster import Forecaster, ForecasterConfig
+from vdn_pyro.models.recurrent import RecurrentVDN, RecurrentVDNConfig
+from vdn_pyro.models.vdn import VDN, VDNConfig
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "LAST_CHECKPOINT",
+    "REBUILDABLE",
     "CheckpointError",
     "CorruptCheckpointError",
     "ForeignCheckpointError",
@@ -56,6 +67,12 @@ LAST_CHECKPOINT = "last.pt"
 _ZIP_MAGIC = b"PK\x03\x04"
 # config fields that are training state (restored from the state_dict), not architecture
 _STATE_FIELDS = ("beta",)
+
+#: The networks :func:`load_network` rebuilds from a checkpoint's stored config, by the qualified
+#: class name the checkpoint's fingerprint holds.
+REBUILDABLE = tuple(f"{cls.__module__}.{cls.__qualname__}" for cls in (VDN, Forecaster, RecurrentVDN))
+# where these classes were defined before (checkpoints written then name them so)
+_CLASS_ALIASES = {"vdn_pyro.network.VDN": "vdn_pyro.models.vdn.VDN"}
 
 
 class CheckpointError(RuntimeError):
@@ -120,8 +137,12 @@ def network_fingerprint(network):
     if config is not None:
         config = {k: v for k, v in config.items() if k not in _STATE_FIELDS}
     state = {name: [list(t.shape), str(t.dtype)] for name, t in network.state_dict().items()}
+    return {"class": _class_name(network), "config": config, "state": state}
+
+
+def _class_name(network):
     cls = type(network)
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "config": config, "state": state}
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def check_compatible(checkpoint, network, path="checkpoint"):
@@ -136,7 +157,7 @@ def check_compatible(checkpoint, network, path="checkpoint"):
     if saved is None:
         return
     problems = []
-    if saved.get("class") != current["class"]:
+    if _CLASS_ALIASES.get(saved.get("class"), saved.get("class")) != current["class"]:
         problems.append(f"class {saved.get('class')} != {current['class']}")
     old_cfg, new_cfg = saved.get("config") or {}, current["config"] or {}
     for key in sorted(set(old_cfg) | set(new_cfg)):
@@ -248,9 +269,12 @@ def save_checkpoint(path, payload, *, network=None, check_finite=("network", "op
 
     :param path: the target file; its directory is created if missing.
     :param dict payload: tensors and plain containers only (what ``weights_only`` loading
-        accepts). The keys ``format``, ``version`` and, with ``network``, ``fingerprint`` are added.
-    :param network: the module the payload belongs to; its :func:`network_fingerprint` is stored
-        so that loading into another architecture is refused.
+        accepts). The keys ``format``, ``version`` and, with ``network``, ``fingerprint`` are
+        added, and ``config``/``config_repr`` (:func:`config_payload`) when the payload has no
+        ``config``.
+    :param network: the module the payload belongs to (any :class:`torch.nn.Module`); its
+        :func:`network_fingerprint` is stored so that loading into another architecture is
+        refused.
     :param tuple check_finite: payload entries that must hold only finite floats.
     :returns: the :class:`pathlib.Path` written.
     :raises CheckpointError: if a checked entry holds NaN or inf (nothing is written, and an
@@ -269,6 +293,8 @@ def save_checkpoint(path, payload, *, network=None, check_finite=("network", "op
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
     if network is not None:
         payload["fingerprint"] = network_fingerprint(network)
+        if "config" not in payload:
+            payload["config"], payload["config_repr"] = config_payload(network)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -355,31 +381,63 @@ def load_checkpoint(path, *, network=None, map_location="cpu"):
     return data
 
 
+def _rebuild(class_name, config):
+    """A fresh network of one of the :data:`REBUILDABLE` classes from its config fields."""
+    if class_name == REBUILDABLE[0]:
+        built = VDNConfig(**config)
+        return VDN(built.in_features, built.out_features, config=built)
+    if class_name == REBUILDABLE[1]:
+        return Forecaster(ForecasterConfig(**config))
+    built = RecurrentVDNConfig(**config)
+    return RecurrentVDN(built.vocab_size, config=built)
+
+
 def load_network(path, network=None, *, map_location="cpu"):
     """Load a checkpoint's weights into a network, building the network from its stored config if
     none is given.
 
     :param path: a checkpoint file, or a directory holding :data:`LAST_CHECKPOINT`.
-    :param network: the module to load into (its architecture is checked); ``None`` to build a
-        :class:`~vdn_pyro.VDN` from the checkpoint's config.
+    :param network: the module to load into, of any class (its architecture is checked against
+        the checkpoint's fingerprint); ``None`` to rebuild the network from the checkpoint's
+        config, which works for the classes in :data:`REBUILDABLE` (``VDN``, ``Forecaster``,
+        ``RecurrentVDN``).
     :returns: the network, in eval mode.
     :raises IncompatibleCheckpointError: if the network does not fit, or ``network=None`` and the
-        checkpoint holds no rebuildable config.
+        checkpoint holds no config of a rebuildable class (e.g. a network of your own: build it
+        and pass it).
     """
     data = load_checkpoint(path, network=network, map_location=map_location)
     if network is None:
-        from vdn_pyro.network import VDN, VDNConfig
-
-        config = data.get("config")
-        fields = {f.name for f in dataclasses.fields(VDNConfig)}
-        if not isinstance(config, dict) or not set(config) <= fields or data.get("config_repr"):
+        where = resolve_checkpoint(path)
+        fingerprint = data.get("fingerprint") or {}
+        class_name = fingerprint.get("class")
+        class_name = _CLASS_ALIASES.get(class_name, class_name)
+        if class_name is None and isinstance(data.get("config"), dict):
+            class_name = REBUILDABLE[0]  # written without a fingerprint: the old default, a VDN
+        if class_name not in REBUILDABLE:
             raise IncompatibleCheckpointError(
-                f"Checkpoint {resolve_checkpoint(path)} holds no VDNConfig that can be rebuilt "
-                f"(non-plain fields: {data.get('config_repr') or 'none stored'}). Build the "
-                "network yourself and pass it as load_network(path, network)."
+                f"Checkpoint {where} holds a {class_name or 'network of unknown class'}, which "
+                "load_network cannot rebuild by itself (it rebuilds "
+                f"{', '.join(name.rpartition('.')[2] for name in REBUILDABLE)} from their stored "
+                "config). Build the network as it was built for the fit and pass it: "
+                "load_network(path, network)."
             )
-        network = VDN(config["in_features"], config["out_features"], config=VDNConfig(**config))
-        check_compatible(data, network, resolve_checkpoint(path))
+        config = data.get("config")
+        if not isinstance(config, dict) or data.get("config_repr"):
+            raise IncompatibleCheckpointError(
+                f"Checkpoint {where} holds no config of its {class_name.rpartition('.')[2]} that "
+                f"can be rebuilt (fields stored only as text: {data.get('config_repr') or 'none stored'}). "
+                "Build the network yourself and pass it as load_network(path, network)."
+            )
+        try:
+            network = _rebuild(class_name, config)
+        except (TypeError, ValueError) as e:
+            raise IncompatibleCheckpointError(
+                f"Checkpoint {where}: its stored {class_name.rpartition('.')[2]} config cannot be "
+                f"rebuilt by this vdn_pyro ({type(e).__name__}: {e}). Build the network yourself "
+                "and pass it as load_network(path, network)."
+            ) from None
+        check_compatible(data, network, where)
     network.load_state_dict(data["network"])
     return network.eval()
 

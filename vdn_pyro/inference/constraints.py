@@ -13,11 +13,21 @@ and to its callbacks, so a constraint acts through whichever of these it defines
   rows (:class:`LocBand` with ``project``), project parameters back into a band
   (:class:`ScaleGuard`, :class:`Persistence`).
 
-Every constraint works per unit, on every neuron layer of the network or only on those named in
-``sites`` (site names such as ``"layers.0.z"`` or layer indices). Site names are checked against
-the network when the fit starts (or on :meth:`Constraint.bind`), and a name that does not exist is
-a ``ValueError``. Constraints that keep state (such as :class:`KLBand`'s KL moving averages)
-expose it through ``state_dict()``/``load_state_dict()`` so that checkpoints can hold it.
+Every constraint works per unit, on every distributional :class:`~vdn_pyro.models.Neurons` layer
+of the network or only on those named in ``sites`` (site names such as ``"layers.0.z"`` or layer
+indices). The network is any module that contains ``Neurons`` layers (a user's
+:class:`~pyro.nn.PyroModule`, :class:`~vdn_pyro.VDN`, :class:`~vdn_pyro.models.Forecaster`, ...):
+the layers are found by walking its module tree (:func:`~vdn_pyro.models.neurons.find_neurons`).
+Site names are checked against the network when the fit starts (or on :meth:`Constraint.bind`),
+and a name that does not exist is a ``ValueError``. Constraints that keep state (such as
+:class:`KLBand`'s KL moving averages) expose it through ``state_dict()``/``load_state_dict()`` so
+that checkpoints can hold it.
+
+A layer called once per time step (sites ``"<site>.<t>"``, see
+:meth:`~vdn_pyro.models.Neurons.owns`) is one layer here: its site is ``"<site>"``, what acts on
+the ELBO's statistics (:class:`KLBand`'s average, :class:`LocBand`'s projection) reads their mean
+over the steps (:func:`layer_stats`), and what acts inside the loss (:class:`FreeBits`,
+:class:`LocBand`'s penalty) acts on each step's site.
 
 >>> from vdn_pyro import VDN, fit
 >>> net = VDN(4, 1, units=(8,))
@@ -36,9 +46,20 @@ from torch.nn.functional import relu, softplus
 
 from vdn_pyro.distributions import half_life as ar_half_life
 from vdn_pyro.distributions import phi_from_half_life
+from vdn_pyro.inference.elbo import UnitStats
+from vdn_pyro.models.neurons import find_neurons
 from vdn_pyro.models.priors import ARPrior
 
-__all__ = ["Constraint", "FreeBits", "KLBand", "LocBand", "Persistence", "ScaleGuard"]
+__all__ = [
+    "Constraint",
+    "FreeBits",
+    "KLBand",
+    "LocBand",
+    "Persistence",
+    "ScaleGuard",
+    "distributional_layers",
+    "layer_stats",
+]
 
 GRANULARITIES = ("unit", "layer")
 #: Name of the plate Pyro adds for vectorised particles; it is not a data plate.
@@ -89,20 +110,81 @@ def _base_normal(fn):
 
 def _num_observations(site, guide_site):
     """Full data-set size seen by a site: the product of its plates' full sizes, leaving out the
-    unit plate and the vectorised-particle plate."""
+    unit plate, the plate of a layer's K draws and the vectorised-particle plate."""
     n = 1
     for frame in guide_site["cond_indep_stack"]:
-        if frame.name == f"{site}.units" or frame.name == _PARTICLE_PLATE:
+        if frame.name in (f"{site}.units", f"{site}.draws", _PARTICLE_PLATE):
             continue
         n *= frame.full_size if frame.full_size is not None else frame.size
     return n
 
 
+def _step_owner(site):
+    """``"<site>.<t>" -> "<site>"`` for a per-step site name, else ``None``."""
+    head, _, tail = site.rpartition(".")
+    return head if head and tail.isdigit() else None
+
+
+def distributional_layers(network, owner="This tool"):
+    """The distributional :class:`~vdn_pyro.models.Neurons` layers of any module, in the order of
+    its module tree (deterministic layers carry no distribution and are left out).
+
+    :param network: a :class:`torch.nn.Module` that contains ``Neurons`` layers.
+    :param str owner: who asks, for the error messages.
+    :returns: a non-empty list of layers.
+    :raises TypeError: if ``network`` is not a module or contains no ``Neurons`` layer.
+    :raises ValueError: if every layer is deterministic (the twin).
+    """
+    if not isinstance(network, torch.nn.Module):
+        raise TypeError(
+            f"{owner}: expected a torch.nn.Module that contains Neurons layers (a PyroModule of "
+            f"your own, VDN, Forecaster, ...), but got {type(network).__name__}."
+        )
+    layers = find_neurons(network)
+    if not layers:
+        raise TypeError(
+            f"{owner}: expected a module that contains Neurons layers, but {type(network).__name__} "
+            "has none. Build the model's latent layers with vdn_pyro.models.Neurons."
+        )
+    layers = [layer for layer in layers if not layer.deterministic]
+    if not layers:
+        raise ValueError(
+            f"{owner}: every Neurons layer of the network is deterministic (the twin, "
+            "deterministic=True); its units carry no distribution, so there is no KL, scale or "
+            "status to report or constrain."
+        )
+    return layers
+
+
+def layer_stats(layers, stats):
+    """The ELBO's per-unit statistics gathered per layer.
+
+    A layer called once (site ``"<site>"``) keeps its :class:`~vdn_pyro.inference.UnitStats`; a
+    layer called once per time step (sites ``"<site>.<t>"``) gets the mean over its steps.
+
+    :param layers: :class:`~vdn_pyro.models.Neurons` layers.
+    :param dict stats: ``site -> UnitStats`` (each field ``(H,)``), keyed by the sites that ran,
+        as :attr:`~vdn_pyro.inference.LocalELBO.last_stats`.
+    :returns: dict ``layer.site -> UnitStats`` for the layers that have statistics.
+    """
+    out = {}
+    for layer in layers:
+        mine = [s for name, s in stats.items() if layer.owns(name)]
+        if len(mine) == 1:
+            out[layer.site] = mine[0]
+        elif mine:
+            out[layer.site] = UnitStats(
+                *(torch.stack([getattr(s, f) for s in mine]).mean(0) for f in ("kl", "loc_sq", "scale"))
+            )  # (H,) each
+    return out
+
+
 class Constraint:
     """Base class of the local constraints: scoping to sites, binding to a network, state.
 
-    :param sites: ``None`` (every neuron layer of the network), or a site name, a layer index,
-        or a sequence of them, e.g. ``"layers.0.z"`` or ``[0, 2]``.
+    :param sites: ``None`` (every distributional neuron layer of the network), or a site name, a
+        layer index (into the network's distributional layers, in module-tree order), or a
+        sequence of them, e.g. ``"layers.0.z"`` or ``[0, 2]``.
     :raises TypeError: if ``sites`` holds something other than strings and ints.
     """
 
@@ -131,24 +213,16 @@ class Constraint:
 
         Has no side effect on the network (side effects belong in :meth:`on_fit_start`).
 
-        :param network: a :class:`~vdn_pyro.VDN`, or any module with a ``layers`` sequence of
-            :class:`~vdn_pyro.network.NeuronLayer` (each with ``site``, ``prior``, ``posterior``
-            and a ``beta`` buffer of shape ``(H,)``).
+        :param network: any :class:`torch.nn.Module` that contains
+            :class:`~vdn_pyro.models.Neurons` layers (each with ``site``, ``prior``,
+            ``posterior`` and a ``beta`` buffer of shape ``(H,)``); they are found by walking its
+            module tree.
         :returns: ``self``.
-        :raises ValueError: if a named site or layer index does not exist.
+        :raises TypeError: if the network contains no ``Neurons`` layer.
+        :raises ValueError: if a named site or layer index does not exist, or the network is the
+            deterministic twin.
         """
-        layers = list(getattr(network, "layers", None) or [])
-        if not layers or not all(hasattr(layer, "site") for layer in layers):
-            raise TypeError(
-                f"{type(self).__name__}: expected a network with a `layers` sequence of neuron "
-                f"layers (each with a `site`), such as vdn_pyro.VDN, but got "
-                f"{type(network).__name__}."
-            )
-        if getattr(network, "deterministic", False):
-            raise ValueError(
-                f"{type(self).__name__}: the network is the deterministic twin "
-                "(deterministic=True); it has no distributional units to constrain."
-            )
+        layers = distributional_layers(network, type(self).__name__)
         names = [layer.site for layer in layers]
         if self.sites is None:
             chosen = set(names)
@@ -181,7 +255,8 @@ class Constraint:
     def covers(self, site):
         """Whether the constraint acts on ``site``.
 
-        :param str site: a neuron site name.
+        :param str site: a neuron site name: a layer's ``"<site>"`` or one of its per-step sites
+            ``"<site>.<t>"``.
         :rtype: bool
         """
         if self.sites is None:
@@ -191,7 +266,7 @@ class Constraint:
                 f"{type(self).__name__} names layers by index; call bind(network) (fit does it "
                 "at start) before using it."
             )
-        return site in self._names
+        return site in self._names or _step_owner(site) in self._names
 
     # ------------------------------------------------------------- callbacks
     def on_fit_start(self, state):
@@ -350,10 +425,10 @@ class KLBand(Constraint):
     def on_step_end(self, state):
         """Update the averages from ``state.stats`` and, every ``every`` steps, the betas."""
         update = state.step % self.every == 0
+        stats = layer_stats(self.layers, state.stats)  # per layer; the mean over a layer's steps
         for layer in self.layers:
-            stats = state.stats.get(layer.site)
-            if stats is not None:
-                self.observe(layer, stats.kl, update_beta=update)
+            if layer.site in stats:
+                self.observe(layer, stats[layer.site].kl, update_beta=update)
         self.num_updates += 1
 
     def state_dict(self):
@@ -505,10 +580,10 @@ class LocBand(Constraint):
         """Project the out-of-band units (when ``project``)."""
         if not self.project or state.step % self.every:
             return
+        stats = layer_stats(self.layers, state.stats)  # per layer; the mean over a layer's steps
         for layer in self.layers:
-            stats = state.stats.get(layer.site)
-            if stats is not None:
-                self.project_layer(layer, stats.loc_sq)
+            if layer.site in stats:
+                self.project_layer(layer, stats[layer.site].loc_sq)
 
     def __repr__(self):
         return (

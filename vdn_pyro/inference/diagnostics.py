@@ -1,8 +1,9 @@
 r"""Diagnostics: the measures that show each distributional neuron's regime.
 
-For every unit i of every neuron layer, on a data set ``x`` (training or held out), along the
-network's mean path (each layer reads the previous layer's posterior mean, as
-:meth:`~vdn_pyro.VDN.posteriors` computes it):
+For every unit i of every distributional :class:`~vdn_pyro.models.Neurons` layer of any module
+that contains them (found by walking its module tree), on a data set ``x`` (training or held
+out), along the network's mean path (each layer reads the previous layer's posterior mean, as
+:func:`~vdn_pyro.models.base.posteriors` computes it):
 
 - ``kl``: :math:`\mathbb{E}_x\, \mathrm{KL}(q(z_i \mid x) \,\|\, p(z_i))` in nats per
   observation (summed over the unit's k latent dims and T steps), analytic, from the posterior
@@ -37,6 +38,13 @@ network's mean path (each layer reads the previous layer's posterior mean, as
 :func:`unit_report` returns these as a tidy :class:`pandas.DataFrame` (one row per site and
 unit) and :func:`layer_summary` aggregates it per layer. :class:`UnitMonitor` records them every
 n steps of :func:`~vdn_pyro.inference.fit` into ``result.monitor``.
+
+The data are what the model is called with: a tensor ``x`` (``model(x)``) or a tuple of its
+positional arguments (``model(*args)``; e.g. ``(x, y)`` for a model whose posterior reads the
+targets). A layer called once per time step (sites ``"<site>.<t>"``) is reported as one layer:
+its steps form a time axis of the posterior (as a temporal layer's do), its ``kl`` is the mean
+over steps of each step's KL against that step's (conditional) prior, in nats per step, and
+``prior_scale`` is the mean scale of those priors.
 """
 
 import dataclasses
@@ -45,11 +53,23 @@ import numbers
 
 import numpy as np
 import torch
+from pyro import poutine
 from torch.distributions import kl_divergence
 
 import vdn_pyro.distributions  # noqa: F401  (registers the ARProcess KL)
-from vdn_pyro.inference.constraints import Constraint, KLBand, LocBand, Persistence, ScaleGuard
-from vdn_pyro.models.priors import ARPrior
+from vdn_pyro.inference.constraints import (
+    Constraint,
+    KLBand,
+    LocBand,
+    Persistence,
+    ScaleGuard,
+    distributional_layers,
+    layer_stats,
+)
+from vdn_pyro.models.base import posteriors
+from vdn_pyro.models.priors import ARPrior, NormalPrior
+from vdn_pyro.primitives import module_params
+from vdn_pyro.unit_status import STATUSES, StatusThresholds, classify_units, mutual_information
 
 __all__ = [
     "STATUSES",
@@ -62,42 +82,7 @@ __all__ = [
     "unit_report",
 ]
 
-#: The regimes a unit can be in, in the order :func:`classify_units` tests them (living last).
-STATUSES = ("exploding", "deterministic", "dead", "drifting", "living")
-
 _LOG_2PI = math.log(2 * math.pi)
-
-
-@dataclasses.dataclass
-class StatusThresholds:
-    """Thresholds of the status classifier (see the module docstring for the rules).
-
-    :ivar float dead_kl: KL (nats) below which a unit's posterior is its prior.
-    :ivar float dead_mi: mutual information (nats) below which a unit ignores its input.
-    :ivar float active_var: variance over inputs of the posterior mean above which a unit is
-        active.
-    :ivar float deterministic_scale: posterior scale, as a fraction of the prior's marginal
-        scale, below which a unit is deterministic.
-    :ivar float floor_tolerance: a scale within this relative distance of the posterior's lower
-        clamp is at its floor (deterministic).
-    :ivar float explode_factor: loc^2 above this many times the top of the loc^2 band is
-        exploding.
-    :ivar float drift: relative change over the window above which a unit is drifting.
-    """
-
-    dead_kl: float = 0.01
-    dead_mi: float = 0.01
-    active_var: float = 0.01
-    deterministic_scale: float = 0.05
-    floor_tolerance: float = 0.01
-    explode_factor: float = 10.0
-    drift: float = 0.5
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
-                raise ValueError(f"Expected StatusThresholds.{field.name} >= 0, but got {value!r}.")
 
 
 def _check_band(name, band):
@@ -111,19 +96,21 @@ def _check_band(name, band):
     return low, high
 
 
-def _check_network(network):
-    layers = getattr(network, "layers", None)
-    if not layers or not hasattr(network, "posteriors"):
-        raise TypeError(
-            "Expected a network with `layers` (neuron layers) and `posteriors(x)`, such as "
-            f"vdn_pyro.VDN, but got {type(network).__name__}."
-        )
-    if getattr(network, "deterministic", False):
-        raise ValueError(
-            "The network is the deterministic twin (deterministic=True): its units carry no "
-            "distribution, so there is no KL, scale or status to report."
-        )
-    return list(layers)
+def _as_args(x, owner="unit_report"):
+    """The model's positional arguments: ``(x,)`` for a tensor, the tuple itself for a tuple."""
+    if torch.is_tensor(x):
+        return (x,)
+    if isinstance(x, tuple) and x:
+        return x
+    raise TypeError(
+        f"{owner}: expected x to be a tensor (the model is called as model(x)) or a non-empty "
+        f"tuple of the model's positional arguments (model(*x)), but got {type(x).__name__}."
+    )
+
+
+def _device(network):
+    param = next(iter(network.parameters()), None)
+    return torch.device("cpu") if param is None else param.device
 
 
 def _flat(value):
@@ -131,109 +118,101 @@ def _flat(value):
     return value.reshape(value.shape[0], value.shape[1], -1)
 
 
-def _posterior_and_prior(layer, loc, scale):
-    """The posterior and prior of one layer as distributions with batch ``(B, H)``."""
-    temporal = loc.dim() == 4  # (B, H, k, T)
-    q = torch.distributions.Independent(torch.distributions.Normal(loc, scale), loc.dim() - 2)
-    p = layer.prior((loc.shape[0],), loc.shape[-1] if temporal else None)
-    return q, p
+def _base_normal(fn):
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return fn
+
+
+def _per_unit(value, units):
+    """Mean over every dim but the last (the units): ``(..., H) -> (H,)``."""
+    return value.reshape(-1, units).mean(0)
+
+
+@dataclasses.dataclass
+class _LayerPosterior:
+    """One layer along the mean path: ``loc``/``scale`` ``(N, H, k[, T])``, ``kl`` and
+    ``prior_scale`` ``(H,)`` (``None`` where the prior has no Normal scale)."""
+
+    layer: object
+    loc: torch.Tensor
+    scale: torch.Tensor
+    kl: torch.Tensor
+    prior_scale: object
+
+
+@torch.no_grad()
+def _mean_path(network, args, layers):
+    """Each layer's posterior and its KL against the prior it is sampled under, along the mean
+    path: :func:`~vdn_pyro.models.base.posteriors`, then one pass of the model conditioned on
+    those posterior means, which gives every site's (possibly conditional) prior. Draws of other
+    sites (the observations) come from a forked random state: the global one is left as it was.
+    """
+    device = _device(network)
+    call = getattr(network, "model", network)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        posts = posteriors(network, *args)
+        means = {site: loc for site, (loc, _) in posts.items()}
+        with module_params(), poutine.block():
+            trace = poutine.trace(poutine.condition(call, data=means)).get_trace(*args)
+    out = []
+    for layer in layers:
+        sites = [site for site in posts if layer.owns(site)]
+        if not sites:
+            raise ValueError(
+                f"Neurons layer {layer.site!r} was not called when the model ran on these "
+                "inputs; pass what the model takes (a tensor x, or a tuple of its positional "
+                "arguments)."
+            )
+        sites.sort(key=lambda site: -1 if site == layer.site else int(site.rpartition(".")[2]))
+        kls, scales = [], []
+        for site in sites:
+            loc, scale = posts[site]  # (N, H, k[, T])
+            q = torch.distributions.Independent(torch.distributions.Normal(loc, scale), loc.dim() - 2)
+            p = trace.nodes[site]["fn"]
+            kls.append(_per_unit(kl_divergence(q, p), layer.units))  # (H,)
+            base = _base_normal(p)
+            if isinstance(base, torch.distributions.Normal):
+                prior_scale = base.scale.expand(base.batch_shape)  # (..., N, H[, k[, T]])
+                unit_axis = len(p.batch_shape) - 1
+                scales.append(torch.movedim(prior_scale, unit_axis, -1).reshape(-1, layer.units).mean(0))
+        if len(sites) == 1:
+            loc, scale = posts[sites[0]]  # (N, H, k[, T])
+        else:  # one site per step: the steps become a time axis
+            loc = torch.stack([posts[site][0] for site in sites], -1)  # (N, H, k, T)
+            scale = torch.stack([posts[site][1].expand_as(posts[site][0]) for site in sites], -1)
+        if isinstance(layer.prior, (NormalPrior, ARPrior)):  # the stationary marginal
+            marginal = _base_normal(layer.prior((), None))
+            prior_scale = marginal.scale.reshape(layer.units, -1).mean(-1)  # (H,)
+        elif len(scales) == len(sites):
+            prior_scale = torch.stack(scales).mean(0)  # (H,)
+        else:
+            prior_scale = None
+        out.append(_LayerPosterior(layer, loc, scale, torch.stack(kls).mean(0), prior_scale))
+    return out
+
+
+def _memory(prior, units):
+    """Lag-1 coefficient and half-life per unit ``(H,)`` each, or ``None`` if the prior has none."""
+    phi, half_life = getattr(prior, "phi", None), getattr(prior, "half_life", None)
+    if torch.is_tensor(phi) and torch.is_tensor(half_life) and half_life.numel() == units:
+        return phi.reshape(units, -1)[:, 0], half_life.reshape(units)
+    return None
 
 
 @torch.no_grad()
 def unit_kl(network, x):
     """Analytic KL per unit on ``x``, along the mean path.
 
-    :param network: a :class:`~vdn_pyro.VDN` (or any network with ``layers`` and
-        ``posteriors``).
-    :param torch.Tensor x: inputs ``(N, D)`` or ``(N, T, D)``.
-    :returns: dict ``site -> (H,)`` tensor of KL in nats, averaged over the N inputs.
+    :param network: any module that contains :class:`~vdn_pyro.models.Neurons` layers (a user's
+        :class:`~pyro.nn.PyroModule`, :class:`~vdn_pyro.VDN`, ...), not the deterministic twin.
+    :param x: the model's input, a tensor ``(N, ...)`` (``model(x)``), or a tuple of its
+        positional arguments.
+    :returns: dict ``site -> (H,)`` tensor of KL in nats, averaged over the N inputs (and over
+        the steps of a layer called once per step), one entry per distributional layer.
     """
-    layers = _check_network(network)
-    posts = network.posteriors(x)
-    out = {}
-    for layer in layers:
-        loc, scale = posts[layer.site]  # (N, H, k[, T])
-        q, p = _posterior_and_prior(layer, loc, scale)
-        out[layer.site] = kl_divergence(q, p).mean(0)  # (H,)
-    return out
-
-
-@torch.no_grad()
-def mutual_information(loc, scale, num_samples=8, max_points=512, generator=None):
-    r"""Monte Carlo estimate of :math:`I(x; z_i)` per unit from the aggregate posterior.
-
-    With :math:`q(z) = \frac1N \sum_m q(z \mid x_m)` over the data,
-
-    .. math:: I(x; z_i) = \mathbb{E}_{n}\, \mathbb{E}_{z \sim q(z_i \mid x_n)}
-              \Big[\log q(z \mid x_n) - \log \frac1N \sum_{m} q(z \mid x_m)\Big],
-
-    where each :math:`q(z_i \mid x)` is a diagonal Normal over the unit's latent dims (and
-    steps). The estimate lies in :math:`[0, \log N]`: a unit whose posterior does not depend on
-    the input gives exactly 0, and a nearly deterministic one saturates at :math:`\log N`.
-
-    :param torch.Tensor loc: posterior locs ``(N, H, ...)``.
-    :param torch.Tensor scale: posterior scales, broadcastable to ``loc``.
-    :param int num_samples: draws of z per input.
-    :param int max_points: use at most this many inputs (a random subset; N in the formula).
-    :param torch.Generator generator: source of the draws (keeps the global RNG untouched).
-    :returns: ``(H,)`` nats.
-    """
-    if loc.dim() < 2:
-        raise ValueError(f"Expected loc of shape (N, H, ...), but got {tuple(loc.shape)}.")
-    for name, value in [("num_samples", num_samples), ("max_points", max_points)]:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"Expected {name} to be an int >= 1, but got {value!r}.")
-    scale = scale.expand_as(loc)
-    loc, scale = _flat(loc), _flat(scale)  # (N, H, D)
-    n = loc.shape[0]
-    if n > max_points:
-        idx = torch.randperm(n, generator=generator)[:max_points].to(loc.device)
-        loc, scale, n = loc[idx], scale[idx], max_points  # (M, H, D)
-    _, units, dims = loc.shape
-    log_scale = scale.log()  # (M, H, D)
-    chunk = max(1, 2**22 // (num_samples * n * units * dims))
-    total = torch.zeros(units, dtype=loc.dtype, device=loc.device)
-    for start in range(0, n, chunk):
-        own_loc, own_scale = loc[start : start + chunk], scale[start : start + chunk]  # (C, H, D)
-        eps = torch.randn((num_samples,) + own_loc.shape, generator=generator).to(loc)  # (S, C, H, D)
-        z = own_loc + own_scale * eps  # (S, C, H, D)
-        log_own = (-0.5 * eps**2 - own_scale.log()).sum(-1)  # (S, C, H)
-        diff = (z[:, :, None] - loc) / scale  # (S, C, M, H, D)
-        log_all = (-0.5 * diff**2 - log_scale).sum(-1)  # (S, C, M, H)
-        log_agg = torch.logsumexp(log_all, dim=2) - math.log(n)  # (S, C, H)
-        total += (log_own - log_agg).sum((0, 1))
-    return (total / (num_samples * n)).clamp_min(0.0)  # (H,)
-
-
-def classify_units(kl, mi, loc_sq, scale, prior_scale, *, loc_high, scale_floor=0.0, drift=None,
-                   thresholds=None):
-    """Status of each unit from its statistics (rules in the module docstring).
-
-    :param kl: ``(H,)`` KL in nats. :param mi: ``(H,)`` mutual information (``NaN``: unknown).
-    :param loc_sq: ``(H,)`` mean loc^2. :param scale: ``(H,)`` mean posterior scale.
-    :param prior_scale: ``(H,)`` marginal prior scale.
-    :param float loc_high: top of the loc^2 band.
-    :param float scale_floor: the posterior's lower scale clamp.
-    :param drift: ``(H,)`` relative drift, or ``None``.
-    :param StatusThresholds thresholds: default :class:`StatusThresholds`.
-    :returns: a numpy array ``(H,)`` of status strings.
-    """
-    t = thresholds or StatusThresholds()
-    kl, mi, loc_sq, scale, prior_scale = (
-        np.asarray(v, dtype=float) for v in (kl, mi, loc_sq, scale, prior_scale)
-    )
-    finite = np.isfinite(kl) & np.isfinite(loc_sq) & np.isfinite(scale)
-    exploding = ~finite | (loc_sq > t.explode_factor * loc_high)
-    at_floor = scale <= scale_floor * (1 + t.floor_tolerance)
-    deterministic = ((scale < t.deterministic_scale * prior_scale) | at_floor) & (kl >= t.dead_kl)
-    dead = (kl < t.dead_kl) | (mi < t.dead_mi)  # NaN mi compares False
-    drifting = np.zeros_like(dead) if drift is None else np.asarray(drift, dtype=float) > t.drift
-    status = np.full(kl.shape, "living", dtype=object)
-    for name, mask in reversed(
-        [("exploding", exploding), ("deterministic", deterministic), ("dead", dead), ("drifting", drifting)]
-    ):
-        status[mask] = name
-    return status
+    layers = distributional_layers(network, "unit_kl")
+    return {p.layer.site: p.kl for p in _mean_path(network, _as_args(x, "unit_kl"), layers)}
 
 
 def _site_bands(site, constraints, kl_band, loc_band, scale_band, half_life_band):
@@ -281,8 +260,12 @@ def unit_report(
     ``loc_in_band``, ``scale_in_band``, ``half_life_in_band`` (``True`` where no band is set),
     ``in_band``, ``drift``, ``status``. Definitions and thresholds are in the module docstring.
 
-    :param network: a :class:`~vdn_pyro.VDN` (not the deterministic twin).
-    :param torch.Tensor x: inputs ``(N, D)`` or ``(N, T, D)``.
+    :param network: any module that contains :class:`~vdn_pyro.models.Neurons` layers (a user's
+        :class:`~pyro.nn.PyroModule`, :class:`~vdn_pyro.VDN`,
+        :class:`~vdn_pyro.models.Forecaster`, ...), not the deterministic twin. One row per unit
+        of each distributional layer; ``layer`` is its index among them (module-tree order).
+    :param x: the model's input, a tensor ``(N, ...)`` such as ``(N, D)`` or ``(N, T, D)``
+        (``model(x)``), or a tuple of its positional arguments.
     :param tuple kl_band: default KL band (nats per unit).
     :param tuple loc_band: default loc^2 band.
     :param tuple scale_band: default scale band.
@@ -305,7 +288,8 @@ def unit_report(
     """
     import pandas as pd
 
-    layers = _check_network(network)
+    layers = distributional_layers(network, "unit_report")
+    args = _as_args(x)
     kl_band = _check_band("kl_band", kl_band)
     loc_band = _check_band("loc_band", loc_band)
     scale_band = _check_band("scale_band", scale_band)
@@ -316,26 +300,18 @@ def unit_report(
             c.bind(network)
     thresholds = thresholds or StatusThresholds()
     generator = torch.Generator().manual_seed(int(seed))
-    posts = network.posteriors(x)
     frames = []
-    for index, layer in enumerate(layers):
-        site = layer.site
-        loc, scale = posts[site]  # (N, H, k[, T])
-        q, p = _posterior_and_prior(layer, loc, scale)
-        kl = kl_divergence(q, p).mean(0)  # (H,)
+    for index, post in enumerate(_mean_path(network, args, layers)):
+        layer, site, kl = post.layer, post.layer.site, post.kl  # kl: (H,)
+        loc, scale = post.loc, post.scale  # (N, H, k[, T])
         flat_loc, flat_scale = _flat(loc), _flat(scale.expand_as(loc))  # (N, H, D)
         var_mean = flat_loc.var(0, unbiased=False).mean(-1)  # (H,)
         mi = mutual_information(loc, scale, num_samples, max_points, generator)  # (H,)
         loc_sq = (flat_loc**2).mean((0, 2))  # (H,)
         scale_u = flat_scale.mean((0, 2))  # (H,)
-        marginal = layer.prior((), None)
-        while isinstance(marginal, torch.distributions.Independent):
-            marginal = marginal.base_dist
-        prior_scale = marginal.scale.reshape(layer.units, -1).mean(-1)  # (H,)
-        if isinstance(layer.prior, ARPrior):
-            phi, half_life = layer.prior.phi[:, 0], layer.prior.half_life  # (H,) each
-        else:
-            phi = half_life = torch.full_like(kl, math.nan)  # (H,)
+        nan = torch.full_like(kl, math.nan)  # (H,)
+        prior_scale = nan if post.prior_scale is None else post.prior_scale  # (H,)
+        phi, half_life = _memory(layer.prior, layer.units) or (nan, nan)  # (H,) each
         bands = _site_bands(site, constraints, kl_band, loc_band, scale_band, half_life_band)
         ema = None
         for c in constraints:
@@ -444,10 +420,12 @@ class UnitMonitor:
     and to :meth:`frame`. ``kl_ema`` is this monitor's moving average of each unit's per-step KL
     from the ELBO's statistics (decay ``ema``), and ``drift`` compares with the record taken
     ``window`` steps earlier. The bands come from the fit's constraints (those in the ELBO's
-    hooks) unless given.
+    hooks) unless given. Any module that contains :class:`~vdn_pyro.models.Neurons` layers can be
+    monitored; a layer called once per step averages its steps' statistics (see
+    :func:`~vdn_pyro.inference.constraints.layer_stats`).
 
-    :param torch.Tensor x: inputs to diagnose on ``(N, D)`` or ``(N, T, D)`` (e.g. held-out
-        data).
+    :param x: what to diagnose on (e.g. held-out data): a tensor such as ``(N, D)`` or
+        ``(N, T, D)`` (``model(x)``), or a tuple of the model's positional arguments.
     :param int every: record every this many steps.
     :param int window: drift window in steps (default ``every``: each record is compared with
         the one before it).
@@ -463,8 +441,7 @@ class UnitMonitor:
     """
 
     def __init__(self, x, every=50, *, window=None, ema=0.9, **report_options):
-        if not torch.is_tensor(x):
-            raise TypeError(f"Expected x to be a tensor, but got {type(x).__name__}.")
+        args = _as_args(x, "UnitMonitor")
         for name, value in [("every", every), ("window", window)]:
             if value is None and name == "window":
                 continue
@@ -472,12 +449,13 @@ class UnitMonitor:
                 raise ValueError(f"Expected {name} to be an int >= 1, but got {value!r}.")
         if not (isinstance(ema, numbers.Real) and 0 <= ema < 1):
             raise ValueError(f"Expected ema in [0, 1), but got {ema!r}.")
-        self.x, self.every = x, int(every)
+        self.args, self.every = args, int(every)
         self.window = int(window) if window is not None else self.every
         self.decay = float(ema)
         self.report_options = report_options
         self.reports = []  # (step, DataFrame)
         self.ema = {}
+        self._layers = None
 
     def frame(self):
         """All records as one :class:`pandas.DataFrame` with a ``step`` column."""
@@ -502,8 +480,9 @@ class UnitMonitor:
         if "constraints" not in options:
             hooks = getattr(state.elbo, "hooks", [])
             options["constraints"] = [h for h in hooks if isinstance(h, Constraint)]
-        x = self.x.to(next(iter(state.network.parameters())).device)
-        report = unit_report(state.network, x, previous=previous, kl_ema=self.ema or None, **options)
+        device = _device(state.network)
+        args = tuple(a.to(device) if torch.is_tensor(a) else a for a in self.args)
+        report = unit_report(state.network, args, previous=previous, kl_ema=self.ema or None, **options)
         report.insert(0, "step", state.step)
         self.reports.append((state.step, report))
         if state.history is not None:
@@ -512,13 +491,14 @@ class UnitMonitor:
 
     def on_fit_start(self, state):
         """Check the network and take the step-0 record."""
-        _check_network(state.network)
+        self._layers = distributional_layers(state.network, "UnitMonitor")
         self.reports, self.ema = [], {}
         self.record(state)
 
     def on_step_end(self, state):
         """Update the KL averages; record every ``every`` steps."""
-        for site, stats in state.stats.items():
+        layers = self._layers or distributional_layers(state.network, "UnitMonitor")
+        for site, stats in layer_stats(layers, state.stats).items():
             kl = stats.kl.detach()
             old = self.ema.get(site)
             self.ema[site] = kl.clone() if old is None else self.decay * old + (1 - self.decay) * kl

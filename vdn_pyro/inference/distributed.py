@@ -55,9 +55,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vdn_pyro.guides.builder import NeuronGuide
 from vdn_pyro.inference.checkpoint import LAST_CHECKPOINT
 from vdn_pyro.inference.elbo import LocalELBO, UnitStats
 from vdn_pyro.inference.fit import fit
+from vdn_pyro.models.neurons import find_neurons
 
 __all__ = [
     "DistributedContext",
@@ -164,23 +166,55 @@ def shard(tensor, rank, world_size):
     return tensor[rank::world_size]
 
 
+def _network_of(model, guide):
+    """The module DDP wraps: the model itself (a :class:`torch.nn.Module`, e.g. ``net.model``)
+    or the module whose method it is; the guide must run on it (its
+    :class:`~vdn_pyro.guides.NeuronGuide`, a method of it, or a guide module)."""
+    network = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
+    guide_owner = guide if isinstance(guide, nn.Module) else getattr(guide, "__self__", None)
+    if not isinstance(network, nn.Module) or guide_owner is None:
+        raise TypeError(
+            "DistributedLocalELBO wraps the network in DistributedDataParallel, so it expects the "
+            "model to be a torch.nn.Module (a PyroModule with Neurons layers, e.g. net.model) and "
+            "the guide a module or method that runs on it (net.guide), or both to be methods of "
+            f"one torch.nn.Module, but got {getattr(model, '__qualname__', type(model).__name__)} "
+            f"and {getattr(guide, '__qualname__', type(guide).__name__)}."
+        )
+    return network
+
+
 class ELBOModule(nn.Module):
     """The ELBO of a network as a :class:`torch.nn.Module`, so that
     :class:`~torch.nn.parallel.DistributedDataParallel` can wrap it: its parameters are the
-    network's, and ``forward(*args, **kwargs)`` returns ``elbo.loss_and_stats(network.model,
-    network.guide, *args, **kwargs)``, i.e. ``(loss, {site: UnitStats})``.
+    network's (and those of a guide module with parameters of its own), and
+    ``forward(*args, **kwargs)`` returns ``elbo.loss_and_stats(model, guide, *args, **kwargs)``,
+    i.e. ``(loss, {site: UnitStats})``.
 
-    :param network: a module with ``model`` and ``guide`` methods (a :class:`~vdn_pyro.VDN`).
+    :param network: any module that contains :class:`~vdn_pyro.models.Neurons` layers.
     :param elbo: a :class:`~vdn_pyro.inference.LocalELBO` (or its JIT version).
+    :param model: the model (default ``network.model`` if it has one, else the network).
+    :param guide: the guide (default ``network.guide`` if it has one, else a
+        :class:`~vdn_pyro.guides.NeuronGuide` of the network).
     """
 
-    def __init__(self, network, elbo=None):
+    def __init__(self, network, elbo=None, *, model=None, guide=None):
         super().__init__()
         self.network = network
         self.elbo = elbo if elbo is not None else LocalELBO()
+        if model is None:
+            model = getattr(network, "model", network)
+        if guide is None:
+            guide = getattr(network, "guide", None)
+            guide = NeuronGuide(network) if guide is None else guide
+        # held outside the module tree (the model is the network); a guide module with
+        # parameters of its own is registered, so that DDP averages its gradients too
+        self.__dict__["_calls"] = (model, guide)
+        if isinstance(guide, nn.Module) and guide is not network and any(True for _ in guide.parameters()):
+            self.guide_module = guide
 
     def forward(self, *args, **kwargs):
-        return self.elbo.loss_and_stats(self.network.model, self.network.guide, *args, **kwargs)
+        model, guide = self._calls
+        return self.elbo.loss_and_stats(model, guide, *args, **kwargs)
 
 
 class DistributedLocalELBO:
@@ -207,8 +241,15 @@ class DistributedLocalELBO:
     :param ddp_options: further keyword arguments for DDP.
     """
 
-    def __init__(self, elbo=None, *, process_group=None, find_unused_parameters=False,
-                 decorrelate_noise=True, **ddp_options):
+    def __init__(
+        self,
+        elbo=None,
+        *,
+        process_group=None,
+        find_unused_parameters=False,
+        decorrelate_noise=True,
+        **ddp_options,
+    ):
         if isinstance(elbo, DistributedLocalELBO):
             raise TypeError("Expected a per-rank LocalELBO to wrap, but got a DistributedLocalELBO.")
         self.elbo = elbo if elbo is not None else LocalELBO()
@@ -233,8 +274,8 @@ class DistributedLocalELBO:
         """The :class:`~torch.nn.parallel.DistributedDataParallel` module (after the first call)."""
         return self._ddp
 
-    def _wrap(self, network, device):
-        if self._network is network:
+    def _wrap(self, network, model, guide, device):
+        if self._network is network and self._ddp.module._calls == (model, guide):
             return self._ddp
         from torch.nn.parallel import DistributedDataParallel
 
@@ -246,7 +287,7 @@ class DistributedLocalELBO:
         options = {no_sync: False, "find_unused_parameters": self.find_unused_parameters}
         options.update(self.ddp_options)
         self._ddp = DistributedDataParallel(
-            ELBOModule(network, self.elbo),
+            ELBOModule(network, self.elbo, model=model, guide=guide),
             device_ids=device_ids,
             process_group=self.process_group,
             **options,
@@ -258,8 +299,10 @@ class DistributedLocalELBO:
         """Loss (value: the global batch's; gradient: this rank's share, scaled for DDP's average)
         and the global batch's per-unit statistics, ``site -> UnitStats`` of ``(H,)`` tensors.
 
-        :param model: ``network.model`` (a method of the network DDP wraps).
-        :param guide: ``network.guide``.
+        :param model: ``network.model``: the network DDP wraps (any module that contains
+            :class:`~vdn_pyro.models.Neurons` layers), or a method of it.
+        :param guide: ``network.guide`` (a :class:`~vdn_pyro.guides.NeuronGuide` of it, a method
+            of it, or a guide module).
         :param args: the global minibatch, tensors ``(B, ...)`` (non-tensors pass through).
         :param kwargs: passed through (``num_data``: the full data-set size N).
         """
@@ -268,17 +311,7 @@ class DistributedLocalELBO:
                 "DistributedLocalELBO needs an initialised process group; call "
                 "init_distributed() first (or use distributed_fit / launch)."
             )
-        network = getattr(model, "__self__", None)
-        if not isinstance(network, nn.Module) or getattr(guide, "__self__", None) is not network:
-            raise TypeError(
-                "DistributedLocalELBO wraps the network in DistributedDataParallel, so it expects "
-                "model and guide to be methods of one torch.nn.Module (net.model, net.guide)."
-            )
-        if model.__name__ != "model" or guide.__name__ != "guide":
-            raise TypeError(
-                f"Expected network.model and network.guide, but got {model.__name__} and "
-                f"{guide.__name__}."
-            )
+        network = _network_of(model, guide)
         group = self.process_group
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         batched = [a for a in args if torch.is_tensor(a) and a.dim() > 0]
@@ -299,7 +332,7 @@ class DistributedLocalELBO:
             factor = world * local / batch if kwargs.get("num_data") is not None else float(world)
         else:
             factor = 0.0
-        ddp = self._wrap(network, batched[0].device)
+        ddp = self._wrap(network, model, guide, batched[0].device)
         if self.decorrelate_noise and world > 1:
             loss, stats = self._forward_own_stream(ddp, rank, local_args, kwargs, batched[0].device)
         else:
@@ -345,17 +378,26 @@ class DistributedLocalELBO:
 
 def _shared_seed(seed, device):
     """Rank 0's seed on every rank (drawn on rank 0 when ``seed`` is None)."""
-    value = torch.tensor(
-        [-1 if seed is None else int(seed)], dtype=torch.int64, device=device
-    )
+    value = torch.tensor([-1 if seed is None else int(seed)], dtype=torch.int64, device=device)
     if seed is None and dist.get_rank() == 0:
         value[0] = int(torch.randint(0, 2**31 - 1, ()))
     dist.broadcast(value, src=0)
     return int(value.item())
 
 
-def distributed_fit(network, x, y, *, elbo=None, seed=None, device=None, backend=None,
-                    find_unused_parameters=None, handle_signals=False, **fit_options):
+def distributed_fit(
+    network,
+    x,
+    y,
+    *,
+    elbo=None,
+    seed=None,
+    device=None,
+    backend=None,
+    find_unused_parameters=None,
+    handle_signals=False,
+    **fit_options,
+):
     """:func:`~vdn_pyro.inference.fit` in one rank of a data-parallel run (call it on every rank,
     e.g. from a ``torchrun`` script, or through :func:`launch`).
 
@@ -364,15 +406,17 @@ def distributed_fit(network, x, y, *, elbo=None, seed=None, device=None, backend
     is not yet. Options in :data:`RANK_ZERO_OPTIONS` (``checkpoint_dir``, ``log_dir``,
     ``progress``) act on rank 0 only; every rank reads a checkpoint to ``resume`` from.
 
-    :param network: the network (each rank's copy; DDP starts them all from rank 0's values).
+    :param network: the network (each rank's copy; DDP starts them all from rank 0's values):
+        any module that contains :class:`~vdn_pyro.models.Neurons` layers that
+        :func:`~vdn_pyro.inference.fit` trains.
     :param x: all inputs ``(N, ...)`` (every rank holds them). :param y: all targets.
     :param elbo: the per-rank estimator (default :class:`~vdn_pyro.inference.LocalELBO`), or a
         :class:`DistributedLocalELBO`.
     :param int seed: seeds the shared minibatch order (default: drawn on rank 0, broadcast).
     :param device: this rank's device (default: see :func:`init_distributed`).
     :param str backend: ``"gloo"`` or ``"nccl"``.
-    :param find_unused_parameters: DDP's flag (default: on for a deterministic twin, whose
-        posterior scales get no gradient).
+    :param find_unused_parameters: DDP's flag (default: on when the network has deterministic
+        neuron layers, such as the twin's, whose posterior scales get no gradient).
     :param bool handle_signals: fit's SIGINT/SIGTERM handling (off: a signal stops all ranks
         at once; resume from the last checkpoint).
     :param fit_options: everything else :func:`~vdn_pyro.inference.fit` takes (``steps``,
@@ -387,8 +431,8 @@ def distributed_fit(network, x, y, *, elbo=None, seed=None, device=None, backend
         raise TypeError(f"distributed_fit got options that fit() does not take: {unknown}.")
     seed = _shared_seed(seed, context.device if context.backend == "nccl" else torch.device("cpu"))
     if not isinstance(elbo, DistributedLocalELBO):
-        if find_unused_parameters is None:
-            find_unused_parameters = bool(getattr(network, "deterministic", False))
+        if find_unused_parameters is None:  # the deterministic layers' scales get no gradient
+            find_unused_parameters = any(layer.deterministic for layer in find_neurons(network))
         elbo = DistributedLocalELBO(elbo, find_unused_parameters=find_unused_parameters)
     if not context.is_main:
         fit_options["resume"] = _resume_for_other_ranks(
@@ -445,8 +489,7 @@ def _launch_worker(rank, payload, world, backend, address, port, threads, result
         dist.destroy_process_group()
 
 
-def launch(fn, nproc, *args, backend=None, master_addr="127.0.0.1", master_port=None, threads=None,
-           **kwargs):
+def launch(fn, nproc, *args, backend=None, master_addr="127.0.0.1", master_port=None, threads=None, **kwargs):
     """Run ``fn(*args, **kwargs)`` in ``nproc`` new processes on this machine, each a rank of one
     process group, and return rank 0's result (what ``vdn fit --nproc N`` does).
 

@@ -118,9 +118,9 @@ class LocalELBO(ELBO):
         if self.estimator == "trace":
             return get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
-        model_trace = poutine.trace(
-            poutine.replay(model, trace=guide_trace), graph_type="flat"
-        ).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(
+            *args, **kwargs
+        )
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
         guide_trace = poutine.util.prune_subsample_sites(guide_trace)
@@ -149,7 +149,26 @@ class LocalELBO(ELBO):
             lp = model_site["fn"].log_prob(model_site["value"])
         return lq - lp, False
 
+    @staticmethod
+    def _check_reparameterized(guide_trace):
+        """Refuse a latent guide site without ``rsample``: this ELBO has no score-function term, so
+        its gradient would be silently wrong there (as :class:`~pyro.infer.TraceMeanField_ELBO`
+        refuses it)."""
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or site["fn"].has_rsample:
+                continue
+            raise ValueError(
+                f"Expected every latent site of the guide to be reparameterised, but site '{name}' "
+                f"draws from {type(site['fn']).__name__}, which has no rsample (has_rsample=False). "
+                "LocalELBO differentiates through the samples and has no score-function term, so "
+                "its gradient would be silently wrong. Use a reparameterisable distribution for "
+                "that site (e.g. a Normal, or a relaxed version of a discrete one), or fit the "
+                "model with pyro.infer.Trace_ELBO or TraceGraph_ELBO, which add the score-function "
+                "term."
+            )
+
     def _particle_loss(self, model_trace, guide_trace, stats):
+        self._check_reparameterized(guide_trace)
         elbo = 0.0
         if self.estimator == "trace":
             guide_trace.compute_log_prob()
@@ -185,13 +204,13 @@ class LocalELBO(ELBO):
         base = _normal_base(fn)
         with torch.no_grad():
             kl_u = _per_unit_mean(kl.detach(), kl.dim() - 1)  # (H,)
-            loc = getattr(base, "loc", None)
-            scale = getattr(base, "scale", None)
-            if loc is None or scale is None:  # not a Normal: use draws
-                loc = fn.mean.detach()
-                scale = fn.variance.detach().sqrt()
-            loc_sq = _per_unit_mean(loc.detach().expand(base.batch_shape), unit_axis, torch.square)
-            scale_u = _per_unit_mean(scale.detach().expand(base.batch_shape), unit_axis)
+            if isinstance(base, torch.distributions.Normal):
+                loc, scale, shape = base.loc, base.scale, base.batch_shape
+            else:  # e.g. a Gauss-Markov path: its marginal moments
+                loc, scale = fn.mean, fn.variance.sqrt()
+                shape = fn.batch_shape + fn.event_shape
+            loc_sq = _per_unit_mean(loc.detach().expand(shape), unit_axis, torch.square)
+            scale_u = _per_unit_mean(scale.detach().expand(shape), unit_axis)
         entry = stats.setdefault(name, [])
         entry.append((kl_u, loc_sq, scale_u))
 

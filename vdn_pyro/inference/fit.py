@@ -10,11 +10,17 @@ Around the loop, :func:`fit` provides what a long run needs:
 - CSV and JSON-lines logs of every logged row, flushed as written (``log_dir``);
 - atomic checkpoints (``checkpoint_dir``) and exact resume (``resume``): a run of N steps and a run
   of N/2 steps resumed for N/2 more give bit-identical parameters on CPU;
-- SIGINT/SIGTERM handling: the current step finishes, a final checkpoint is written and the fit
-  returns with ``interrupted=True``;
+- SIGINT/SIGTERM handling, when asked (``handle_signals=True``, as the CLI does): the current step
+  finishes, a final checkpoint is written and the fit returns with ``interrupted=True``;
 - a NaN/inf guard: a step whose loss or gradient is not finite is skipped with a warning, and
   :class:`NonFiniteError` is raised after ``max_bad_steps`` such steps in a row. Parameters never
   take a non-finite update, and a checkpoint with NaN or inf is never written.
+
+:func:`fit` behaves as a library function: it trains ``network.parameters()`` with a torch
+optimiser, with Pyro's global param store left untouched
+(:func:`~vdn_pyro.primitives.module_params`); it draws from a random state of its own, seeded by
+``seed``, and restores the caller's torch, numpy and Python random states on return; and it
+installs no signal handler unless asked.
 """
 
 import contextlib
@@ -26,6 +32,7 @@ import json
 import logging
 import math
 import numbers
+import random
 import signal
 import sys
 import threading
@@ -34,11 +41,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pyro
 import torch
 from pyro.optim.clipped_adam import ClippedAdam
 from tqdm import tqdm
 
+from vdn_pyro.guides.builder import NeuronGuide
 from vdn_pyro.inference.checkpoint import (
     LAST_CHECKPOINT,
     IncompatibleCheckpointError,
@@ -50,6 +57,8 @@ from vdn_pyro.inference.checkpoint import (
     set_rng_state,
 )
 from vdn_pyro.inference.elbo import LocalELBO
+from vdn_pyro.models.neurons import find_neurons
+from vdn_pyro.primitives import module_params
 
 __all__ = ["LOG_COLUMNS", "FitResult", "FitState", "NonFiniteError", "evaluate_loss", "fit"]
 
@@ -58,7 +67,15 @@ _EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 #: Columns of ``log.csv`` (``log.jsonl`` has the same keys plus per-unit ``kl`` and ``beta``).
 LOG_COLUMNS = (
-    "step", "epoch", "loss", "loss_per_obs", "elbo_per_obs", "val_loss", "living", "skipped", "seconds",
+    "step",
+    "epoch",
+    "loss",
+    "loss_per_obs",
+    "elbo_per_obs",
+    "val_loss",
+    "living",
+    "skipped",
+    "seconds",
 )
 LOG_CSV, LOG_JSONL = "log.csv", "log.jsonl"
 
@@ -124,6 +141,8 @@ class FitResult:
     :ivar list skipped_steps: steps skipped because their loss or gradient was not finite.
     :ivar checkpoint_path: path (str) of the last checkpoint written, or ``None``.
     :ivar int resumed_from: the step the run resumed from (0 for a fresh run).
+    :ivar int seed: the seed of the run (drawn afresh when ``fit`` was given ``seed=None``; pass
+        it back as ``seed`` to repeat the run).
     :ivar monitor: what a monitoring callback recorded (e.g. the
         :class:`~vdn_pyro.inference.diagnostics.UnitMonitor` table), else ``None``.
     """
@@ -145,6 +164,7 @@ class FitResult:
     checkpoint_path: object = None
     resumed_from: int = 0
     monitor: object = None
+    seed: object = None
 
     def history_frame(self):
         """The history as a :class:`pandas.DataFrame`."""
@@ -176,6 +196,7 @@ class FitResult:
         result.unit_beta = {k: np.stack(v) for k, v in result.unit_beta.items()}
         result.stop_reason = data["stop_reason"]
         result.interrupted = result.stop_reason in _EXIT_CODES
+        result.seed = data["fit"].get("seed")
         result.checkpoint_path = str(resolve_checkpoint(path))
         return result
 
@@ -214,10 +235,49 @@ def _make_optimizer(optim, params, lr):
     raise TypeError(f"Expected optim to be a name or callable(params), got {type(optim).__name__}.")
 
 
+def _check_seed(seed):
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"Expected seed to be None or an int in [0, 2**32), but got {seed!r}.")
+
+
+def _model_and_guide(network):
+    """The model and guide :func:`fit` trains for ``network``.
+
+    :param network: a :class:`torch.nn.Module` that contains
+        :class:`~vdn_pyro.models.Neurons` layers. Its ``model`` and ``guide`` are used when it
+        has them (Pyro's convention, e.g. :class:`~vdn_pyro.VDN`); otherwise the module itself
+        is the model and :class:`~vdn_pyro.guides.NeuronGuide` builds the guide.
+    :returns: ``(model, guide)``.
+    :raises TypeError: if ``network`` is not a :class:`torch.nn.Module`.
+    """
+    if not isinstance(network, torch.nn.Module):
+        raise TypeError(
+            "Expected network to be a torch.nn.Module (e.g. a PyroModule with Neurons layers), "
+            f"but got {type(network).__name__}."
+        )
+    model = getattr(network, "model", None)
+    guide = getattr(network, "guide", None)
+    if model is None and guide is None:
+        return network, NeuronGuide(network)
+    if model is None or guide is None:
+        missing = "guide" if guide is None else "model"
+        raise TypeError(
+            f"Expected network to have both a model and a guide, or neither, but "
+            f"{type(network).__name__} has no {missing}. Define it, or drop the other to let fit "
+            "use the module as the model and NeuronGuide(network) as the guide."
+        )
+    return model, guide
+
+
 def evaluate_loss(network, x, y, elbo=None, batch_size=1024):
     """Minus the ELBO per observation on a data set, without gradients.
 
-    :param network: a :class:`~vdn_pyro.VDN` (anything with ``model``/``guide``).
+    Pyro's global param store is left untouched (see :func:`~vdn_pyro.primitives.module_params`).
+
+    :param network: a module that contains :class:`~vdn_pyro.models.Neurons` layers, run as in
+        :func:`fit`.
     :param x: inputs ``(N, ...)``. :param y: targets ``(N, ...)``.
     :param elbo: the estimator (default :class:`LocalELBO`). Its hooks (constraint penalties,
         free-bits floors) are training devices and are left out: the result is the plain ELBO
@@ -234,11 +294,12 @@ def evaluate_loss(network, x, y, elbo=None, batch_size=1024):
             vectorize_particles=elbo.vectorize_particles,
             max_plate_nesting=elbo.max_plate_nesting,
         )
+    model, guide = _model_and_guide(network)
     total, n = 0.0, x.shape[0]
-    with torch.no_grad():
+    with torch.no_grad(), module_params():
         for start in range(0, n, batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            loss, _ = elbo.loss_and_stats(network.model, network.guide, xb, yb)
+            loss, _ = elbo.loss_and_stats(model, guide, xb, yb)
             total += float(loss)
     return total / n
 
@@ -278,6 +339,31 @@ def _forked_rng(device):
     """Run validation on a fork of the random state, so it never shifts the training draws."""
     devices = [device] if getattr(device, "type", "cpu") == "cuda" else []
     return torch.random.fork_rng(devices=devices)
+
+
+@contextlib.contextmanager
+def _private_rng(seed):
+    """Run the block on a random state of its own, seeded with ``seed``.
+
+    Pyro draws from torch's global generator, so the fit runs on a fork of it (and of every CUDA
+    device in use) and of numpy's and Python's states, the ones :func:`pyro.set_rng_seed` covers;
+    the caller's states are restored on exit, also on error. CUDA devices are forked and seeded
+    only when CUDA is already initialised (this never initialises it).
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    numpy_state, python_state = np.random.get_state(), random.getstate()  # noqa: NPY002
+    with torch.random.fork_rng(devices=devices):
+        try:
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed_all(seed)
+            np.random.seed(seed)  # noqa: NPY002
+            random.seed(seed)
+            yield
+        finally:
+            np.random.set_state(numpy_state)  # noqa: NPY002
+            random.setstate(python_state)
 
 
 def _optimizer_name(optimizer):
@@ -456,13 +542,19 @@ def fit(
     checkpoint_every=None,
     resume=False,
     max_bad_steps=10,
-    handle_signals=True,
+    handle_signals=False,
     living_kl=0.01,
 ):
     """Fit a network by SVI on minibatches.
 
-    :param network: a :class:`~vdn_pyro.VDN`, or any module with ``model(x, y, num_data=N)``
-        and ``guide(x, y, num_data=N)`` methods.
+    The optimiser trains ``network.parameters()``; the model and guide run inside
+    :func:`~vdn_pyro.primitives.module_params`, so Pyro's global param store is left untouched
+    and two networks never share parameters.
+
+    :param network: any :class:`torch.nn.Module` that contains
+        :class:`~vdn_pyro.models.Neurons` layers, called as ``model(x, y, num_data=N)``: its
+        ``model`` and ``guide`` when it has them (e.g. :class:`~vdn_pyro.VDN`), else the module
+        itself and :class:`~vdn_pyro.guides.NeuronGuide` ``(network)``.
     :param x: inputs ``(N, ...)``.
     :param y: targets ``(N, ...)``.
     :param int steps: total number of optimisation steps (exclusive with ``epochs``). On resume
@@ -478,7 +570,11 @@ def fit(
         state, so it never changes the training trajectory.
     :param int val_every: validate every this many steps (default: once per epoch).
     :param int log_every: record history every this many steps (and at the last step).
-    :param int seed: seeds Pyro/torch/numpy and the minibatch order.
+    :param int seed: seeds the fit's own random state (the draws of the model and guide and the
+        minibatch order). The fit runs on a fork of torch's global generator (and numpy's and
+        Python's), so the caller's random state is the same after the fit as before, and the
+        global RNG is never reseeded. ``None`` draws a fresh seed, reported in
+        :attr:`FitResult.seed`. A resumed run continues the checkpoint's random state.
     :param callbacks: objects with optional ``on_fit_start(state)``, ``on_step_end(state)``
         and ``on_fit_end(state)`` methods; ``state`` is a :class:`FitState`. Skipped
         (non-finite) steps do not call ``on_step_end``.
@@ -504,21 +600,23 @@ def fit(
         everything above, so the continuation is exact (bit-identical on CPU).
     :param int max_bad_steps: raise :class:`NonFiniteError` after this many steps in a row with
         a non-finite loss or gradient (each is skipped with a :class:`RuntimeWarning`).
-    :param bool handle_signals: catch SIGINT/SIGTERM (main thread only): finish the step, write
-        a final checkpoint, log a message and return with ``interrupted=True`` (see
-        :attr:`FitResult.exit_code`). A second signal raises :class:`KeyboardInterrupt` at once.
-        The previous handlers are restored on return.
+    :param bool handle_signals: catch SIGINT/SIGTERM (main thread only; off by default, as a
+        library should leave a program's signal handlers alone; the ``vdn`` CLI turns it on):
+        finish the step, write a final checkpoint, log a message and return with
+        ``interrupted=True`` (see :attr:`FitResult.exit_code`). A second signal raises
+        :class:`KeyboardInterrupt` at once. The handlers are installed whatever the inherited
+        disposition (also over ``SIG_IGN``) and the previous ones are restored on return.
     :param float living_kl: KL threshold (nats) above which a unit counts as living.
     :returns: a :class:`FitResult`.
     :raises NonFiniteError: after ``max_bad_steps`` non-finite steps in a row.
     :raises ~vdn_pyro.inference.checkpoint.CheckpointError: if the checkpoint to resume from is
         unreadable, foreign or incompatible.
     """
+    model, guide = _model_and_guide(network)
     x, y = _as_tensor("x", x), _as_tensor("y", y)
     if x.shape[0] != y.shape[0]:
         raise ValueError(
-            f"Expected x and y with the same number of rows, but got {x.shape[0]} and "
-            f"{y.shape[0]}."
+            f"Expected x and y with the same number of rows, but got {x.shape[0]} and {y.shape[0]}."
         )
     network.check_inputs(x, y) if hasattr(network, "check_inputs") else None
     if (steps is None) == (epochs is None):
@@ -533,6 +631,7 @@ def fit(
     _check_positive_int("val_every", val_every, allow_none=True)
     _check_positive_int("checkpoint_every", checkpoint_every, allow_none=True)
     _check_positive_int("max_bad_steps", max_bad_steps)
+    _check_seed(seed)
     if not (isinstance(lr, numbers.Real) and lr > 0):
         raise ValueError(f"Expected lr > 0, but got {lr!r}.")
     if val_data is not None:
@@ -543,9 +642,9 @@ def fit(
             network.check_inputs(x_val, y_val)
     resume_path = _resume_path(resume, checkpoint_dir)
     checkpoint = load_checkpoint(resume_path, network=network) if resume_path is not None else None
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**31))
+    if seed is None:  # fresh entropy from a private generator: the global one is not touched
+        seed = int(torch.Generator().seed() % 2**31)
+    generator = torch.Generator().manual_seed(seed)
 
     n = x.shape[0]
     batch_size = min(batch_size, n)
@@ -560,13 +659,13 @@ def fit(
     if device is not None:
         network.to(device)
     else:
-        device = next(iter(network.parameters())).device
+        device = next(iter(network.parameters()), torch.empty(0)).device
     x, y = x.to(device), y.to(device)
     val = None if val_data is None else (x_val.to(device), y_val.to(device))
     named_params = [(name, p) for name, p in network.named_parameters() if p.requires_grad]
     optimizer = _make_optimizer(optim, [p for _, p in named_params], lr)
 
-    result = FitResult(network, [], {}, {}, [], math.nan, -1, {}, 0, 0.0, {})
+    result = FitResult(network, [], {}, {}, [], math.nan, -1, {}, 0, 0.0, {}, seed=seed)
     state = FitState(network, optimizer, elbo, history=result)
     order, cursor, start = None, 0, 0
     if checkpoint is not None:
@@ -575,6 +674,7 @@ def fit(
         )
         order = order.to(device)
         state.step = result.resumed_from = start
+        result.seed = checkpoint["fit"].get("seed", seed)
         network.load_state_dict(checkpoint["network"])  # what on_fit_start sees
     previous_seconds = result.seconds
 
@@ -602,6 +702,8 @@ def fit(
         result.checkpoint_path = str(path)
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_private_rng(seed))
+        stack.enter_context(module_params())
         user_hooks = list(elbo.hooks)  # the constraints are the ELBO's hooks for this fit only
         elbo.hooks = [h for h in user_hooks if h not in constraints] + constraints
         stack.callback(setattr, elbo, "hooks", user_hooks)
@@ -631,7 +733,7 @@ def fit(
             cursor += batch_size
             state.step = step
             optimizer.zero_grad(set_to_none=True)
-            loss, stats = elbo.loss_and_stats(network.model, network.guide, x[idx], y[idx], num_data=n)
+            loss, stats = elbo.loss_and_stats(model, guide, x[idx], y[idx], num_data=n)
             problem = None
             if not bool(torch.isfinite(loss.detach())):
                 problem = f"the loss is {float(loss.detach())}"
@@ -714,8 +816,7 @@ def _on_bad_step(step, problem, bad_in_row, max_bad_steps, result):
             "scale_min, or check the data for extreme values."
         )
     warnings.warn(
-        f"Step {step}: {problem}; skipped the update ({bad_in_row} in a row, stopping at "
-        f"{max_bad_steps}).",
+        f"Step {step}: {problem}; skipped the update ({bad_in_row} in a row, stopping at {max_bad_steps}).",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -737,7 +838,7 @@ def _log_step(network, elbo, result, state, stats, n, last, val_every, val_data,
     result.logged_steps.append(step)
     for name, s in stats.items():
         result.unit_kl.setdefault(name, []).append(s.kl.cpu().numpy())
-    for layer in getattr(network, "layers", []):
+    for layer in find_neurons(network):
         result.unit_beta.setdefault(layer.site, []).append(layer.beta.cpu().numpy().copy())
     return row
 
@@ -755,8 +856,7 @@ def _log_row(row, stats, network, living, skipped, seconds):
         "seconds": round(seconds, 3),
         "kl": {name: [_clean(v) for v in s.kl.cpu().tolist()] for name, s in stats.items()},
         "beta": {
-            layer.site: [_clean(v) for v in layer.beta.cpu().tolist()]
-            for layer in getattr(network, "layers", [])
+            layer.site: [_clean(v) for v in layer.beta.cpu().tolist()] for layer in find_neurons(network)
         },
     }
     return out

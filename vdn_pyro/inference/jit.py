@@ -8,13 +8,16 @@ every later call.
 
 Two things make the replay correct where Pyro 1.9's ``JitTraceMeanField_ELBO`` is not:
 
-- **Everything that changes is an input.** The parameters *and buffers* of the module that owns
-  ``model``/``guide`` are passed to the graph on every call (through
-  :func:`torch.func.functional_call`), as are all tensor arguments. A layer's ``beta`` buffer that
-  a thermostat updates in place, or replaces, is read fresh each step instead of being frozen
-  into the trace. Pyro's version passes only the global param store's entries, so buffers such as
-  ``beta`` become constants of its trace (and with this library's module-local parameters it
-  fails outright: it looks ``likelihood.raw_scale`` up in the empty store, a ``KeyError``).
+- **Everything that changes is an input.** The parameters *and buffers* of the modules that run
+  the model and the guide (any :class:`~pyro.nn.PyroModule` with
+  :class:`~vdn_pyro.models.Neurons` layers as the model, its
+  :class:`~vdn_pyro.guides.NeuronGuide` or another guide module) are passed to the graph on every
+  call (through :func:`torch.func.functional_call`), as are all tensor arguments. A layer's
+  ``beta`` buffer that a thermostat updates in place, or replaces, is read fresh each step
+  instead of being frozen into the trace. Pyro's version passes only the global param store's
+  entries, so buffers such as ``beta`` become constants of its trace (and with this library's
+  module-local parameters it fails outright: it looks ``likelihood.raw_scale`` up in the empty
+  store, a ``KeyError``).
 - **It compiles once.** Graphs are cached under a key made of everything the capture depends on:
   the module, the model and guide functions, the shapes, dtypes and devices of the tensor
   arguments and of the module state, the values of the other arguments (``num_data``), the
@@ -25,6 +28,11 @@ Two things make the replay correct where Pyro 1.9's ``JitTraceMeanField_ELBO`` i
 
 Random draws are operations in the graph (``normal_``), so each replay samples afresh, from the
 same generator as eager code: with the same seed the JIT and eager losses agree to rounding.
+
+A model whose Python control flow reads the values of its tensor arguments (an ``int()`` or
+``bool()`` of them, e.g. :class:`~vdn_pyro.models.RecurrentVDN` trimming each batch's padding)
+cannot be captured: :class:`JitLocalELBO` refuses it with a ``ValueError``; use the eager
+:class:`~vdn_pyro.inference.LocalELBO` there.
 
 What is *not* an input is a constant of the graph: Python numbers (the plate scale
 ``num_data / B``, ``scale_min``), hook settings and tensors that are neither parameters, buffers
@@ -41,28 +49,65 @@ import pyro
 import torch
 from torch import nn
 
+from vdn_pyro.guides.builder import NeuronGuide
 from vdn_pyro.inference.elbo import LocalELBO, UnitStats
 
 __all__ = ["JitLocalELBO"]
 
 
 def _owner(model, guide, module):
-    """The module whose parameters and buffers the model and guide read."""
+    """The module whose parameters and buffers the model and guide read.
+
+    ``model`` is a :class:`torch.nn.Module` (``net.model`` of a
+    :class:`~vdn_pyro.models.base.NeuronNetwork` is the network itself; a user's
+    :class:`~pyro.nn.PyroModule`) or a method of one; ``guide`` is a method of the same module, a
+    guide of it that holds no parameters of its own (:class:`~vdn_pyro.guides.NeuronGuide`), or
+    any other module (an autoguide), whose state then joins the model's.
+    """
     if module is not None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"Expected module to be a torch.nn.Module, but got {type(module).__name__}.")
         return module
-    owner = getattr(model, "__self__", None)
-    if not isinstance(owner, nn.Module) or getattr(guide, "__self__", None) is not owner:
+    owner = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
+    if not isinstance(owner, nn.Module):
         raise TypeError(
-            "JitLocalELBO passes the parameters and buffers of the module that owns model and "
-            "guide to the compiled graph, so it expects both to be methods of one torch.nn.Module "
-            "(e.g. net.model and net.guide), but got "
+            "JitLocalELBO passes the parameters and buffers of the modules that run the model and "
+            "guide to the compiled graph, so it expects the model to be a torch.nn.Module (a "
+            "PyroModule, e.g. net.model) or both to be methods of one torch.nn.Module, but got "
             f"{getattr(model, '__qualname__', type(model).__name__)} and "
             f"{getattr(guide, '__qualname__', type(guide).__name__)}. Pass module=... to "
             "JitLocalELBO to name it explicitly."
         )
-    return owner
+    guide_owner = guide if isinstance(guide, nn.Module) else getattr(guide, "__self__", None)
+    if not isinstance(guide_owner, nn.Module):
+        raise TypeError(
+            "JitLocalELBO passes the parameters and buffers of the modules that run the model and "
+            "guide to the compiled graph, so it expects the guide to be a torch.nn.Module (e.g. "
+            "net.guide, a NeuronGuide) or a method of the model's module, but got "
+            f"{getattr(guide, '__qualname__', type(guide).__name__)}. Pass module=... to "
+            "JitLocalELBO to name the module that holds their state."
+        )
+    if guide_owner is owner:
+        return owner
+    if not any(True for _ in guide_owner.parameters()) and not any(True for _ in guide_owner.buffers()):
+        return owner  # e.g. a NeuronGuide: its parameters are the model's
+    return owner, guide_owner
+
+
+def _guide_key(guide):
+    """What identifies a guide in the cache: a :class:`~vdn_pyro.guides.NeuronGuide` holds no
+    state and runs its model, so any NeuronGuide of one model is the same guide."""
+    if isinstance(guide, NeuronGuide):
+        return (NeuronGuide, id(guide.model))
+    return getattr(guide, "__func__", guide)
+
+
+class _Pair(nn.Module):
+    """The model's module and a guide module with state of its own, as one module."""
+
+    def __init__(self, model, guide):
+        super().__init__()
+        self.model_module, self.guide_module = model, guide
 
 
 def _static_key(value, where):
@@ -121,9 +166,12 @@ class JitLocalELBO(LocalELBO):
     as graph inputs. It is a drop-in replacement: same loss (to rounding, for the same random
     state), same per-unit statistics, usable with :func:`~vdn_pyro.inference.fit`.
 
-    ``model`` and ``guide`` must be methods of one :class:`torch.nn.Module` (``net.model``,
-    ``net.guide``), or the module must be given as ``module``. Tensors must be passed as
-    top-level arguments; every other argument (``num_data=N``) is part of the cache key.
+    ``model`` is a :class:`torch.nn.Module` that contains :class:`~vdn_pyro.models.Neurons`
+    layers (``net.model`` of any network, a user's :class:`~pyro.nn.PyroModule`) and ``guide``
+    its :class:`~vdn_pyro.guides.NeuronGuide` (``net.guide``) or another guide module; or both
+    are methods of one module; or the module is given as ``module``. Tensors must be passed as
+    top-level arguments; every other argument (``num_data=N``) is part of the cache key. A guide
+    with parameters of its own must have created them (run it once) before the first call.
 
     >>> from vdn_pyro import VDN
     >>> net = VDN(4, 1, units=(8,))
@@ -140,7 +188,8 @@ class JitLocalELBO(LocalELBO):
         A compiler may draw random numbers its own way (inductor does unless
         ``torch._inductor.config.fallback_random`` is set), so the equality with the eager loss
         for a given seed holds for ``backend=None`` only.
-    :param module: the module owning the parameters and buffers (default: ``model.__self__``).
+    :param module: the module owning the parameters and buffers (default: the model's module,
+        with the guide's if it holds state of its own).
     :param int max_graphs: cached graphs kept (least recently used dropped); a warning is
         issued when the cache overflows, which means the shapes keep changing.
     :param options: everything else is passed to :class:`~vdn_pyro.inference.LocalELBO`
@@ -160,11 +209,13 @@ class JitLocalELBO(LocalELBO):
         self.num_compilations = 0
         self.compile_seconds = []
         self._graphs = collections.OrderedDict()
+        self._pairs = {}
         self._warned = False
 
     def reset(self):
         """Drop every captured graph (the next call captures again)."""
         self._graphs.clear()
+        self._pairs.clear()
 
     def loss_and_stats(self, model, guide, *args, **kwargs):
         """Differentiable loss and per-unit statistics, from the captured graph.
@@ -173,6 +224,11 @@ class JitLocalELBO(LocalELBO):
         ``site -> UnitStats`` of ``(H,)`` tensors.
         """
         module = _owner(model, guide, self.module)
+        if isinstance(module, tuple):  # model and guide modules, each with state: hold both
+            pair = self._pairs.get(tuple(map(id, module)))
+            if pair is None or (pair.model_module, pair.guide_module) != module:
+                pair = self._pairs[tuple(map(id, module))] = _Pair(*module)
+            module = pair
         state = [t for _, t in module.named_parameters()] + [t for _, t in module.named_buffers()]
         names = list(kwargs)
         values = list(args) + [kwargs[k] for k in names]
@@ -187,8 +243,9 @@ class JitLocalELBO(LocalELBO):
                 arg_keys.append(("static", _static_key(value, where)))
         key = (
             id(module),
+            tuple(id(m) for m in module.modules()),
             getattr(model, "__func__", model),
-            getattr(guide, "__func__", guide),
+            _guide_key(guide),
             len(args),
             tuple(names),
             tuple(arg_keys),
@@ -259,7 +316,19 @@ class JitLocalELBO(LocalELBO):
         # the capture run draws random numbers: restore the state so the first real call draws
         # exactly what an eager step would
         with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
-            graph = make_fx(flat_fn, tracing_mode="real")(*state, *tensors)
+            try:
+                graph = make_fx(flat_fn, tracing_mode="real")(*state, *tensors)
+            except RuntimeError as e:
+                if "data-dependent" not in str(e):
+                    raise
+                raise ValueError(
+                    "JitLocalELBO captures one graph of tensor operations and replays it, but the "
+                    "model or guide reads the values of its tensor arguments in Python (an int(), "
+                    "bool() or .item() on them: control flow that depends on the data, such as "
+                    "RecurrentVDN trimming each batch's padding), which a replay cannot repeat. "
+                    "Use the eager LocalELBO for this model, or move such checks behind "
+                    "pyro.infer.is_validation_enabled() (the capture runs without validation)."
+                ) from None
         if self.backend is not None:
             graph = torch.compile(graph, backend=self.backend, dynamic=False)
         self.num_compilations += 1

@@ -83,13 +83,15 @@ def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_forecast_inputs(x, y, lookback, horizon):
+def check_forecast_inputs(x, y, lookback, horizon, check_finite=True):
     """Raise a clear ``TypeError``/``ValueError`` if ``x``/``y`` are not forecasting windows.
 
     :param torch.Tensor x: look-back windows ``(B, L)`` or chunks ``(B, T, L)``.
     :param y: ``None`` or horizons ``(B, H)`` / ``(B, T, H)`` matching ``x``.
     :param int lookback: expected L.
     :param int horizon: expected H.
+    :param bool check_finite: also scan ``x`` and ``y`` for NaN/inf (reads every value; the
+        model asks for it only while Pyro's validation is enabled).
     """
     if not torch.is_tensor(x):
         raise TypeError(f"Expected x to be a torch.Tensor, but got {type(x).__name__}.")
@@ -103,7 +105,7 @@ def check_forecast_inputs(x, y, lookback, horizon):
         )
     if x.shape[0] < 1 or (x.dim() == 3 and x.shape[1] < 1):
         raise ValueError(f"Expected at least one window, but got x of shape {tuple(x.shape)}.")
-    if not bool(torch.isfinite(x).all()):
+    if check_finite and not bool(torch.isfinite(x).all()):
         raise ValueError("Expected finite x, but it contains NaN or inf; clean or impute it.")
     if y is None:
         return
@@ -115,7 +117,7 @@ def check_forecast_inputs(x, y, lookback, horizon):
             f"Expected y of shape {expected} (x's windows times horizon {horizon}), but got "
             f"{tuple(y.shape)}."
         )
-    if not bool(torch.isfinite(y).all()):
+    if check_finite and not bool(torch.isfinite(y).all()):
         raise ValueError("Expected finite y, but it contains NaN or inf; clean it first.")
 
 
@@ -186,6 +188,24 @@ class DrawMixture(dist.TorchDistribution):
             loc = torch.gather(wide.loc, 0, pick)[0]  # (*shape)
             scale = torch.gather(wide.scale, 0, pick)[0]  # (*shape)
             return loc + scale * torch.randn_like(loc)
+
+
+def _set_frozen(module, frozen):
+    """Freeze a submodule by turning its parameters into buffers (and back): a frozen path holds
+    constants, not parameters, so no optimiser and no Pyro param store sees it (Pyro's store would
+    make a registered tensor trainable again). ``state_dict`` keys do not change."""
+    for sub in module.modules():
+        names = sub.__dict__.setdefault("_frozen_parameters", set())
+        if frozen:
+            for name, param in list(sub._parameters.items()):
+                if param is not None:
+                    del sub._parameters[name]
+                    sub.register_buffer(name, param.detach())
+                    names.add(name)
+        else:
+            for name in sorted(names):
+                sub.register_parameter(name, nn.Parameter(sub._buffers.pop(name)))
+            names.clear()
 
 
 @dataclasses.dataclass
@@ -404,13 +424,15 @@ class Forecaster(NeuronNetwork):
         self.head = nn.Linear(c.units, out)  # (U -> H * m), or H scales for mean="skip"
 
     # ------------------------------------------------------------------ checks
-    def check_inputs(self, x, y=None):
+    def check_inputs(self, x, y=None, *, check_finite=True):
         """Raise ``TypeError``/``ValueError`` before any computation if ``x``/``y`` are unusable.
 
         :param torch.Tensor x: ``(B, L)`` or ``(B, T, L)``.
         :param y: ``None`` or ``(B, H)`` / ``(B, T, H)``.
+        :param bool check_finite: also scan for NaN/inf (the model asks for it only while Pyro's
+            validation is enabled).
         """
-        check_forecast_inputs(x, y, self.config.lookback, self.config.horizon)
+        check_forecast_inputs(x, y, self.config.lookback, self.config.horizon, check_finite)
 
     def _draws(self, y, draws):
         if self.deterministic:
@@ -447,7 +469,7 @@ class Forecaster(NeuronNetwork):
                 f"but got {theirs}."
             )
         self.skip.load_state_dict(trunk.state_dict())
-        self.skip.requires_grad_(not freeze)
+        _set_frozen(self.skip, freeze)
         if start_at_source:
             with torch.no_grad():
                 self.head.weight.zero_()
@@ -529,7 +551,7 @@ class Forecaster(NeuronNetwork):
             when ``y`` is given, else 1).
         :returns: the observations ``(..., B, [T,] H)``.
         """
-        self.check_inputs(x, y)
+        self.check_inputs(x, y, check_finite=pyro.infer.is_validation_enabled())
         draws = self._draws(y, draws)
         temporal = x.dim() == 3
         with data_plate(x.shape[0], num_data, x.device):

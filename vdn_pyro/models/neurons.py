@@ -32,6 +32,7 @@ import torch
 from pyro.nn import PyroModule
 
 from vdn_pyro.guides.amortized import AmortizedNormal
+from vdn_pyro.guides.path import PathPosterior
 from vdn_pyro.models.priors import ARPrior, NormalPrior
 from vdn_pyro.primitives import as_beta, current_neuron_mode, neurons, record_posterior
 
@@ -88,8 +89,11 @@ class Neurons(PyroModule):
     :param float scale_min: posterior scale lower clamp.
     :param float scale_max: posterior scale upper clamp.
     :param float init_scale: initial posterior scale.
-    :param posterior: a ready :class:`~vdn_pyro.guides.AmortizedNormal` for H units and k dims
-        (then the four scale options are not used).
+    :param posterior: ``"diagonal"`` (default: an :class:`~vdn_pyro.guides.AmortizedNormal`,
+        independent over steps), ``"path"`` (temporal layers: a
+        :class:`~vdn_pyro.guides.PathPosterior`, a Gauss-Markov chain over the T steps read from
+        bidirectional context, whose KL against the AR prior is analytic), or a ready head of
+        either kind for H units and k dims.
     :param bool deterministic: the twin: pass on the posterior loc, no sample site, no KL.
     :param str name: the site name (default ``"<path>.z"`` from the module tree).
 
@@ -131,18 +135,33 @@ class Neurons(PyroModule):
         self.units, self.latent_dim, self.pooling = units, latent_dim, pooling
         self.temporal, self.deterministic, self.name = bool(temporal), bool(deterministic), name
         self.prior = _make_prior(prior, units, latent_dim)
-        if posterior is None:
+        if posterior is None or posterior == "diagonal":
             _check_int("in_features", in_features)
             posterior = AmortizedNormal(
                 in_features, units, latent_dim, scale_mode, scale_min, scale_max, init_scale
             )
-        elif not isinstance(posterior, AmortizedNormal) or (posterior.units, posterior.latent_dim) != (
-            units,
-            latent_dim,
-        ):
+        elif posterior == "path":
+            if not temporal:
+                raise ValueError(
+                    "posterior='path' is a Gauss-Markov posterior over a time axis; build the layer "
+                    "with temporal=True (or use TemporalNeurons)."
+                )
+            _check_int("in_features", in_features)
+            posterior = PathPosterior(
+                in_features,
+                units,
+                latent_dim,
+                scale_min=scale_min,
+                scale_max=scale_max,
+                init_scale=init_scale,
+            )
+        elif not isinstance(posterior, (AmortizedNormal, PathPosterior)) or (
+            posterior.units,
+            posterior.latent_dim,
+        ) != (units, latent_dim):
             raise ValueError(
-                f"Expected posterior to be an AmortizedNormal for {units} units and latent_dim="
-                f"{latent_dim}, but got {posterior!r}."
+                "Expected posterior to be 'diagonal', 'path', or an AmortizedNormal/PathPosterior for "
+                f"{units} units and latent_dim={latent_dim}, but got {posterior!r}."
             )
         self.posterior = posterior
         self.in_features = posterior.in_features
@@ -208,7 +227,9 @@ class Neurons(PyroModule):
     def forward(self, h, *, temporal=None, draws=1, step=None, prior=None, posterior=None):
         """Sample the layer (prior in the model, posterior in the guide) and pass it on.
 
-        :param torch.Tensor h: features ``(..., B, F)``, or ``(..., B, T, F)`` if temporal.
+        :param torch.Tensor h: features ``(..., B, F)``, or ``(..., B, T, F)`` if temporal. Not
+            read (nor checked) where the call's ``prior`` (model) or ``posterior`` (guide, mean)
+            gives the layer all it needs.
         :param bool temporal: override the layer's ``temporal`` for this call.
         :param int draws: K independent draws per observation, batch ``(K, 1, ..., B, H)``, each
             with KL weight beta / K (the forecaster's mixture likelihood), under a plate
@@ -217,22 +238,24 @@ class Neurons(PyroModule):
             then ``"<site>.<t>"``.
         :param prior: this call's prior, a distribution with batch ``(..., B, H)`` (a conditional
             prior, e.g. one that reads the previous step); default: the layer's prior module.
-        :param posterior: ``(loc, scale)``, each ``(..., B, H, k[, T])``, for this call's posterior
-            (e.g. a residual around a conditional prior); default: the layer's amortized head on
-            ``h``.
+        :param posterior: this call's posterior parameters in the head's parametrisation
+            (``(loc, scale)`` for the diagonal head, each ``(..., B, H, k[, T])``; e.g. a residual
+            around a conditional prior); default: the layer's amortized head on ``h``.
         :returns: ``(..., B, H)`` or ``(..., B, T, H)`` (``(K, 1, ...)`` in front with draws).
         """
         temporal = self.temporal if temporal is None else bool(temporal)
-        if posterior is None:
-            self._check_features(h, temporal)
-        site = self.site if step is None else f"{self.site}.{step}"
         mode = current_neuron_mode()
+        if posterior is None and (prior is None or self.deterministic or mode != "model"):
+            self._check_features(h, temporal)  # checked where the layer reads h
+        site = self.site if step is None else f"{self.site}.{step}"
         if self.deterministic or mode != "model":
-            loc, scale = self.posterior(h, temporal) if posterior is None else posterior  # (.., B, H, k[, T])
+            head = self.posterior  # one attribute read: each one is a Pyro param statement
+            params = head(h, temporal) if posterior is None else posterior  # each (.., B, H, k[, T])
+            loc, scale = head.moments(*params)  # marginal, (..., B, H, k[, T]) each
             record_posterior(site, loc, scale, self)
             if self.deterministic or mode == "mean":
                 return self.pool(loc, temporal)
-            fn = self.posterior.dist_from(loc, scale, temporal)  # batch (..., B, H)
+            fn = head.dist_from(*params, temporal=temporal)  # batch (..., B, H)
             if draws > 1:
                 fn = fn.expand((draws, 1) + tuple(fn.batch_shape))  # batch (K, 1, ..., B, H)
         elif prior is not None:

@@ -19,10 +19,17 @@ x_t" the state index is shifted by one: here :math:`h_t` is the state *before* t
 :math:`y_t` is emitted. The posterior must read the token its step emits (``y_t``); reading only
 the input ``x_t``, which :math:`h_t` already holds, would leave the latents nothing to carry.
 
-Pyro structure: a data plate (dim -2, size N with subsampling), and inside ``pyro.markov`` one
+Pyro structure: the network is a :class:`~vdn_pyro.models.NeuronNetwork` whose ``forward`` is the
+model. The H units of a step are one :class:`~vdn_pyro.models.Neurons` layer (k = 1, site
+``"<name>.z"``), called once per step inside ``pyro.markov`` with the conditional prior above (and,
+in the guide, the posterior) handed in: a data plate (dim -2, size N with subsampling) and one
 neuron site ``"<name>.z.<t>"`` per step (batch ``(B, H)``, event ``(1,)``, unit plate at dim -1,
-per-unit ``beta`` on both sides), masked with :func:`pyro.poutine.mask` where a row is padding.
-The tokens are one observed site ``"obs"`` (batch ``(B, 1)``, event ``(T,)``, padding masked).
+the layer's per-unit ``beta`` on both sides), masked with :func:`pyro.poutine.mask` where a row
+is padding. :math:`\phi_i` and :math:`s_i` are an :class:`~vdn_pyro.models.ARPrior`'s (the
+layer's prior, :class:`RecurrentARPrior`), so the AR constraints and diagnostics read them. The
+tokens are one observed site ``"obs"`` (batch ``(B, 1)``, event ``(T,)``, padding masked). The
+guide (:class:`~vdn_pyro.guides.NeuronGuide`) runs the same pass with the layer sampling its
+posterior.
 
 ``deterministic=True`` builds the plain GRU (or LSTM) language model of the same width:
 :math:`h_t = \mathrm{GRU}(e(x_t), h_{t-1})`, :math:`p(y_t \mid h_t)`, no latents and an empty guide.
@@ -39,14 +46,17 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import kl_divergence
-from torch.nn.functional import log_softmax, softplus
+from torch.nn.functional import log_softmax
 
 from vdn_pyro.data.text import BOUNDARY_ID, PAD, trim_padding
 from vdn_pyro.guides.recurrent import RecurrentPosterior
-from vdn_pyro.primitives import as_beta, data_plate, neurons
+from vdn_pyro.models.base import NeuronNetwork
+from vdn_pyro.models.neurons import Neurons
+from vdn_pyro.models.priors import ARPrior
+from vdn_pyro.primitives import as_beta, current_neuron_mode, data_plate
+from vdn_pyro.unit_status import StatusThresholds, classify_units, mutual_information
 
 __all__ = [
     "CELLS",
@@ -64,16 +74,10 @@ CELLS = ("gru", "lstm")
 #: How :meth:`RecurrentVDN.score` draws the latents: from the posterior, the posterior mean path,
 #: the prior (ancestral samples along the observed tokens), the prior mean path, or zeros.
 LATENT_MODES = ("posterior", "posterior_mean", "prior", "prior_mean", "zeros")
-_PHI_BOUND = 1 - 1e-6  # |phi| < 1 even where tanh saturates in float32
 
 
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _inv_softplus(x):
-    x = torch.as_tensor(x, dtype=torch.get_default_dtype())
-    return x + torch.log(-torch.expm1(-x))
 
 
 @dataclasses.dataclass
@@ -144,14 +148,18 @@ class RecurrentVDNConfig:
         self.beta = as_beta(self.beta, self.units)
 
 
-class RecurrentARPrior(nn.Module):
+class RecurrentARPrior(ARPrior):
     r"""Per-unit prior of one step: :math:`p(z_{i,t} \mid z_{i,t-1}, h_t) =
     \mathcal{N}(\phi_i z_{i,t-1} + (W h_t + c)_i,\ s_i^2)`.
 
-    :math:`\phi_i = \tanh(\mathrm{raw}_i)` (clamped to :math:`\pm(1 - 10^{-6})`, so
-    :math:`|\phi_i| < 1` even at saturation) is the unit's own memory, with half-life
-    :math:`\log 0.5 / \log|\phi_i|` steps when the input drive is constant; :math:`W h_t + c` is
-    the learned input from the deterministic state; :math:`s_i` is the innovation scale.
+    An :class:`~vdn_pyro.models.ARPrior` of order 1 for H units (k = 1) whose constant is replaced
+    by the learned input :math:`W h_t + c` from the deterministic state. :math:`\phi_i =
+    \tanh(\mathrm{raw}_i)` (clamped to :math:`\pm(1 - 10^{-6})`, so :math:`|\phi_i| < 1` even at
+    saturation) is the unit's own memory, with half-life :math:`\log 0.5 / \log|\phi_i|` steps when
+    the input drive is constant; :math:`s_i` is the innovation scale, kept above ``scale_min``.
+    :attr:`phi` (``(H, 1)``), :attr:`scale`, :attr:`half_life`, ``set_phi`` and
+    ``clamp_half_life`` are the ``ARPrior``'s; called as an ``ARPrior`` it gives the stationary
+    marginal without the input drive.
 
     :param int state_features: width F of :math:`h_t`.
     :param int units: number of units H.
@@ -162,46 +170,75 @@ class RecurrentARPrior(nn.Module):
     """
 
     def __init__(self, state_features, units, ar=True, init_phi=0.5, init_scale=1.0, scale_min=1e-2):
-        super().__init__()
         if not _is_int(units) or units < 1:
             raise ValueError(f"Expected units to be an int >= 1, but got {units!r}.")
         if not -1 < init_phi < 1:
             raise ValueError(f"Expected init_phi in (-1, 1), but got {init_phi}.")
         if not 0 < scale_min < init_scale:
             raise ValueError(f"Expected 0 < scale_min < init_scale, got {scale_min} and {init_scale}.")
-        self.units, self.ar, self.scale_min = units, bool(ar), float(scale_min)
+        super().__init__(
+            units,
+            1,
+            1,
+            phi=init_phi if ar else 0.0,
+            scale=init_scale - scale_min,
+            learn_phi=bool(ar),
+            learn_constant=False,  # the input W h_t + c takes the constant's place
+        )
+        self.ar, self.scale_min = bool(ar), float(scale_min)
         self.input = nn.Linear(state_features, units)
-        raw_phi = torch.full((units,), math.atanh(init_phi) if ar else 0.0)  # (H,)
-        if ar:
-            self.raw_phi = nn.Parameter(raw_phi)
-        else:
-            self.register_buffer("raw_phi", raw_phi)
-        self.raw_scale = nn.Parameter(_inv_softplus(torch.full((units,), init_scale - scale_min)))
-
-    @property
-    def phi(self):
-        """AR coefficient per unit, ``(H,)``, strictly inside (-1, 1)."""
-        return torch.tanh(self.raw_phi).clamp(-_PHI_BOUND, _PHI_BOUND)
 
     @property
     def scale(self):
-        """Innovation scale per unit, ``(H,)``."""
-        return softplus(self.raw_scale) + self.scale_min
-
-    @property
-    def half_life(self):
-        """``log 0.5 / log|phi|`` per unit in steps, ``(H,)`` (0 where phi = 0)."""
-        rho = self.phi.detach().abs()
-        return torch.where(rho > 0, math.log(0.5) / torch.log(rho.clamp_min(1e-30)), torch.zeros_like(rho))
+        """Innovation scale per unit, ``(H,)``, above ``scale_min``."""
+        return super().scale + self.scale_min
 
     def loc(self, z_prev, state):
         """Prior mean: ``z_prev`` ``(..., B, H)``, ``state`` ``(..., B, F)`` -> ``(..., B, H)``."""
-        return self.phi * z_prev + self.input(state)  # (..., B, H)
+        return self.step(z_prev, state)[0]
 
-    def forward(self, z_prev, state):
-        """``(loc, scale)``, each ``(..., B, H)``."""
-        loc = self.loc(z_prev, state)  # (..., B, H)
-        return loc, self.scale.expand(loc.shape)
+    def step(self, z_prev, state):
+        """The prior's ``(loc, scale)`` at one step, each ``(..., B, H)``.
+
+        :param torch.Tensor z_prev: ``(..., B, H)`` the units' previous latents.
+        :param torch.Tensor state: ``(..., B, F)`` the deterministic state :math:`h_t`.
+        """
+        return _ar_step(self.phi[:, 0], self.scale, self.input, z_prev, state)
+
+
+def _ar_step(phi, scale, drive, z_prev, state):
+    """:meth:`RecurrentARPrior.step` with its parameters given: ``phi``, ``scale`` ``(H,)``,
+    ``drive`` the input :math:`W h_t + c`."""
+    loc = phi * z_prev + drive(state)  # (..., B, H)
+    return loc, scale.expand(loc.shape)
+
+
+def _advance(embed, cell, state, token, z_prev=None):
+    """:meth:`RecurrentVDN.advance` with the submodules given: ``(..., B, S)`` -> ``(..., B, S)``."""
+    inp = embed(token)  # (B, E)
+    lead = state.shape[:-1]
+    if z_prev is not None:
+        lead = torch.broadcast_shapes(lead, z_prev.shape[:-1])
+    inp = inp.expand(lead + inp.shape[-1:])  # (..., B, E)
+    if z_prev is not None:
+        inp = torch.cat([inp, z_prev.expand(lead + z_prev.shape[-1:])], -1)  # (..., B, E + H)
+    size = state.shape[-1]
+    flat_in = inp.reshape(-1, inp.shape[-1])  # (N, E [+ H])
+    flat_state = state.expand(lead + (size,)).reshape(-1, size)  # (N, S)
+    if isinstance(cell, nn.LSTMCell):
+        h, c = cell(flat_in, tuple(flat_state.chunk(2, -1)))
+        new = torch.cat([h, c], -1)  # (N, 2 * hidden)
+    else:
+        new = cell(flat_in, flat_state)  # (N, hidden)
+    return new.reshape(lead + (size,))  # (..., B, S)
+
+
+def _emit(emission, h, z=None):
+    """:meth:`RecurrentVDN.logits` with the emission given: ``(..., B, hidden)`` -> ``(..., B, V)``."""
+    if z is not None:
+        lead = torch.broadcast_shapes(h.shape[:-1], z.shape[:-1])
+        h = torch.cat([h.expand(lead + h.shape[-1:]), z.expand(lead + z.shape[-1:])], -1)  # (..., B, F+H)
+    return emission(h)  # (..., B, V)
 
 
 @dataclasses.dataclass
@@ -229,7 +266,7 @@ class SequenceScores:
     mask: torch.Tensor
 
 
-class RecurrentVDN(PyroModule):
+class RecurrentVDN(NeuronNetwork):
     r"""A distributional recurrent network for token sequences (see the module docstring).
 
     Data are teacher-forcing pairs ``x``, ``y`` of long ids, each ``(B, T)``, right-padded with
@@ -241,6 +278,9 @@ class RecurrentVDN(PyroModule):
     .. math:: -\log p(y) \le \sum_t \mathbb{E}_q\big[-\log p(y_t \mid h_t, z_t)\big]
               + \sum_{t,i} \beta_i\, \mathbb{E}_q\,\mathrm{KL}\big(q(z_{i,t} \mid \cdot)
               \,\|\, p(z_{i,t} \mid z_{i,t-1}, h_t)\big).
+
+    ``net.model`` is the network itself (its ``forward``), ``net.guide`` a
+    :class:`~vdn_pyro.guides.NeuronGuide` of it; both take ``(x, y, num_data=None)``.
 
     :param vocabulary: a :class:`~vdn_pyro.data.text.Vocabulary` (used by :meth:`generate`) or
         the number of token ids V.
@@ -274,10 +314,10 @@ class RecurrentVDN(PyroModule):
         self.cell = cell(c.embed_dim + latent, c.hidden)
         self.state_size = c.hidden * (2 if c.cell == "lstm" else 1)
         if not c.deterministic:
-            self.prior = RecurrentARPrior(
+            prior = RecurrentARPrior(
                 c.hidden, c.units, c.ar, c.init_phi if c.ar else 0.0, c.prior_scale, c.prior_scale_min
             )
-            self.posterior = RecurrentPosterior(
+            posterior = RecurrentPosterior(
                 c.hidden,
                 c.vocab_size,
                 c.units,
@@ -287,19 +327,41 @@ class RecurrentVDN(PyroModule):
                 c.scale_max,
                 c.init_scale,
             )
-            self.register_buffer("beta", c.beta.clone())
+            self.z = Neurons(
+                posterior.in_features,
+                c.units,
+                prior=prior,
+                posterior=posterior,
+                beta=c.beta,
+                name=f"{c.name}.z",
+            )
         self.emission = nn.Linear(c.hidden + latent, c.vocab_size)
 
     # ------------------------------------------------------------------ info
     @property
-    def deterministic(self):
-        """Whether this is the plain recurrent language model (no latents)."""
-        return self.config.deterministic
-
-    @property
     def units(self):
         """Number of distributional units H per step (0 when deterministic)."""
         return 0 if self.deterministic else self.config.units
+
+    def _layer(self, what):
+        if self.deterministic:
+            raise AttributeError(f"The deterministic RecurrentVDN has no latent units, hence no {what}.")
+        return self.z
+
+    @property
+    def prior(self):
+        """The units' :class:`RecurrentARPrior` (the layer's prior; deterministic: none)."""
+        return self._layer("prior").prior
+
+    @property
+    def posterior(self):
+        """The units' :class:`~vdn_pyro.guides.RecurrentPosterior` (the layer's head)."""
+        return self._layer("posterior").posterior
+
+    @property
+    def beta(self):
+        """The layer's KL coefficient buffer ``(H,)``: update it in place to steer the units."""
+        return self._layer("beta").beta
 
     def site(self, t):
         """Name of the latent site of step ``t``: ``"<name>.z.<t>"``."""
@@ -369,100 +431,64 @@ class RecurrentVDN(PyroModule):
         :param z_prev: ``(..., B, H)`` previous latents, or ``None`` when deterministic.
         :returns: the new state ``(..., B, S)``.
         """
-        inp = self.embed(token)  # (B, E)
-        lead = state.shape[:-1]
-        if z_prev is not None:
-            lead = torch.broadcast_shapes(lead, z_prev.shape[:-1])
-        inp = inp.expand(lead + inp.shape[-1:])  # (..., B, E)
-        if z_prev is not None:
-            inp = torch.cat([inp, z_prev.expand(lead + z_prev.shape[-1:])], -1)  # (..., B, E + H)
-        flat_in = inp.reshape(-1, inp.shape[-1])  # (N, E [+ H])
-        flat_state = state.expand(lead + state.shape[-1:]).reshape(-1, self.state_size)  # (N, S)
-        if self.config.cell == "lstm":
-            h, c = self.cell(flat_in, tuple(flat_state.chunk(2, -1)))
-            new = torch.cat([h, c], -1)  # (N, 2 * hidden)
-        else:
-            new = self.cell(flat_in, flat_state)  # (N, hidden)
-        return new.reshape(lead + (self.state_size,))  # (..., B, S)
+        return _advance(self.embed, self.cell, state, token, z_prev)
 
     def logits(self, h, z=None):
         """Emission logits: ``h`` ``(..., B, hidden)``, ``z`` ``(..., B, H)`` -> ``(..., B, V)``."""
-        if z is not None:
-            lead = torch.broadcast_shapes(h.shape[:-1], z.shape[:-1])
-            h = torch.cat([h.expand(lead + h.shape[-1:]), z.expand(lead + z.shape[-1:])], -1)  # (..., B, F+H)
-        return self.emission(h)  # (..., B, V)
+        return _emit(self.emission, h, z)
 
-    @staticmethod
-    def _unit_dist(loc, scale):
-        """Batch ``(..., B, H)``, event ``(1,)``: the latent dim k = 1 of each unit."""
-        return dist.Normal(loc.unsqueeze(-1), scale.unsqueeze(-1)).to_event(1)
-
-    # --------------------------------------------------------- model/guide
-    def model(self, x, y=None, *, num_data=None):
-        """The generative side: per-unit AR priors, recurrence and categorical emission.
+    # ---------------------------------------------------------------- model
+    def forward(self, x, y=None, *, num_data=None):
+        """The model: per-unit AR priors, recurrence and categorical emission. Run as the
+        :attr:`guide`, each step's units sample their posterior instead, which reads the targets.
 
         :param torch.Tensor x: ``(B, T)`` input ids (right-padded with -1).
         :param y: ``(B, T)`` target ids, or ``None`` to sample each next token given the
-            observed prefix ``x``.
+            observed prefix ``x`` (the guide needs ``y``).
         :param int num_data: number of sequences N in the full data set (scales by N/B).
-        :returns: the tokens ``(B, T_b)`` (-1 at padding).
+        :returns: the tokens ``(..., B, T_b)`` (-1 at padding); ``None`` in the guide.
         """
         x, y, mask = self._prepare(x, y)
+        mode = current_neuron_mode()
+        infer = mode != "model" and not self.deterministic  # the units need their posterior
+        if infer and y is None:
+            raise ValueError("The guide q(z_t | h_t, y_t) reads the targets: pass y (B, T).")
         batch, steps = x.shape
+        # each read of a submodule or parameter is a Pyro param statement: read once per pass
+        embed, cell, emission = self.embed, self.cell, self.emission
+        if not self.deterministic:
+            layer, prior = self.z, self.prior
+            phi, s, drive = prior.phi[:, 0], prior.scale, prior.input  # (H,), (H,), W h + c
+            posterior = self.posterior if infer else None
         state = self.initial_state(batch, x.device)  # (B, S)
         z = None if self.deterministic else torch.zeros(batch, self.units, device=x.device)  # (B, H)
         logits = []
         with data_plate(batch, num_data, x.device):
             for t in pyro.markov(range(steps)):
-                state = self.advance(state, x[:, t], z)  # (..., B, S)
+                state = _advance(embed, cell, state, x[:, t], z)  # (..., B, S)
                 h = self.readout(state)  # (..., B, hidden)
                 if not self.deterministic:
-                    fn = self._unit_dist(*self.prior(z, h))  # batch (..., B, H), event (1,)
-                    with poutine.mask(mask=mask[:, t, None]):  # (B, 1)
-                        z = neurons(self.site(t), fn, self.beta).squeeze(-1)  # (..., B, H)
-                logits.append(self.logits(h, z))  # (..., B, V)
+                    p_loc, p_scale = _ar_step(phi, s, drive, z, h)  # (..., B, H) each
+                    # the step's conditional prior: batch (..., B, H), event (1,)
+                    fn = dist.Normal(p_loc.unsqueeze(-1), p_scale.unsqueeze(-1)).to_event(1)
+                    real = mask[:, t, None]  # (B, 1)
+                    q = None
+                    if infer:
+                        loc, scale = posterior.step(h, y[:, t], p_loc)  # (..., B, H) each
+                        if not bool(real.all()):  # q = p where a row has ended: zero KL, even unmasked
+                            loc, scale = torch.where(real, loc, p_loc), torch.where(real, scale, p_scale)
+                        q = loc.unsqueeze(-1), scale.unsqueeze(-1)  # (..., B, H, 1) each
+                    with poutine.mask(mask=real):
+                        z = layer(h, step=t, prior=fn, posterior=q)  # (..., B, H)
+                if mode != "guide":  # the guide has no observation: it stops at the latents
+                    logits.append(_emit(emission, h, z))  # (..., B, V)
+            if mode == "guide":
+                return None
             logits = torch.stack(logits, -2).unsqueeze(-3)  # (..., B, 1, T, V)
             fn = dist.Categorical(logits=logits).mask(mask.unsqueeze(-2)).to_event(1)  # batch (..., B, 1)
             obs = None if y is None else y.unsqueeze(-2)  # (B, 1, T)
             out = pyro.sample("obs", fn, obs=obs)  # (..., B, 1, T)
         return torch.where(mask, out.squeeze(-2), PAD)  # (..., B, T)
-
-    def guide(self, x, y=None, *, num_data=None):
-        """The inference side: per step, each unit's posterior reads the state and the target.
-
-        :param torch.Tensor x: ``(B, T)``. :param torch.Tensor y: ``(B, T)`` (required).
-        :param int num_data: full data-set size N.
-        :returns: the latents ``(..., B, T_b, H)`` (``None`` when deterministic).
-        """
-        x, y, mask = self._prepare(x, y)
-        if self.deterministic:
-            return None
-        if y is None:
-            raise ValueError("The guide q(z_t | h_t, y_t) reads the targets: pass y (B, T).")
-        batch, steps = x.shape
-        state = self.initial_state(batch, x.device)  # (B, S)
-        z = torch.zeros(batch, self.units, device=x.device)  # (B, H)
-        zs = []
-        with data_plate(batch, num_data, x.device):
-            for t in pyro.markov(range(steps)):
-                state = self.advance(state, x[:, t], z)  # (..., B, S)
-                h = self.readout(state)  # (..., B, hidden)
-                real = mask[:, t, None]  # (B, 1)
-                padded = not bool(real.all())
-                need_prior = padded or self.posterior.residual
-                prior_loc, prior_scale = self.prior(z, h) if need_prior else (None, None)
-                loc, scale = self.posterior(h, y[:, t], prior_loc)  # (..., B, H)
-                if padded:  # q = p where a row has ended: zero KL there, even before the mask
-                    loc, scale = torch.where(real, loc, prior_loc), torch.where(real, scale, prior_scale)
-                fn = self._unit_dist(loc, scale)  # batch (..., B, H), event (1,)
-                with poutine.mask(mask=real):
-                    z = neurons(self.site(t), fn, self.beta).squeeze(-1)  # (..., B, H)
-                zs.append(z)
-        return torch.stack(zs, -2)  # (..., B, T, H)
-
-    def forward(self, x, y=None, *, num_data=None):
-        """Same as :meth:`model`."""
-        return self.model(x, y, num_data=num_data)
 
     # ------------------------------------------------------------- analysis
     @torch.no_grad()
@@ -496,10 +522,10 @@ class RecurrentVDN(PyroModule):
             lp, lq = zero, zero
             kl = q_loc = q_scale = torch.zeros(xs.shape[0], units, device=x.device)  # (S * B, H)
             if not self.deterministic:
-                p_loc, p_scale = self.prior(z, h)  # (S * B, H)
+                p_loc, p_scale = self.prior.step(z, h)  # (S * B, H)
                 prior = dist.Normal(p_loc, p_scale)
                 if latents.startswith("posterior"):
-                    q_loc, q_scale = self.posterior(h, ys[:, t], p_loc if self.posterior.residual else None)
+                    q_loc, q_scale = self.posterior.step(h, ys[:, t], p_loc)
                     post = dist.Normal(q_loc, q_scale)
                     kl = kl_divergence(post, prior)  # (S * B, H)
                     z = post.sample() if latents == "posterior" else q_loc  # (S * B, H)
@@ -554,7 +580,7 @@ class RecurrentVDN(PyroModule):
             state = self.advance(state, token, z)  # (N, S)
             h = self.readout(state)  # (N, hidden)
             if not self.deterministic:
-                z = dist.Normal(*self.prior(z, h)).sample()  # (N, H)
+                z = dist.Normal(*self.prior.step(z, h)).sample()  # (N, H)
             token = dist.Categorical(logits=self.logits(h, z) / temperature).sample()  # (N,)
             out[:, t] = torch.where(done, PAD, token)
             done = done | (token == self.config.boundary_id)
@@ -721,9 +747,6 @@ def evaluate_sequences(
 
 @torch.no_grad()
 def _evaluate_latent(network, x, y, num_chars, num_samples, replace_samples, batch_size, kl_threshold, seed):
-    # imported here: vdn_pyro.inference imports vdn_pyro.models
-    from vdn_pyro.inference.diagnostics import StatusThresholds, classify_units, mutual_information
-
     units, steps = network.units, x.shape[1]
     replacements = [m for m in LATENT_MODES if m != "posterior"]
     totals = dict.fromkeys(["is", "recon", "kl"] + replacements, 0.0)
@@ -775,5 +798,5 @@ def _evaluate_latent(network, x, y, num_chars, num_samples, replace_samples, bat
         unit_scale=scale_mean.numpy(),
         unit_mi=mi.numpy(),
         status=status,
-        phi=network.prior.phi.detach().cpu().numpy(),
+        phi=network.prior.phi[:, 0].detach().cpu().numpy(),
     )

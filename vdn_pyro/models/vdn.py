@@ -27,6 +27,7 @@ from vdn_pyro.primitives import as_beta, data_plate, neuron_mode
 
 __all__ = ["POOLINGS", "Prediction", "VDN", "VDNConfig"]
 PRIORS = ("normal", "ar")
+POSTERIORS = ("diagonal", "path")
 TRUNKS = ("mlp", "dlinear", "none")
 
 
@@ -53,6 +54,9 @@ class VDNConfig:
     :ivar str prior: ``normal`` or ``ar``.
     :ivar int ar_order: order p of the ``ar`` prior.
     :ivar bool learn_prior: learn the prior's parameters.
+    :ivar str posterior: ``diagonal`` (independent over time steps) or ``path`` (a Gauss-Markov
+        chain over the time steps of temporal inputs, read from bidirectional context; needs
+        ``x`` of shape ``(B, T, D)``).
     :ivar str scale_mode: ``unit`` or ``input`` (see :class:`AmortizedNormal`).
     :ivar float scale_min: posterior scale lower clamp.
     :ivar float scale_max: posterior scale upper clamp.
@@ -76,6 +80,7 @@ class VDNConfig:
     prior: str = "normal"
     ar_order: int = 1
     learn_prior: bool = False
+    posterior: str = "diagonal"
     scale_mode: str = "unit"
     scale_min: float = 1e-3
     scale_max: float = 10.0
@@ -106,6 +111,7 @@ class VDNConfig:
             ("trunk", TRUNKS),
             ("prior", PRIORS),
             ("scale_mode", SCALE_MODES),
+            ("posterior", POSTERIORS),
         ]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Expected {name} in {allowed}, but got {getattr(self, name)!r}.")
@@ -203,6 +209,8 @@ class VDN(NeuronNetwork):
                 beta=beta,
                 latent_dim=config.latent_dim,
                 pooling=config.pooling,
+                temporal=config.posterior == "path",
+                posterior=config.posterior,
                 scale_mode=config.scale_mode,
                 scale_min=config.scale_min,
                 scale_max=config.scale_max,
@@ -244,6 +252,11 @@ class VDN(NeuronNetwork):
             )
         if x.shape[0] < 1:
             raise ValueError("Expected a non-empty batch, but x has 0 rows.")
+        if self.config.posterior == "path" and x.dim() != 3:
+            raise ValueError(
+                f"Expected x of shape (B, T, {d}): the network was built with posterior='path', a "
+                f"posterior over a time axis, but got {tuple(x.shape)}."
+            )
         if check_finite and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(
