@@ -190,3 +190,8 @@ def test_as_beta_copies_input():
     out = as_beta(beta, 2)
     out[0] = 9.0
     assert beta[0] == 1.0
+
+
+def test_neurons_refuses_a_distribution_name_with_a_clear_error():
+    with pytest.raises(TypeError, match=r"site 'z' to be a torch/Pyro distribution.*got str 'normal'"):
+        neurons("z", "normal", torch.ones(3))

@@ -238,6 +238,13 @@ def neurons(name, fn, beta=None, *, dim=-1):
     >>> z.shape
     torch.Size([4, 3, 1])
     """
+    if not isinstance(fn, torch.distributions.Distribution):
+        raise TypeError(
+            f"Expected the distribution of site '{name}' to be a torch/Pyro distribution with the "
+            f"units at batch dim {dim}, e.g. pyro.distributions.Normal(loc, scale).to_event(1), "
+            f"but got {type(fn).__name__} {fn!r}. For a layer that builds its prior and posterior "
+            "itself, use vdn_pyro.Neurons."
+        )
     if len(fn.batch_shape) < -dim:
         raise ValueError(
             f"Expected the distribution of site '{name}' to have at least {-dim} batch dims with "
