@@ -539,3 +539,15 @@ def test_bad_features_are_refused():
     # also as the guide runs it
     with pytest.raises(ValueError, match="in_features=3"):
         NeuronGuide(Stack(PyroModule[nn.ModuleList]))(torch.randn(B, 5), torch.randn(B, 2))
+
+
+def test_a_copied_network_gets_a_guide_of_its_own():
+    import copy
+    import pickle
+
+    net = VDN(3, 1, units=(4,))
+    x, y = torch.randn(5, 3), torch.randn(5, 1)
+    net.guide(x, y)  # builds and caches the original's guide
+    for clone in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        assert clone.guide.model is clone and net.guide.model is net
+        assert sorted(clone.guide(x, y)) == ["layers.0.z"]

@@ -74,10 +74,19 @@ class NeuronNetwork(PyroModule):
         pass, each neuron layer sampling its amortized posterior; empty for the twin). It holds no
         parameters of its own."""
         guide = self.__dict__.get("_neuron_guide")
-        if guide is None or guide.model is not self:
+        try:  # a copy (deepcopy, pickle) may carry a guide of the original, or a broken one
+            current = guide is not None and guide.model is self
+        except (AttributeError, TypeError, IndexError):
+            current = False
+        if not current:
             guide = NeuronGuide(self)
             self.__dict__["_neuron_guide"] = guide
         return guide
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_neuron_guide", None)  # rebuilt on first use
+        return state
 
     def check_inputs(self, *args, **kwargs):
         """Subclass hook: raise ``TypeError``/``ValueError`` on unusable inputs."""
