@@ -2,9 +2,11 @@
 Persistence band on the AR memory against a free phi.
 
 Every variant is the benchmark's VDN forecaster (the recipe of ``forecast_ett.py`` and of
-``vdn fit --preset ett``, including the closed-form skip path of ``--skip-fit ridge``), trained on
-chunks of ``--chunk`` consecutive windows ``--train-stride`` rows apart; a variant changes keys of
-the run configuration only (:func:`variant_options`):
+``vdn fit --preset ett``, including the closed-form skip path of ``--skip-fit ridge``, the data and
+protocol options, and the input normalisation chosen on the skip path's validation MSE), trained on
+chunks of ``--chunk`` consecutive windows ``--train-stride`` rows apart, and scored like the
+benchmark's models (marginal and path scores, validation and test); a variant changes keys of the
+run configuration only (:func:`variant_options`):
 
 - ``normal``: a Normal N(0, 1) prior per unit: the windows of a chunk are independent a priori;
 - ``ar-free``: a learned AR(1) prior per unit over the windows of a chunk, phi free in (-1, 1);
@@ -13,7 +15,9 @@ the run configuration only (:func:`variant_options`):
 - ``static``: the AR prior on single windows (T = 1, the stationary marginal), for reference.
 
 Writes ``ar_study_runs.csv``, ``ar_study.csv``, ``ar_study.md``, ``ar_half_lives.csv`` and
-``ar_half_lives.png`` (the learned per-unit half-lives in hours, free vs band) to ``--out-dir``.
+``ar_half_lives.png`` (the learned per-unit half-lives in rows, i.e. hours for hourly data, free vs
+band) to ``--out-dir`` (default ``benchmarks/results``; with ``--quick``, a new temporary
+directory).
 
     python benchmarks/ar_study.py --horizons 96 --seeds 0 1 2 --jobs 2
     python benchmarks/ar_study.py --quick
@@ -34,8 +38,6 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import forecast_ett  # noqa: E402
-
-from vdn_pyro.data import ett_hourly_splits, load_ett  # noqa: E402
 
 VARIANTS = ("normal", "ar-free", "ar-band", "static")
 
@@ -88,24 +90,29 @@ def half_life_figure(path, half_lives, band_hours):
     plt.close(fig)
 
 
-def study_task(horizon, seed, args, series, fitted=None):
+def study_task(horizon, seed, args, series, cache=None):
     """Every variant at one horizon and seed; returns their rows, each with its units'
-    half-lives in hours (``"half_lives"``, a list; absent for the Normal prior)."""
+    half-lives in rows, hours for hourly data (``"half_lives"``, a list; absent for the Normal
+    prior)."""
     torch.set_num_threads(args.threads)
-    splits = ett_hourly_splits(series, forecast_ett.LOOKBACK, horizon)
+    splits = forecast_ett.task_splits(series, args, horizon)
     test = splits.windows("test", stride=args.test_stride)
-    fitted = {} if fitted is None else fitted  # the skip path lent to every variant (--skip-fit)
-    skip = forecast_ett.lend_skip("vdn", splits, seed, args, fitted, test)
-    hours = args.train_stride  # one window step in hours
+    val = splits.windows("val", stride=args.val_stride)
+    cache = {} if cache is None else cache  # the skip path lent to every variant (--skip-fit)
+    norm, norm_scores = forecast_ett.skip_norm(splits, seed, args, cache)
+    skip = forecast_ett.lend_skip(splits, seed, args, norm, cache)
+    hours = args.train_stride  # one window step in rows
     rows = []
     for name in args.variants:
         overrides, chunk = variant_options(name, args)
         variant_args = argparse.Namespace(**{**vars(args), "chunk": chunk})
-        row, model = forecast_ett.run_one(
-            "vdn", splits, seed, variant_args, test=test, overrides=overrides, skip_from=skip
+        fitted = forecast_ett.run_one(
+            "vdn", splits, seed, variant_args, norm, cache, overrides=overrides, skip_from=skip
         )
+        val_scores = forecast_ett.score(fitted.view, *val, args, seed)
+        row = forecast_ett.score_row("vdn", fitted, splits, seed, args, val_scores, test, norm_scores)
         row["model"] = name
-        prior = model.layers[0].prior
+        prior = fitted.model.layers[0].prior
         if hasattr(prior, "half_life"):
             life = prior.half_life.cpu().numpy() * hours  # (U,) hours
             row["half_lives"] = [float(v) for v in life]
@@ -123,13 +130,20 @@ def main(args):
         args = forecast_ett.apply_quick(args)
         args.chunk = 2
         args.train_stride = 24
+    if args.norm_select != "skip":
+        raise ValueError(
+            "Expected --norm-select skip: the AR study chooses one normalisation for every variant on "
+            f"the skip path's validation MSE, but got --norm-select {args.norm_select}."
+        )
+    forecast_ett.check_args(args)
     torch.set_num_threads(args.threads)
-    series = load_ett(args.data)
-    hours = args.train_stride  # one window step in hours
+    series = forecast_ett.load_series(args)
+    out_dir = forecast_ett.resolve_out_dir(args, "ar_study")
+    hours = args.train_stride  # one window step in rows
     note = (
-        f"AR study, ETTh1, L={forecast_ett.LOOKBACK}; chunks of {args.chunk} windows "
-        f"{args.train_stride} h apart; Persistence band {args.band} windows = "
-        f"{[b * hours for b in args.band]} h; options: "
+        f"AR study, {series.name} ({forecast_ett.protocol_of(series, args)[1]}), L={args.lookback}; chunks "
+        f"of {args.chunk} windows {args.train_stride} rows apart; Persistence band {args.band} windows = "
+        f"{[b * hours for b in args.band]} rows; options: "
         + json.dumps({k: v for k, v in vars(args).items() if k not in ("data", "out_dir")})
     )
     order = {
@@ -142,20 +156,19 @@ def main(args):
     for row in runs:
         if "half_lives" in row:
             half_lives.setdefault(row["model"], []).append(np.asarray(row.pop("half_lives")))
-    summary, table = forecast_ett.write_outputs(
-        runs, args.out_dir, stem="ar_study", note=note, published=False
-    )
+    summary, table = forecast_ett.write_outputs(runs, out_dir, stem="ar_study", note=note)
     band_hours = [b * hours for b in args.band]
-    half_life_figure(Path(args.out_dir) / "ar_half_lives.png", half_lives, band_hours)
+    half_life_figure(Path(out_dir) / "ar_half_lives.png", half_lives, band_hours)
     rows = [
         {"variant": name, "run": i, "unit": u, "half_life_h": float(v)}
         for name, lives in half_lives.items()
         for i, life in enumerate(lives)
         for u, v in enumerate(life)
     ]
-    pd.DataFrame(rows).to_csv(Path(args.out_dir) / "ar_half_lives.csv", index=False)
+    pd.DataFrame(rows).to_csv(Path(out_dir) / "ar_half_lives.csv", index=False)
     print(note)
     print(table)
+    print(f"written to {out_dir}")
     return summary
 
 

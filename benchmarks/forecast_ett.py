@@ -1,62 +1,106 @@
-"""Long-horizon forecasting on ETTh1: the VDN forecaster against its deterministic twin, DLinear
-and repeat-last-value, beside the published DLinear and NLinear numbers.
+"""Long-horizon forecasting: the VDN forecaster against its deterministic twin, Student-t
+controls, DLinear and repeat-last-value, on ETTh1 or any long-horizon CSV.
 
-Protocol (../shared/data/README.md): look-back L = 336, horizons 96/192/336/720, train rows
-[0, 8640), validation [8640 - L, 11520), test [11520 - L, 14400), a scaler fitted on the training
-rows, channel-independent windows of all 7 channels, metrics on the scaled values averaged over
-every test window (stride 1), channel and horizon step. Models are selected by validation only
-(early stopping on the validation CRPS, best state restored); the test split is scored once.
+**Data and protocol.** ``--data`` is a CSV with a date column (``--date-column``, default
+``date``) and numeric columns (``--columns``: any subset, default all). ``--protocol auto``
+(default) reads the protocol from the file: an ETT-format file (value columns among ``HUFL`` ..
+``OT``) gets the ETT protocol, 12/4/4 months of 30 days at the file's own rate (24 rows a day
+for ETTh, 96 for ETTm: the rate is read from the dates); any other file the 7:1:2 chronological
+protocol of Weather, Exchange, ECL and Traffic (:func:`vdn_pyro.data.protocol.long_horizon_splits`);
+``--protocol ett|long_horizon`` forces one. Nothing depends on the data set's name (except the
+published reference rows, shown for ETTh1 only). Look-back L = 336 (``--lookback``), horizons
+96/192/336/720; validation and test start L rows before their first target; a scaler fitted on
+the training rows; channel-independent windows of every channel; metrics on the scaled values
+averaged over every test window (stride 1), channel and horizon step. Models are selected by
+validation only (early stopping on the validation CRPS, best state restored; the input
+normalisation and the Student-t parameters are chosen on validation too); the test split is
+scored once.
 
-Every model is trained by the recipe of ``vdn fit``: the run configuration of the ``ett`` preset
-(:data:`vdn_pyro.config.PRESETS`), turned into a :class:`~vdn_pyro.forecasting.TrainConfig` and
-run by :func:`~vdn_pyro.forecasting.train_forecaster`, the VDN built by
-:meth:`~vdn_pyro.config.RunConfig.forecaster_config`. Each option below sets one key of that
-configuration (:data:`CONFIG_KEYS`; its default is the preset's) and ``--set KEY=VALUE`` sets any
-other, so ``vdn fit --preset ett --set fit.seed=S --set data.horizon=H`` trains the row of seed S at
-horizon H. The recipe: Adam (lr 5e-3, x0.6 per epoch), at most 10 epochs, items of ``--chunk`` = 4
-consecutive windows (the VDN's AR prior runs over them), 256 windows per step, selection on the
-validation CRPS with patience 3 and the best state restored. To keep a full run on a 2-core CPU,
-the training windows are subsampled with ``--train-stride`` rows between them (default 2: half of
-the windows, every training row still seen); validation and test windows are all used
-(``--quick`` subsamples them).
+**Models** (:data:`MODELS`, a registry: a new model is one more :class:`ModelSpec`, see
+:func:`register_model`):
 
-``linear`` is DLinear fitted in closed form (ridge least squares on every training window, the
-penalty chosen on the validation MSE; DLinear is linear in the window, so this is its exact
-least-squares fit); it has no seed. With ``--skip-fit ridge`` (default) the VDN and its twin are
-trained in two stages: this fit is their frozen skip path and the neurons and head are fitted by
-the ELBO on top of it (``sgd``: the gradient-trained DLinear of the same seed is lent instead;
-``joint``: the skip path is trained with the rest).
+- ``vdn``: the VDN forecaster, a :class:`~vdn_pyro.models.Forecaster` with 64 neurons under an
+  AR(1) prior over the windows of a chunk, input-dependent posterior scales, beta = 1e-3 and
+  K = 16 posterior draws mixed in the likelihood. With ``--mean skip`` and
+  ``--likelihood-scale heteroscedastic`` (the defaults) the forecast mean is the frozen
+  closed-form skip path and the neurons set the predictive scale. Scored by ``--num-samples`` =
+  100 Monte Carlo draws per window (exact mixture NLL and coverage, sample CRPS), selected with
+  ``--val-samples`` = 32.
+- ``twin``: the same network with ``deterministic=True`` (z = its posterior mean: a
+  deterministic heteroscedastic scale), trained the same way.
+- ``twin_t`` and ``twin_mvt``, the **Student-t controls**: the trained twin's mean and scale
+  reused as they are (same skip path, same training, same validation-selected state), with a
+  Student-t of nu degrees of freedom and scale c sigma(x) (:class:`~vdn_pyro.models.baselines.
+  StudentTControl`): ``twin_t`` draws one chi-square mixing variable per element (a t per
+  step), ``twin_mvt`` one per path (a multivariate t over the horizon: every step of a path
+  shares one scale draw; its per-step marginal is the univariate t with the same nu and scale).
+  nu and c are fitted by maximum likelihood on the validation windows, each control on its own
+  likelihood (per-step t; joint density of the multivariate t). Their marginal metrics are exact
+  (closed-form t CRPS, t log density, t quantiles); the NLL reported for ``twin_mvt`` is that of
+  its per-step marginal, as for every other model.
+- ``dlinear``: DLinear trained by the same recipe (SGD); ``linear``: DLinear fitted in closed
+  form (ridge least squares, penalty chosen on the validation MSE; seed-free); ``repeat``:
+  repeat the last value. Their scale is the RMS training residual per step.
+- ``rollout`` (when :mod:`vdn_pyro.models.rollout` is there): the
+  :class:`~vdn_pyro.models.RolloutForecaster`, trained like the VDN (same skip path, recipe,
+  selection), with the run configuration's shared keys (:data:`ROLLOUT_SHARED`) and its own
+  structure from its :class:`~vdn_pyro.models.RolloutConfig` (``--rollout KEY=VALUE``).
 
-The VDN forecaster is a :class:`~vdn_pyro.models.Forecaster` with 64 neurons under an AR(1) prior
-over the windows of a chunk, input-dependent posterior scales, beta = 1e-3 and K = 16 posterior
-draws mixed in the likelihood. With ``--mean skip`` and ``--likelihood-scale heteroscedastic``
-(the defaults, chosen on the validation split: at H = 192 validation CRPS 0.469 and NLL 1.27
-against 0.471 and 1.49 for ``--mean head``) the forecast mean is the frozen closed-form skip path
-and the neurons set the predictive scale: the predictive is a scale mixture around the
-least-squares forecast. It is scored by ``--num-samples`` = 100 Monte Carlo draws per test window
-(exact mixture NLL and coverage, sample CRPS) and selected with ``--val-samples`` = 32; with
-``--mean head --likelihood-scale learned`` its predictive is exactly Gaussian and scored in closed
-form (``--mc``: by Monte Carlo anyway). The twin is the same network with ``deterministic=True``
-(z = its posterior mean: a deterministic heteroscedastic scale).
+With ``--skip-fit ridge`` (default) the VDN and its twin are trained in two stages: the
+closed-form fit is their frozen skip path (``sgd``: the SGD DLinear of the same seed; ``joint``:
+trained with the rest).
+
+**Training recipe.** Every model is trained by the recipe of ``vdn fit``: the run configuration
+of the ``ett`` preset (:data:`vdn_pyro.config.PRESETS`), turned into a
+:class:`~vdn_pyro.forecasting.TrainConfig` and run by
+:func:`~vdn_pyro.forecasting.train_forecaster`. Each option below sets one key of that
+configuration (:data:`CONFIG_KEYS`; default the preset's) and ``--set KEY=VALUE`` sets any other,
+so ``vdn fit --preset ett --set fit.seed=S --set data.horizon=H`` trains the row of seed S at
+horizon H (with ``--norms none``). The recipe: Adam (lr 5e-3, x0.6 per epoch), at most 10 epochs,
+items of ``--chunk`` = 4 consecutive windows, 256 windows per step, selection on the validation
+CRPS with patience 3. Training windows are subsampled with ``--train-stride`` rows between them
+(default 2); validation and test windows are all used (``--quick`` subsamples them).
+
+**Input normalisation** (``--norms``, candidates among ``none``, ``last`` (the window's last
+value), ``mean_scale`` (the window's mean and standard deviation, RevIN-style); default all
+three), chosen on validation, never on test: ``--norm-select skip`` (default) chooses once per
+horizon, by the validation MSE of the closed-form DLinear fitted under each candidate (the skip
+path that sets the mean of the VDN, its twin and the controls), and every model then uses it;
+``--norm-select model`` trains every model under every candidate and keeps, per model, the one
+with the best validation score of ``--select`` (CRPS when that is ``loss``). A model under a
+normalisation is trained on normalised windows and targets and scored in the original units
+(:class:`~vdn_pyro.forecasting.Normalised`).
+
+**Scores.** Beside the marginal MSE, MAE, CRPS, NLL and 90% coverage, every model gets path
+scores of its ``--num-samples`` joint sample paths over the horizon
+(:func:`vdn_pyro.metrics.path_metrics`): the energy score, the CRPS of the horizon sum and the
+coverage of the sum's central 90% interval. Both the validation windows (those of the selection)
+and the test windows are scored.
 
 ``--jobs 2`` runs the (horizon, seed) tasks in two worker processes, one torch thread each.
 
-    python benchmarks/forecast_ett.py --jobs 2         # 4 horizons x 5 models x 3 seeds
+    python benchmarks/forecast_ett.py --jobs 2         # 4 horizons x 7 models x 3 seeds
     python benchmarks/forecast_ett.py --horizons 96 --seeds 0
-    python benchmarks/forecast_ett.py --quick          # a smoke run, < 3 minutes
+    python benchmarks/forecast_ett.py --data ETTm1.csv --horizons 96
+    python benchmarks/forecast_ett.py --quick          # a smoke run, < 1 minute, to a temporary directory
 
 Writes ``forecast_ett_runs.csv`` (one row per horizon, model and seed), ``forecast_ett.csv`` and
-``forecast_ett.md`` (mean and standard deviation over seeds) to ``--out-dir``.
+``forecast_ett.md`` (mean and standard deviation over seeds, test and validation) to
+``--out-dir`` (default ``benchmarks/results``; with ``--quick``, a new temporary directory).
 """
 
 import argparse
 import concurrent.futures
+import dataclasses
+import importlib.util
 import json
 import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -69,44 +113,188 @@ if str(ROOT) not in sys.path:
 
 from vdn_pyro.cli import build_constraints  # noqa: E402
 from vdn_pyro.config import PRESETS, load_config, merge_dicts, parse_overrides, validate_config  # noqa: E402
-from vdn_pyro.data import ett_hourly_splits, load_ett  # noqa: E402
+from vdn_pyro.data import load_csv  # noqa: E402
+from vdn_pyro.data.protocol import PROTOCOLS, detect_protocol, protocol_splits, rows_per_hour  # noqa: E402
 from vdn_pyro.forecasting import (  # noqa: E402
     METRICS,
+    NORMS,
+    PATH_METRICS,
     SELECTIONS,
     SKIP_FITS,
     evaluate_forecaster,
     fit_least_squares,
+    normalised,
     train_forecaster,
     training_windows,
 )
 from vdn_pyro.models import DLinear, Forecaster, RepeatLast  # noqa: E402
+from vdn_pyro.models.baselines import StudentTControl  # noqa: E402
 
-MODELS = ("vdn", "twin", "dlinear", "linear", "repeat")
-LABELS = {
-    "vdn": "VDN forecaster",
-    "twin": "deterministic twin",
-    "dlinear": "DLinear (ours, SGD)",
-    "linear": "DLinear (ours, closed form)",
-    "repeat": "repeat-last (ours)",
+
+# ----------------------------------------------------------------------------- the models
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model of the harness.
+
+    :ivar str label: its name in the tables.
+    :ivar str kind: how it is fitted: ``"recipe"`` (built by ``build`` and trained by
+        :func:`~vdn_pyro.forecasting.train_forecaster`), ``"closed_form"`` (a DLinear fitted by
+        :func:`~vdn_pyro.forecasting.fit_least_squares`) or ``"control"`` (a
+        :class:`~vdn_pyro.models.baselines.StudentTControl` fitted on validation on top of the
+        trained model ``base``).
+    :ivar build: ``callable(config, args) -> model`` for a :class:`~vdn_pyro.config.RunConfig`
+        and the command-line options (``"recipe"``, ``"closed_form"``).
+    :ivar bool lends_skip: it has a DLinear skip path and takes the one of ``--skip-fit``.
+    :ivar bool constraints: it is trained with the run configuration's local constraints.
+    :ivar bool seeded: ``False``: one fit per horizon, shared by every seed.
+    :ivar str base: the model a control is fitted on.
+    :ivar bool joint: a control with one mixing variable per path (multivariate t).
+    """
+
+    label: str
+    kind: str
+    build: Callable | None = None
+    lends_skip: bool = False
+    constraints: bool = False
+    seeded: bool = True
+    base: str | None = None
+    joint: bool = False
+
+
+def _dlinear(config, args):
+    return DLinear(config.data.lookback, config.data.horizon)
+
+
+#: The models of the harness, by name, in report order (see :func:`register_model`).
+MODELS = {
+    "vdn": ModelSpec(
+        "VDN forecaster",
+        "recipe",
+        lambda c, a: Forecaster(c.forecaster_config()),
+        lends_skip=True,
+        constraints=True,
+    ),
+    "twin": ModelSpec(
+        "deterministic twin",
+        "recipe",
+        lambda c, a: Forecaster(c.forecaster_config(deterministic=True)),
+        lends_skip=True,
+    ),
+    "twin_t": ModelSpec("twin, Student-t per step", "control", base="twin"),
+    "twin_mvt": ModelSpec("twin, multivariate t over the horizon", "control", base="twin", joint=True),
+    "dlinear": ModelSpec("DLinear (ours, SGD)", "recipe", _dlinear),
+    "linear": ModelSpec("DLinear (ours, closed form)", "closed_form", _dlinear, seeded=False),
+    "repeat": ModelSpec(
+        "repeat-last (ours)", "recipe", lambda c, a: RepeatLast(c.data.lookback, c.data.horizon)
+    ),
 }
-#: Zeng et al. (AAAI 2023), Table 2, ETTh1, L = 336: (MSE, MAE).
+KINDS = ("recipe", "closed_form", "control")
+
+
+def register_model(name, spec):
+    """Add a model to the harness (after the others in the tables); ``--models`` then accepts
+    ``name``. A ``"control"`` needs its ``base`` registered first.
+
+    :param str name: its key in the runs table.
+    :param ModelSpec spec: how it is built and fitted.
+    """
+    if not isinstance(spec, ModelSpec) or spec.kind not in KINDS:
+        raise ValueError(f"Expected a ModelSpec of a kind in {KINDS}, but got {spec!r}.")
+    if spec.kind == "control" and spec.base not in MODELS:
+        raise ValueError(
+            f"Expected the base of control {name!r} among {list(MODELS)}, but got {spec.base!r}."
+        )
+    if spec.kind != "control" and spec.build is None:
+        raise ValueError(f"Expected a build function for the {spec.kind!r} model {name!r}.")
+    MODELS[name] = spec
+
+
+#: The keys of a :class:`~vdn_pyro.models.RolloutConfig` taken from the run configuration (the
+#: forecaster's), so the roll-out forecaster shares the VDN's look-back, horizon, trunk, skip
+#: path, prior family, posterior scales, beta and training draws; its own structure (patch,
+#: units, features, phi per patch, posterior, mean, likelihood scale, mixture) keeps the
+#: RolloutConfig defaults unless ``--rollout KEY=VALUE`` sets it.
+ROLLOUT_SHARED = (
+    "lookback",
+    "horizon",
+    "kernel_size",
+    "instance_norm",
+    "skip",
+    "skip_norm",
+    "activation",
+    "prior",
+    "learn_prior",
+    "scale_mode",
+    "scale_min",
+    "scale_max",
+    "init_scale",
+    "likelihood_scale_min",
+    "beta",
+    "train_draws",
+)
+
+
+def rollout_config(config, options=()):
+    """The :class:`~vdn_pyro.models.RolloutConfig` of a run configuration: the
+    :data:`ROLLOUT_SHARED` keys of its forecaster, then ``options`` (``KEY=VALUE`` strings, JSON
+    values)."""
+    from vdn_pyro.models.rollout import RolloutConfig
+
+    shared = config.forecaster_config()
+    values = {key: getattr(shared, key) for key in ROLLOUT_SHARED}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or key not in {f.name for f in dataclasses.fields(RolloutConfig)}:
+            names = sorted(f.name for f in dataclasses.fields(RolloutConfig))
+            raise ValueError(f"Expected --rollout KEY=VALUE with KEY in {names}, but got {item!r}.")
+        try:
+            values[key] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key] = value
+    return RolloutConfig(**values)
+
+
+def _rollout(config, args):
+    from vdn_pyro.models.rollout import RolloutForecaster
+
+    return RolloutForecaster(rollout_config(config, args.rollout))
+
+
+if importlib.util.find_spec("vdn_pyro.models.rollout") is not None:
+    register_model(
+        "rollout", ModelSpec("roll-out VDN", "recipe", _rollout, lends_skip=True, constraints=True)
+    )
+
+
+#: Zeng et al. (AAAI 2023), Table 2, L = 336: (MSE, MAE), by data set name (the file stem).
 PUBLISHED = {
-    "DLinear (published)": {
-        96: (0.375, 0.399),
-        192: (0.405, 0.416),
-        336: (0.439, 0.443),
-        720: (0.472, 0.490),
-    },
-    "NLinear (published)": {
-        96: (0.374, 0.394),
-        192: (0.408, 0.415),
-        336: (0.429, 0.427),
-        720: (0.440, 0.453),
+    "ETTh1": {
+        "DLinear (published)": {
+            96: (0.375, 0.399),
+            192: (0.405, 0.416),
+            336: (0.439, 0.443),
+            720: (0.472, 0.490),
+        },
+        "NLinear (published)": {
+            96: (0.374, 0.394),
+            192: (0.408, 0.415),
+            336: (0.429, 0.427),
+            720: (0.440, 0.453),
+        },
     },
 }
-COLUMNS = ("mse", "mae", "crps", "nll", "coverage_90")
-LOOKBACK = PRESETS["ett"]["data"]["lookback"]
-
+#: The table's columns: (key, header).
+COLUMNS = (
+    ("mse", "MSE"),
+    ("mae", "MAE"),
+    ("crps", "CRPS"),
+    ("nll", "NLL"),
+    ("coverage_90", "cov 90%"),
+    ("energy", "energy"),
+    ("crps_sum", "CRPS-sum"),
+    ("coverage_90_sum", "cov 90% sum"),
+)
+SCORES = METRICS + PATH_METRICS
 
 #: Command-line options that set a key of the run configuration (default: the ``ett`` preset's).
 CONFIG_KEYS = {
@@ -118,6 +306,7 @@ CONFIG_KEYS = {
     "lr_decay": "fit.lr_decay",
     "val_samples": "fit.val_samples",
     "threads": "fit.threads",
+    "lookback": "data.lookback",
     "train_stride": "data.train_stride",
     "chunk": "data.chunk",
     "val_stride": "data.val_stride",
@@ -187,148 +376,265 @@ def run_config(args, horizon, seed, overrides=None):
     return validate_config(data)
 
 
-def build_model(name, config):
-    """A fresh model by name, one of :data:`MODELS`, for the look-back and horizon of
-    ``config`` (the VDN and its twin: its forecaster)."""
-    if name == "vdn":
-        return Forecaster(config.forecaster_config())
-    if name == "twin":
-        return Forecaster(config.forecaster_config(deterministic=True))
-    if name in ("dlinear", "linear"):
-        return DLinear(config.data.lookback, config.data.horizon)
-    if name == "repeat":
-        return RepeatLast(config.data.lookback, config.data.horizon)
-    raise ValueError(f"Expected a model in {MODELS}, but got {name!r}.")
+def build_model(name, config, args=None):
+    """A fresh model by name (a ``"recipe"`` or ``"closed_form"`` entry of :data:`MODELS`) for
+    the look-back and horizon of ``config`` (and the command-line options ``args``)."""
+    spec = MODELS.get(name)
+    if spec is None or spec.build is None:
+        buildable = [n for n, s in MODELS.items() if s.build is not None]
+        raise ValueError(f"Expected a model in {buildable}, but got {name!r}.")
+    return spec.build(config, args)
 
 
-def run_one(name, splits, seed, args, test=None, overrides=None, skip_from=None):
-    """Train one model on ``splits`` with the recipe of its run configuration
-    (:func:`run_config`) and score it on the test windows.
+# ----------------------------------------------------------------------------- fitting
+@dataclasses.dataclass
+class Fitted:
+    """A model fitted under one input normalisation.
 
-    :param dict overrides: dotted configuration keys -> values for this model.
-    :param skip_from: a fitted DLinear to copy, frozen, into the skip path of ``vdn``/``twin``.
-    :returns: ``(row, model)``; the row holds horizon, model, seed, the metrics, best validation
-        score, epochs, training and scoring seconds.
+    :ivar model: the fitted model (a :class:`~vdn_pyro.models.baselines.StudentTControl` for a
+        control).
+    :ivar view: the model seen in the original units (:func:`~vdn_pyro.forecasting.normalised`).
+    :ivar str norm: the normalisation.
+    :ivar float best: its selection score in fitting (validation CRPS of the recipe, validation
+        MSE of the closed form, the control's validation NLL per element).
+    :ivar int epochs: training epochs.
+    :ivar float fit_seconds: fitting time (a control's own, not its base's).
+    :ivar str skip: the skip path it was given (``ridge``, ``sgd``, ``joint``; "" for none).
+    :ivar dict info: extra columns (a control's ``df`` and ``scale_factor``).
     """
+
+    model: object
+    view: object
+    norm: str
+    best: float
+    epochs: int
+    fit_seconds: float
+    skip: str = ""
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def run_one(name, splits, seed, args, norm="none", cache=None, overrides=None, skip_from=None):
+    """Fit one model of :data:`MODELS` on ``splits`` under the normalisation ``norm`` with the
+    recipe of its run configuration (:func:`run_config`); the test split is not read.
+
+    :param dict cache: the task's fitted models (:func:`fitted_model`), for the skip path
+        lent to the model and the base of a control.
+    :param dict overrides: dotted configuration keys -> values for this model.
+    :param skip_from: a fitted DLinear for the skip path (default: the one of ``--skip-fit``).
+    :rtype: Fitted
+    """
+    spec = MODELS[name]
+    cache = {} if cache is None else cache
     config = run_config(args, splits.horizon, seed, overrides)
     pyro.set_rng_seed(seed)
-    model = build_model(name, config)
+    if spec.kind == "control":
+        base = fitted_model(spec.base, splits, seed, args, norm, cache)
+        start = time.perf_counter()
+        control = StudentTControl(base.view, joint=spec.joint)
+        x_val, y_val = splits.windows("val", stride=config.data.val_stride)
+        info = control.fit(x_val, y_val)
+        best = info.pop("nll")
+        return Fitted(control, control, norm, best, 0, time.perf_counter() - start, base.skip, info)
+    model = build_model(name, config, args)
     start = time.perf_counter()
-    if name not in ("vdn", "twin"):
-        skip_from = None
-    if name == "linear":
-        result = fit_least_squares(model, splits, config.fit.ridges)
-        best, epochs = result["val_mse"], 0
-    else:
-        recipe = config.train_config()
-        constraints = build_constraints(config) if name == "vdn" else []
-        result = train_forecaster(
-            model, splits, recipe, seed=seed, constraints=constraints, skip_from=skip_from
-        )
-        best = result.best_val_loss if result is not None else float("nan")
-        items = training_windows(splits, recipe)[0].shape[0]
-        per_epoch = math.ceil(items / min(recipe.batch_size, items))
-        epochs = math.ceil(result.steps / per_epoch) if result is not None else 0
-    fit_seconds = time.perf_counter() - start
-    stride = config.data.test_stride
-    x_test, y_test = test if test is not None else splits.windows("test", stride=stride)
-    evaluate = config.evaluate
-    scores = evaluate_forecaster(
-        model, x_test, y_test, evaluate.num_samples, evaluate.batch_size, seed=seed, exact=evaluate.exact
-    )
-    row = {"horizon": splits.horizon, "model": name, "seed": seed}
-    row.update({k: scores[k] for k in METRICS})
-    row["best_val_loss"], row["epochs"] = best, epochs
-    row["fit_seconds"], row["score_seconds"] = fit_seconds, scores["seconds"]
-    row["test_windows"] = x_test.shape[0]
-    lent = config.fit.skip_fit if skip_from is not None else "joint"
-    row["skip"] = lent if name in ("vdn", "twin") else ""
-    return row, model
+    if spec.kind == "closed_form":
+        result = fit_least_squares(model, splits, config.fit.ridges, norm=norm)
+        return Fitted(model, normalised(model, norm), norm, result["val_mse"], 0, time.perf_counter() - start)
+    lent = ""
+    if spec.lends_skip:
+        if skip_from is None:
+            skip_from = lend_skip(splits, seed, args, norm, cache)
+        lent = config.fit.skip_fit if skip_from is not None else "joint"
+    recipe = dataclasses.replace(config.train_config(), norm=norm)
+    constraints = build_constraints(config) if spec.constraints else []
+    result = train_forecaster(model, splits, recipe, seed=seed, constraints=constraints, skip_from=skip_from)
+    best = result.best_val_loss if result is not None else float("nan")
+    items = training_windows(splits, recipe)[0].shape[0]
+    per_epoch = math.ceil(items / min(recipe.batch_size, items))
+    epochs = math.ceil(result.steps / per_epoch) if result is not None else 0
+    view = normalised(model, norm)
+    return Fitted(model, view, norm, best, epochs, time.perf_counter() - start, lent)
 
 
-def baseline_key(name, seed):
-    """Key of a fitted DLinear in the per-horizon cache: the closed-form fit is seed-free."""
-    return "linear" if name == "linear" else (name, seed)
+def fitted_model(name, splits, seed, args, norm, cache):
+    """:func:`run_one`, once per (model, normalisation, seed) of a horizon (once per
+    (model, normalisation) for a seed-free model), kept in ``cache``."""
+    key = (name, norm, seed if MODELS[name].seeded else None)
+    if key not in cache:
+        cache[key] = run_one(name, splits, seed, args, norm, cache)
+    return cache[key]
 
 
-def fitted_baseline(name, splits, seed, args, fitted, test):
-    """``(row, model)`` of ``linear`` or ``dlinear``, fitted on first use and kept in ``fitted``
-    (one closed-form fit per horizon, one SGD fit per seed); a reused row gets this seed."""
-    key = baseline_key(name, seed)
-    if key not in fitted:
-        fitted[key] = run_one(name, splits, seed, args, test=test)
-    row, model = fitted[key]
-    return dict(row, seed=seed), model
-
-
-def lend_skip(name, splits, seed, args, fitted, test):
-    """The DLinear lent to ``vdn``/``twin`` under ``--skip-fit``: the closed-form fit (``ridge``)
-    or the SGD DLinear of this seed (``sgd``); ``None`` under ``joint`` and for other models."""
-    if args.skip_fit == "joint" or name not in ("vdn", "twin"):
+def lend_skip(splits, seed, args, norm, cache):
+    """The DLinear lent to a model's skip path under ``--skip-fit``: the closed-form fit
+    (``ridge``) or the SGD DLinear of this seed (``sgd``), under ``norm``; ``None`` under
+    ``joint``."""
+    if args.skip_fit == "joint":
         return None
     source = "linear" if args.skip_fit == "ridge" else "dlinear"
-    return fitted_baseline(source, splits, seed, args, fitted, test)[1]
+    return fitted_model(source, splits, seed, args, norm, cache).model
 
 
-def summarise(runs, published=True):
+def norm_metric(args):
+    """The validation metric that chooses a model's normalisation under ``--norm-select
+    model``: ``--select``, or the CRPS when that is the ELBO (whose units change with the
+    normalisation)."""
+    return args.select if args.select in METRICS else "crps"
+
+
+def skip_norm(splits, seed, args, cache):
+    """``(norm, scores)``: the candidate of ``--norms`` whose closed-form DLinear has the best
+    validation MSE (the only candidate without a fit), and each candidate's validation MSE."""
+    if len(args.norms) == 1:
+        return args.norms[0], {}
+    scores = {n: fitted_model("linear", splits, seed, args, n, cache).best for n in args.norms}
+    return min(args.norms, key=scores.get), scores
+
+
+def score(view, x, y, args, seed):
+    """Marginal and path scores of a fitted model on windows ``(x, y)``: ``--num-samples``
+    seeded draws (joint paths) per window, in the scoring batches of the run configuration."""
+    evaluate = run_config(args, y.shape[-1], seed).evaluate
+    return evaluate_forecaster(
+        view, x, y, evaluate.num_samples, evaluate.batch_size, seed=seed, exact=evaluate.exact, paths=True
+    )
+
+
+def model_row(name, splits, seed, args, cache, val, test):
+    """Fit ``name`` under the normalisation of ``--norm-select`` and score it on the
+    validation and test windows; returns its row."""
+    if args.norm_select == "skip":
+        norm, scores = skip_norm(splits, seed, args, cache)
+        chosen = fitted_model(name, splits, seed, args, norm, cache)
+        val_scores = score(chosen.view, *val, args, seed)
+    else:
+        metric, candidates = norm_metric(args), {}
+        for norm in args.norms:
+            fitted = fitted_model(name, splits, seed, args, norm, cache)
+            candidates[norm] = (fitted, score(fitted.view, *val, args, seed))
+        scores = {n: s[metric] for n, (_, s) in candidates.items()}
+        chosen, val_scores = candidates[min(args.norms, key=scores.get)]
+    return score_row(name, chosen, splits, seed, args, val_scores, test, scores)
+
+
+def score_row(name, fitted, splits, seed, args, val_scores, test, norm_scores=None):
+    """The row of a fitted model: horizon, model, seed, its normalisation (and the validation
+    score of each candidate), the test metrics, the validation metrics (``val_`` keys), the
+    best validation score in fitting, epochs, fitting and scoring seconds."""
+    test_scores = score(fitted.view, *test, args, seed)
+    row = {"horizon": splits.horizon, "model": name, "seed": seed, "norm": fitted.norm}
+    row["norm_scores"] = " ".join(f"{n}={v:.4f}" for n, v in (norm_scores or {}).items())
+    row.update({k: test_scores[k] for k in SCORES})
+    row.update({f"val_{k}": val_scores[k] for k in SCORES})
+    row["best_val_loss"], row["epochs"] = fitted.best, fitted.epochs
+    row["fit_seconds"], row["score_seconds"] = fitted.fit_seconds, test_scores["seconds"]
+    row["test_windows"], row["skip"] = test[0].shape[0], fitted.skip
+    row.update(fitted.info)
+    return row
+
+
+# ----------------------------------------------------------------------------- data
+def load_series(args):
+    """The series of ``--data`` (``--date-column``, ``--columns``)."""
+    return load_csv(args.data, date_column=args.date_column, target_columns=args.columns)
+
+
+def protocol_of(series, args):
+    """The protocol of ``--protocol`` (``auto``: from the file's columns) and a description."""
+    protocol = detect_protocol(series) if args.protocol == "auto" else args.protocol
+    if protocol == "ett":
+        rate = rows_per_hour(series.index)
+        return protocol, f"ETT protocol (12/4/4 months of 30 days, {rate} row(s) an hour)"
+    return protocol, "7:1:2 chronological protocol"
+
+
+def task_splits(series, args, horizon):
+    """The splits of one horizon under the protocol of ``args``."""
+    protocol, _ = protocol_of(series, args)
+    return protocol_splits(series, args.lookback, horizon, protocol)
+
+
+# ----------------------------------------------------------------------------- tables
+def summarise(runs, published=None):
     """Mean and standard deviation over seeds, one row per (horizon, model), plus the published
-    rows."""
+    rows (``{label: {horizon: (mse, mae)}}``)."""
     frame = pd.DataFrame(runs)
-    keys = list(METRICS) + ["fit_seconds"]
+    keys = [k for k in list(SCORES) + [f"val_{k}" for k in SCORES] + ["fit_seconds"] if k in frame]
     grouped = frame.groupby(["horizon", "model"], sort=False)
     mean = grouped[keys].mean()
     std = grouped[keys].std(ddof=1).fillna(0.0).add_suffix("_std")
     out = pd.concat([mean, std], axis=1)
     out["seeds"] = grouped.size()
+    if "norm" in frame:
+        out["norm"] = grouped["norm"].agg(lambda c: "/".join(dict.fromkeys(c)))
     out = out.reset_index()
     if published:
         rows = [
             {"horizon": h, "model": label, "mse": mse, "mae": mae, "seeds": 0}
-            for label, table in PUBLISHED.items()
+            for label, table in published.items()
             for h, (mse, mae) in table.items()
             if h in set(out["horizon"])
         ]
         out = pd.concat([out, pd.DataFrame(rows)], ignore_index=True)
-    names = list(dict.fromkeys(list(MODELS) + list(PUBLISHED) + list(out["model"])))
+    names = list(dict.fromkeys(list(MODELS) + list(published or {}) + list(out["model"])))
     order = {m: i for i, m in enumerate(names)}
     out = out.sort_values(["horizon", "model"], key=lambda c: c.map(order) if c.name == "model" else c)
     return out.reset_index(drop=True)
 
 
-def format_table(summary):
-    """One Markdown table: MSE, MAE, CRPS, NLL and 90% coverage, mean ± std over seeds."""
-    head = ["H", "model", "MSE", "MAE", "CRPS", "NLL", "cov 90%", "seeds"]
+def format_table(summary, prefix=""):
+    """One Markdown table of the :data:`COLUMNS` (``prefix="val_"``: the validation scores),
+    mean ± std over seeds, with the normalisation and the number of seeds."""
+    head = ["H", "model"] + [title for _, title in COLUMNS] + ["norm", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in summary.iterrows():
-        cells = [str(int(r["horizon"])), LABELS.get(r["model"], r["model"])]
-        for key in COLUMNS:
-            value = r.get(key)
+        if prefix and not r["seeds"]:
+            continue  # published rows have no validation scores
+        cells = [str(int(r["horizon"])), MODELS[r["model"]].label if r["model"] in MODELS else r["model"]]
+        for key, _ in COLUMNS:
+            value = r.get(prefix + key)
             if value is None or pd.isna(value):
                 cells.append("")
             elif r["seeds"] > 1:
-                cells.append(f"{value:.3f} ± {r[key + '_std']:.3f}")
+                cells.append(f"{value:.3f} ± {r[prefix + key + '_std']:.3f}")
             else:
                 cells.append(f"{value:.3f}")
+        norm = r.get("norm")
+        cells.append("" if norm is None or pd.isna(norm) else str(norm))
         cells.append(str(int(r["seeds"])) if r["seeds"] else "published")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_outputs(runs, out_dir, stem="forecast_ett", note="", published=True):
-    """Write the per-run CSV, the summary CSV and the Markdown table; return the summary and
-    the table."""
+def format_tables(summary):
+    """The test table and the validation table, with titles."""
+    return f"Test\n\n{format_table(summary)}\n\nValidation\n\n{format_table(summary, 'val_')}"
+
+
+def write_outputs(runs, out_dir, stem="forecast_ett", note="", published=None):
+    """Write the per-run CSV, the summary CSV and the Markdown tables; return the summary and
+    the tables."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(runs).to_csv(out_dir / f"{stem}_runs.csv", index=False)
     summary = summarise(runs, published)
     summary.to_csv(out_dir / f"{stem}.csv", index=False)
-    table = format_table(summary)
-    (out_dir / f"{stem}.md").write_text(f"{note}\n\n{table}\n" if note else f"{table}\n")
-    return summary, table
+    tables = format_tables(summary)
+    (out_dir / f"{stem}.md").write_text(f"{note}\n\n{tables}\n" if note else f"{tables}\n")
+    return summary, tables
 
 
+def format_row(row, extra=""):
+    """One progress line: horizon, seed, model, normalisation and the table's metrics, then
+    ``extra``."""
+    metrics = " ".join(f"{k}={row[k]:.4f}" for k, _ in COLUMNS)
+    norm = f"norm={row['norm']} " if "norm" in row else ""
+    return f"H={row['horizon']} seed={row['seed']} {row['model']:8s} {norm}{metrics} {extra}".rstrip()
+
+
+# ----------------------------------------------------------------------------- running
 def apply_quick(args):
-    """Shrink a run to a smoke test (< 3 minutes on 2 cores)."""
+    """Shrink a run to a smoke test (< 1 minute on 2 cores)."""
     args.horizons, args.seeds = [96], [0]
     args.epochs, args.patience = 2, 0
     args.train_stride, args.val_stride, args.test_stride = 48, 24, 12
@@ -336,32 +642,24 @@ def apply_quick(args):
     return args
 
 
-def run_task(horizon, seed, args, series, fitted=None):
+def run_task(horizon, seed, args, series, cache=None):
     """Every model of ``args.models`` at one horizon and seed, in order; returns their rows.
 
-    :param dict fitted: per-horizon cache of fitted DLinears (see :func:`fitted_baseline`),
-        shared across the seeds of a serial run; a worker process starts with its own.
+    :param dict cache: per-horizon cache of fitted models (:func:`fitted_model`), shared across
+        the seeds of a serial run (the seed-free closed-form fits); a worker process starts with
+        its own.
     """
     torch.set_num_threads(args.threads)
-    splits = ett_hourly_splits(series, LOOKBACK, horizon)
+    splits = task_splits(series, args, horizon)
     test = splits.windows("test", stride=args.test_stride)
-    fitted = {} if fitted is None else fitted
+    val = splits.windows("val", stride=args.val_stride)
+    cache = {} if cache is None else cache
     rows = []
     for name in args.models:
-        if name in ("linear", "dlinear"):
-            row, _ = fitted_baseline(name, splits, seed, args, fitted, test)
-        else:
-            skip = lend_skip(name, splits, seed, args, fitted, test)
-            row, _ = run_one(name, splits, seed, args, test=test, skip_from=skip)
+        row = model_row(name, splits, seed, args, cache, val, test)
         rows.append(row)
         print(format_row(row, f"epochs={row['epochs']} fit={row['fit_seconds']:.0f}s"), flush=True)
     return rows
-
-
-def format_row(row, extra=""):
-    """One progress line: horizon, seed, model and the table's metrics, then ``extra``."""
-    metrics = " ".join(f"{k}={row[k]:.4f}" for k in COLUMNS)
-    return f"H={row['horizon']} seed={row['seed']} {row['model']:8s} {metrics} {extra}".rstrip()
 
 
 def run_tasks(args, series, task=run_task):
@@ -384,20 +682,50 @@ def run_tasks(args, series, task=run_task):
             yield future.result()
 
 
+def resolve_out_dir(args, stem):
+    """``--out-dir``, or ``benchmarks/results``, or, for ``--quick``, a new temporary
+    directory (a smoke run never overwrites the committed results)."""
+    if args.out_dir is None:
+        quick = tempfile.mkdtemp(prefix=f"{stem}_quick_") if args.quick else None
+        args.out_dir = quick or str(ROOT / "benchmarks" / "results")
+    return args.out_dir
+
+
+def describe(series, args):
+    """The first line of the tables: data, protocol, look-back, strides and options."""
+    _, protocol = protocol_of(series, args)
+    options = {k: v for k, v in vars(args).items() if k not in ("data", "out_dir")}
+    return (
+        f"{series.name} ({len(series.columns)} channels, {protocol}), L={args.lookback}; train stride "
+        f"{args.train_stride}, val stride {args.val_stride}, test stride {args.test_stride}"
+        f"{' (every test window)' if args.test_stride == 1 else ''}; options: "
+        + json.dumps(options)
+        + "; every other key: the ett preset of vdn_pyro.config"
+    )
+
+
+def check_args(args):
+    """Refuse options the run cannot use, before any work."""
+    if args.jobs < 1:
+        raise ValueError(f"Expected --jobs >= 1, but got {args.jobs}.")
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"Expected --models among {list(MODELS)}, but got {unknown}.")
+    if not args.norms:
+        raise ValueError(f"Expected at least one of {NORMS} in --norms.")
+
+
 def main(args):
     """Run the benchmark and return the summary :class:`pandas.DataFrame`."""
     if args.quick:
         args = apply_quick(args)
-    if args.jobs < 1:
-        raise ValueError(f"Expected --jobs >= 1, but got {args.jobs}.")
+    check_args(args)
     torch.set_num_threads(args.threads)
-    series = load_ett(args.data)
-    note = (
-        f"ETTh1, L={LOOKBACK}; train stride {args.train_stride}, test stride {args.test_stride}"
-        f"{' (every test window)' if args.test_stride == 1 else ''}; options: "
-        + json.dumps({k: v for k, v in vars(args).items() if k not in ("data", "out_dir")})
-        + "; every other key: the ett preset of vdn_pyro.config"
-    )
+    series = load_series(args)
+    out_dir = resolve_out_dir(args, "forecast_ett")
+    note = describe(series, args)
+    ett = protocol_of(series, args)[0] == "ett"
+    published = PUBLISHED.get(series.name) if ett and args.lookback == 336 else None
     order = {
         (h, s, m): i
         for i, (h, s, m) in enumerate(
@@ -408,11 +736,11 @@ def main(args):
     start = time.perf_counter()
     for rows in run_tasks(args, series):
         runs = sorted(runs + rows, key=lambda r: order[(r["horizon"], r["seed"], r["model"])])
-        write_outputs(runs, args.out_dir, note=note)  # after every task: nothing lost on a stop
-    summary, table = write_outputs(runs, args.out_dir, note=note)
+        write_outputs(runs, out_dir, note=note, published=published)  # after every task: nothing lost
+    summary, tables = write_outputs(runs, out_dir, note=note, published=published)
     print(note)
-    print(table)
-    print(f"wall time {time.perf_counter() - start:.0f} s with {args.jobs} job(s)")
+    print(tables)
+    print(f"wall time {time.perf_counter() - start:.0f} s with {args.jobs} job(s); written to {out_dir}")
     return summary
 
 
@@ -422,14 +750,45 @@ def build_parser(description):
     default_data = os.environ.get(
         "VDN_ETT_PATH", str(ROOT.parent / "shared" / "data" / "ETT-small" / "ETTh1.csv")
     )
-    parser.add_argument("--data", default=default_data, help="path to ETTh1.csv (or set VDN_ETT_PATH)")
-    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--data", default=default_data, help="a long-horizon CSV (default ETTh1.csv, or VDN_ETT_PATH)"
+    )
+    parser.add_argument("--date-column", default="date", help="the CSV's date column")
+    parser.add_argument(
+        "--columns", nargs="+", help="the channels to use (default every column but the date)"
+    )
+    parser.add_argument(
+        "--protocol",
+        default="auto",
+        choices=("auto",) + PROTOCOLS,
+        help="auto: ett for an ETT-format file (its own rate), else long_horizon (7:1:2)",
+    )
+    parser.add_argument(
+        "--out-dir", help="default benchmarks/results; with --quick a new temporary directory"
+    )
     parser.add_argument("--horizons", type=int, nargs="+", default=[96, 192, 336, 720])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"among {list(MODELS)}")
     parser.add_argument("--quick", action="store_true", help="smoke run: H=96, 1 seed, tiny")
+    parser.add_argument(
+        "--rollout",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a key of the roll-out forecaster's RolloutConfig, e.g. --rollout patch=12 (repeatable)",
+    )
+    parser.add_argument(
+        "--norms", nargs="+", default=list(NORMS), choices=NORMS, help="input normalisations to choose from"
+    )
+    parser.add_argument(
+        "--norm-select",
+        default="skip",
+        choices=("skip", "model"),
+        help="choose the normalisation once on the closed-form skip path (skip) or per model (model)",
+    )
     # the training recipe (shared by every model): keys of the run configuration, default the
     # ett preset's (see CONFIG_KEYS)
+    parser.add_argument("--lookback", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--patience", type=int)
     parser.add_argument("--select", choices=SELECTIONS, help="validation criterion")
@@ -457,7 +816,7 @@ def build_parser(description):
     parser.add_argument("--mean", choices=["head", "skip"], help="forecast mean: skip + head, or skip alone")
     parser.add_argument("--activation", help="on the trunk features read by the neurons")
     # scoring
-    parser.add_argument("--num-samples", type=int, help="predictive draws per test window")
+    parser.add_argument("--num-samples", type=int, help="predictive draws (joint paths) per window")
     parser.add_argument("--val-samples", type=int, help="predictive draws per validation window (selection)")
     parser.add_argument(
         "--mc", action="store_true", help="score the Monte Carlo mixture, not the exact marginal"

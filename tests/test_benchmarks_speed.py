@@ -31,13 +31,47 @@ def test_step_speed_tiny(tmp_path):
     check = results["check"]  # the hand-written step computes the same loss and gradient
     assert check["ok"] and check["loss_abs_f64"] <= 1e-6 and check["grad_rel_f64"] <= 1e-6, check
     timing = results["timing"]["off"]
-    assert set(timing["cpu_ms"]) == set(step_speed.VARIANTS)
+    measured = set(step_speed.VARIANTS + step_speed.FORECASTER_VARIANTS)
+    assert set(timing["cpu_ms"]) == measured
     assert all(t > 0 for t in timing["cpu_ms"].values())
-    ratios = {r["ratio"] for r in results["ratios"]["off"]}
-    assert ratios == {"eager/hand", "jit/hand", "eager/twin", "user/hand"}
-    assert set(results["memory_bytes"]) == set(step_speed.VARIANTS)
-    assert results["syncs"]["off"]["jit"]["host_reads"] <= results["syncs"]["off"]["eager"]["host_reads"]
-    assert (tmp_path / "step_speed.md").read_text().count("| (a) eager") == 1
+    assert len(timing["load_avg"]) == 3
+    rows = {(r["ratio"], r["quantity"]): r for r in results["ratios"]["off"]}
+    # issue 14: against the deterministic twin; issues 6 and 11: against the hand-written step
+    bounds = {
+        ("eager/twin", "time"): 1.5,
+        ("jit/twin", "time"): 1.3,
+        ("user/twin", "time"): None,
+        ("eager/hand", "time"): 1.3,
+        ("jit/hand", "time"): 1.1,
+        ("user/hand", "time"): 1.3,
+        ("eager/twin", "memory"): None,
+        ("eager/hand", "memory"): 1.3,
+        ("forecaster/forecaster_twin", "time"): None,
+        ("forecaster/forecaster_twin", "memory"): None,
+    }
+    for key, bound in bounds.items():
+        assert rows[key]["target"] == bound, key
+        assert (rows[key]["met"] is None) == (bound is None), key
+    assert set(results["memory_bytes"]) == measured
+    syncs = results["syncs"]["off"]
+    assert set(syncs) == measured
+    assert syncs["jit"]["host_reads"] <= syncs["eager"]["host_reads"]
+    copies = step_speed.to_copy_ratio(syncs)
+    assert copies["ratio"] == syncs["eager"]["to_copy"] / syncs["twin"]["to_copy"] and copies["target"] == 2.0
+    report = (tmp_path / "step_speed.md").read_text()
+    assert report.count("| (a) eager") == 1 and report.count("| (f) Forecaster") == 1
+    assert "`_to_copy` per loss + backward" in report and "load average" in report
+
+
+def test_forecaster_variant_is_the_ett_recipe():
+    """Variant (f) trains the forecaster of ``vdn fit --preset ett``: 64 units, AR(1) priors,
+    K = 16 draws, 64 items of 4 windows per step; its twin is the same network, deterministic."""
+    config, items, chunk, num_data = step_speed.forecaster_setup(step_speed.StepConfig())
+    assert (config.units, config.prior, config.ar_order, config.train_draws) == (64, "ar", 1, 16)
+    assert (items, chunk, config.lookback, config.horizon) == (64, 4, 336, 96)
+    assert num_data > items
+    step = step_speed.make_step("forecaster_twin", step_speed.TINY)
+    assert step.network.deterministic and not any(p.requires_grad for p in step.network.skip.parameters())
 
 
 def test_user_model_holds_the_networks_parameters():

@@ -28,8 +28,8 @@ RUN_FILES = [
     "monitor.csv",
     "units.csv",
     "layers.csv",
-    "metrics.json",
-    "metrics.csv",
+    "metrics_test.json",
+    "metrics_test.csv",
     "idata.nc",
     "arviz_summary.csv",
     "plots/dashboard.png",
@@ -86,7 +86,7 @@ def test_evaluate_prints_and_writes_metrics(quick_run, capsys):
     assert main(["evaluate", str(quick_run), "--num-samples", "10"]) == 0
     out = capsys.readouterr().out
     assert "vdn" in out and "repeat_last" in out and "crps" in out
-    metrics = json.loads((quick_run / "metrics.json").read_text())
+    metrics = json.loads((quick_run / "metrics_test.json").read_text())
     assert set(metrics["models"]) == {"vdn", "repeat_last"}
     for name in ("mse", "mae", "crps", "nll", "coverage_50", "coverage_90"):
         assert name in metrics["models"]["vdn"]
@@ -161,7 +161,7 @@ def test_metric_selection_resumes_exactly_and_evaluates_the_selected_state(tmp_p
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ["--quiet", *METRIC_SELECTION, *NO_EXTRAS]
     assert main(["fit", "--preset", "quick", "--run-dir", str(straight), *common]) == 0
-    assert "best validation crps" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines() == [f"run directory: {straight}"]  # --quiet: no summary
     assert main(["fit", "--preset", "quick", "--run-dir", str(split), *common, "--set", "fit.steps=4"]) == 0
     assert main(["fit", "--resume", str(split), "--quiet", "--set", "fit.steps=6"]) == 0
     a, b = load_checkpoint(straight / "checkpoints"), load_checkpoint(split / "checkpoints")
@@ -174,9 +174,9 @@ def test_metric_selection_resumes_exactly_and_evaluates_the_selected_state(tmp_p
     assert all(score is not None for score in scores) and min(scores) >= b["history"]["best_val_loss"]
     info = json.loads((straight / "run.json").read_text())
     assert info["best_step"] == a["history"]["best_step"]
-    fitted = json.loads((straight / "metrics.json").read_text())["models"]
+    fitted = json.loads((straight / "metrics_test.json").read_text())["models"]
     assert main(["evaluate", str(straight)]) == 0
-    assert json.loads((straight / "metrics.json").read_text())["models"] == fitted
+    assert json.loads((straight / "metrics_test.json").read_text())["models"] == fitted
 
 
 def test_deterministic_twin_run(tmp_path):
@@ -192,7 +192,7 @@ def test_deterministic_twin_run(tmp_path):
         "neurons.deterministic=true",
     ]
     assert main(argv) == 0
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics_test.json").read_text())
     assert set(metrics["models"]) == {"twin", "repeat_last"}
     assert_png(run / "plots" / "dashboard.png")
     assert_png(run / "plots" / "fan_chart.png")
@@ -207,6 +207,15 @@ def _corrupt_checkpoint(run):
 def _other_architecture(run):
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("units: 4", "units: 5"))
+
+
+def _other_architecture_unrecorded(run):
+    """An edited config.yaml in a run whose run.json has no record of the configuration (as
+    written before the record): the checkpoint's fingerprint still refuses it."""
+    _other_architecture(run)
+    info = json.loads((run / "run.json").read_text())
+    del info["config"]
+    (run / "run.json").write_text(json.dumps(info))
 
 
 @pytest.mark.parametrize(
@@ -250,13 +259,25 @@ def test_errors_are_one_line_with_status_2(tmp_path, monkeypatch, capsys, argv, 
     "damage, command, fragments",
     [
         (_corrupt_checkpoint, "evaluate", ["truncated or corrupt"]),
-        (_other_architecture, "report", ["different network", "config.units"]),
-        (_other_architecture, "resume", ["different network"]),
+        (
+            _other_architecture,
+            "report",
+            ["was changed after the fit", "neurons.units: trained with 4, now 5"],
+        ),
+        (
+            _other_architecture,
+            "resume",
+            ["was changed after the fit", "neurons.units: trained with 4, now 5"],
+        ),
+        (_other_architecture_unrecorded, "report", ["different network", "config.units"]),
+        (_other_architecture_unrecorded, "resume", ["different network", "config.units"]),
         (None, "refit", ["is not empty", "--resume"]),
         (None, "resume-backwards", ["already at step 6"]),
     ],
     ids=[
         "corrupt-checkpoint",
+        "edited-config",
+        "edited-config-resume",
         "incompatible-checkpoint",
         "incompatible-resume",
         "run-dir-in-use",
@@ -346,11 +367,11 @@ def test_interrupted_fit_writes_a_final_checkpoint_and_exits_130(tmp_path, monke
     checkpoint = load_checkpoint(run / "checkpoints")
     assert checkpoint["step"] == 3 and checkpoint["stop_reason"] == "SIGINT"
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
-    assert not (run / "metrics.json").exists()  # no report for an unfinished run
+    assert not (run / "metrics_test.json").exists()  # no report for an unfinished run
     monkeypatch.undo()
     assert main(["fit", "--resume", str(run), "--quiet"]) == 0
     assert load_checkpoint(run / "checkpoints")["step"] == 6
-    assert (run / "metrics.json").is_file()
+    assert (run / "metrics_test.json").is_file()
 
 
 @pytest.mark.slow

@@ -1,4 +1,6 @@
-"""The run configuration: schema defaults, presets, YAML/TOML files, overrides, error paths."""
+"""The run configuration: schema defaults, presets, YAML/TOML/JSON files, overrides, error paths."""
+
+import re
 
 import pytest
 
@@ -255,7 +257,74 @@ def test_bad_override(item):
         parse_overrides([item])
 
 
-def test_empty_yaml_file_is_the_defaults(tmp_path):
-    path = tmp_path / "empty.yaml"
-    path.write_text("# nothing\n")
-    assert load_config(path) == RunConfig()
+@pytest.mark.parametrize(
+    "name, text",
+    [("empty.yaml", ""), ("comments.yaml", "# nothing\n"), ("empty.toml", ""), ("empty.json", "{}")],
+)
+def test_a_file_without_options_is_refused(tmp_path, name, text):
+    """An empty file is a mistake (a file not saved, the wrong file), not a request for the
+    defaults, which is what giving no file means."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="holds no option .*to run with the defaults, give no file"):
+        load_config(path)
+
+
+def test_json_files_are_read(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"neurons": {"units": 8, "prior": {"order": 2}}, "fit": {"lr": 0.001}}')
+    config = load_config(path)
+    assert config.neurons.units == 8 and config.neurons.prior.order == 2 and config.fit.lr == 0.001
+    dump_config(config, tmp_path / "again.json")
+    assert load_config(tmp_path / "again.json") == config
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("bad.json", '{"fit": {"lr": 0.01,}}', "is not valid JSON"),
+        ("run.cfg", "fit:\n  lr: 0.01\n", "expected a .yaml, .yml, .toml, .json file, got the suffix '.cfg'"),
+        ("run", "fit:\n  lr: 0.01\n", "got the suffix '(none)'"),
+    ],
+    ids=["json-syntax", "unknown-suffix", "no-suffix"],
+)
+def test_files_of_other_kinds_are_refused(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        read_config_file(path)
+
+
+@pytest.mark.parametrize(
+    "data, path, message",
+    [
+        ({"fit": {"lr": float("inf")}}, "fit.lr", "expected number > 0, got inf"),
+        ({"fit": {"lr": float("nan")}}, "fit.lr", "expected number > 0, got nan"),
+        ({"neurons": {"prior": {"phi": float("inf")}}}, "neurons.prior.phi", "got inf"),
+        ({"neurons": {"units": True}}, "neurons.units", "expected int >= 1, got true (a boolean)"),
+        ({"fit": {"steps": False}}, "fit.steps", "expected int >= 1 or null, got false (a boolean)"),
+        ({"fit": {"lr": True}}, "fit.lr", "expected number > 0, got true (a boolean)"),
+        ({"neurons": {"beta": [True] * 32}}, "neurons.beta", "expected number > 0 or a list of numbers > 0"),
+        ({"output": {"dpi": 100000}}, "output.dpi", "expected int >= 10 and <= 600, got 100000"),
+    ],
+    ids=["inf", "nan", "inf-in-a-section", "bool-int", "bool-optional-int", "bool-float", "bool-list", "dpi"],
+)
+def test_non_finite_booleans_and_absurd_sizes_are_refused(data, path, message):
+    with pytest.raises(ConfigError) as info:
+        validate_config(data)
+    assert info.value.path == path and message in str(info.value)
+
+
+def test_yaml_inf_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("fit:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"^fit\.lr: expected number > 0, got inf$"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^fit\.lr: expected number > 0, got inf$"):
+        load_config(overrides=["fit.lr=.inf"])
+
+
+def test_booleans_stay_booleans():
+    """Where a boolean is one of the accepted kinds, ``true`` is still a boolean."""
+    config = validate_config({"constraints": {"loc_band": {"project": True}}, "fit": {"restore_best": False}})
+    assert config.constraints.loc_band.project is True and config.fit.restore_best is False

@@ -12,8 +12,12 @@ from torch.distributions import MultivariateNormal, kl_divergence
 from tests.common import assert_close
 from vdn_pyro.distributions import (
     ARProcess,
+    BroadcastNormal,
+    _ar1_quadratic,
+    _kl_independent_arprocess_exact,
     coeffs_to_pacf,
     half_life,
+    normal_mixture_log_prob,
     pacf_to_coeffs,
     phi_from_half_life,
 )
@@ -64,10 +68,7 @@ def reference_autocovariance(coeffs, scale, num_lags):
 def dense_toeplitz(gammas):
     """``(..., T) -> (..., T, T)`` with entry (a, b) = gammas[|a - b|]."""
     num_steps = gammas.shape[-1]
-    rows = [
-        torch.stack([gammas[..., abs(a - b)] for b in range(num_steps)], -1)
-        for a in range(num_steps)
-    ]
+    rows = [torch.stack([gammas[..., abs(a - b)] for b in range(num_steps)], -1) for a in range(num_steps)]
     return torch.stack(rows, -2)
 
 
@@ -305,6 +306,191 @@ def test_trace_mean_field_elbo_uses_analytic_kl():
     loss = TraceMeanField_ELBO().differentiable_loss(model, guide)
     expected = kl_divergence(diag_normal(loc, scale), prior.expand((batch, units))).sum()
     assert_close(loss, expected, atol=1e-10, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The AR(1) KL in few operations, against the exact general formula.
+# ---------------------------------------------------------------------------------------------
+
+
+def ar1_case(num_steps, learn, dtype=F64):
+    """Leaves (a time-major posterior loc, posterior raw scale, prior parameters) and a builder of
+    (q, p): q a diagonal Normal over time whose loc is a time-last view of (B, T, H, k) memory,
+    with a per-unit scale (compact, or expanded to the loc's shape), p an AR(1) expanded to the
+    batch like Pyro's plates expand it."""
+    batch, units, k = 3, 4, 2
+    base = torch.randn(batch, num_steps, units, k, dtype=dtype, requires_grad=True)  # (B, T, H, k)
+    raw_scale = torch.randn(units, k, 1, dtype=dtype, requires_grad=True)  # (H, k, 1)
+    constant = torch.randn(units, k, dtype=dtype, requires_grad=learn)
+    raw_phi = torch.randn(units, k, dtype=dtype, requires_grad=learn)
+    scale = (0.5 + torch.rand(units, k, dtype=dtype)).requires_grad_(learn)
+    leaves = [base, raw_scale] + ([constant, raw_phi, scale] if learn else [])
+
+    def build(compact):
+        loc = base.movedim(1, -1)  # (B, H, k, T), a view of time-major memory
+        post_scale = torch.nn.functional.softplus(raw_scale)  # (H, k, 1)
+        if compact:
+            q = BroadcastNormal(loc, post_scale).to_event(1)
+        else:
+            q = diag_normal(loc, post_scale.expand(loc.shape))
+        p = ARProcess(constant, torch.tanh(raw_phi).unsqueeze(-1), scale, num_steps)
+        return q, p.expand((batch, units, k))
+
+    return leaves, build
+
+
+@pytest.mark.parametrize("learn", [False, True], ids=["fixed-prior", "learned-prior"])
+@pytest.mark.parametrize("compact", [False, True], ids=["expanded-scale", "compact-scale"])
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 8], ids=lambda t: f"T{t}")
+def test_ar1_kl_equals_exact_formula(num_steps, compact, learn):
+    leaves, build = ar1_case(num_steps, learn)
+    q, p = build(compact)
+    fused = kl_divergence(q, p)  # the AR(1) path
+    q_ref, p_ref = build(False)
+    exact = _kl_independent_arprocess_exact(q_ref, p_ref)  # the general AR(p) formula
+    assert fused.shape == exact.shape == (3, 4, 2)
+    assert_close(fused, exact, atol=1e-12, rtol=1e-12)
+    # gradients of a nonlinear function of the KL, for every leaf
+    for actual, expected in zip(
+        torch.autograd.grad(fused.pow(2).sum(), leaves), torch.autograd.grad(exact.pow(2).sum(), leaves)
+    ):
+        assert_close(actual, expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 6], ids=lambda t: f"T{t}")
+def test_ar1_mean_terms_gradients(num_steps):
+    # first and second derivatives of the fused operator, broadcasting every prior parameter
+    def args():
+        return (
+            torch.randn(3, 4, 2, num_steps, dtype=F64),  # loc (..., T)
+            torch.randn(4, 2, dtype=F64),  # mean
+            torch.rand(4, 2, dtype=F64) + 0.5,  # 1 / sqrt(gamma_0)
+            torch.randn(2, dtype=F64),  # constant, broadcast over units
+            torch.rand(4, 1, dtype=F64) - 0.5,  # phi, broadcast over k
+            torch.rand(4, 2, dtype=F64) + 0.5,  # 1 / s^2
+        )
+
+    inputs = tuple(t.requires_grad_() for t in args())
+    assert torch.autograd.gradcheck(_ar1_quadratic, inputs)
+    assert torch.autograd.gradgradcheck(_ar1_quadratic, inputs)
+
+
+def test_ar1_kl_gradient_keeps_the_time_major_layout():
+    # the fused backward writes loc's gradient in loc's memory order: a head's (B, T, H, k)
+    # output moved to time-last gets a (B, T, H, k)-ordered gradient, with no copy
+    leaves, build = ar1_case(6, learn=False, dtype=torch.float32)
+    q, p = build(compact=True)
+    loc = q.base_dist.loc
+    (grad,) = torch.autograd.grad(kl_divergence(q, p).sum(), [loc])
+    assert grad.stride() == loc.stride()
+
+
+@pytest.mark.parametrize("order", [1, 2], ids=lambda p: f"p{p}")
+def test_kl_with_scale_constant_in_time_at_two_steps(order):
+    # T = order + 1 with a scale constant over time (an expanded, stride-0 view): the later
+    # steps' variance terms must all count (a one-step window of a size-1 dim once summed to 0)
+    ar = random_ar(order, (3,), num_steps=order + 1)
+    loc = torch.randn(3, order + 1, dtype=F64)
+    scale = 0.3 + torch.rand(3, 1, dtype=F64)
+    broadcast = kl_divergence(diag_normal(loc, scale.expand(3, order + 1)), ar)
+    dense = kl_divergence(diag_normal(loc, scale.repeat(1, order + 1)), reference_mvn(ar))
+    assert_close(broadcast, dense, atol=1e-10, rtol=1e-10)
+    assert_close(_kl_independent_arprocess_exact(diag_normal(loc, scale.expand(3, order + 1)), ar), dense)
+
+
+# ---------------------------------------------------------------------------------------------
+# BroadcastNormal: a Normal with a compact scale.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_broadcast_normal_is_the_normal():
+    loc = torch.randn(5, 4, 3, dtype=F64)
+    scale = 0.2 + torch.rand(4, 1, dtype=F64)  # (H, 1): per unit, constant over the last dim
+    d, ref = BroadcastNormal(loc, scale), dist.Normal(loc, scale.expand(loc.shape))
+    assert d.batch_shape == ref.batch_shape and d.compact_scale is scale
+    value = torch.randn(2, 5, 4, 3, dtype=F64)
+    assert_close(d.log_prob(value), ref.log_prob(value), atol=1e-12, rtol=1e-12)
+    assert_close(d.entropy(), ref.entropy(), atol=1e-12, rtol=1e-12)
+    assert_close(d.mean, ref.mean)
+    assert_close(d.stddev, ref.stddev)
+    prior = dist.Normal(torch.randn(4, 1, dtype=F64), 0.5 + torch.rand(4, 1, dtype=F64))
+    expected = kl_divergence(ref, prior.expand(loc.shape))
+    assert_close(kl_divergence(d, prior.expand(loc.shape)), expected, atol=1e-12, rtol=1e-12)
+    big = d.expand((2, 5, 4, 3))
+    assert isinstance(big, BroadcastNormal) and big.compact_scale is scale
+    assert_close(big.log_prob(value), ref.log_prob(value), atol=1e-12, rtol=1e-12)
+    assert_close(BroadcastNormal(loc, 0.7).log_prob(value), dist.Normal(loc, 0.7).log_prob(value))
+
+
+def test_broadcast_normal_draws_in_the_layout_of_loc():
+    num = 20_000
+    memory = torch.randn(num, 6, 3)  # (N, T, H), time-major as a head writes it
+    loc = memory.transpose(-1, -2)  # (N, H, T): time-last view
+    scale = torch.tensor([[0.5], [1.0], [2.0]])  # (H, 1)
+    d = BroadcastNormal(loc, scale)
+    torch.manual_seed(3)
+    z = d.rsample()
+    assert z.shape == loc.shape and z.stride() == loc.stride()  # no copy to a new layout
+    torch.manual_seed(3)
+    noise = torch.randn(num, 6, 3).transpose(-1, -2)  # the same draws, in loc's memory order
+    assert_close(z, loc + noise * scale, atol=1e-6, rtol=1e-6)
+    eps = (z - loc) / scale
+    assert eps.mean().abs() < 0.01 and (eps.std() - 1).abs() < 0.01
+    assert d.rsample((2,)).shape == (2, num, 3, 6)
+    leaf = scale.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(BroadcastNormal(loc, leaf).rsample().sum(), [leaf])
+    assert grad.shape == (3, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mixture of K Normals (the forecaster's likelihood over its posterior draws).
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_mixture(value, loc, scale, dim):
+    """log (1/K) sum_k N(value; loc_k, scale_k) through torch.logsumexp and autograd."""
+    z = (value - loc) / scale
+    num = torch.broadcast_shapes(value.shape, loc.shape, scale.shape)[dim]
+    kernels = -0.5 * z * z - torch.log(scale)
+    return torch.logsumexp(kernels, dim) - math.log(num) - 0.5 * math.log(2 * math.pi)
+
+
+MIXTURES = {
+    "per-draw-scale": ((1, 3, 4), (5, 1, 4), (5, 3, 4), -3),
+    "shared-scale": ((2, 1, 3, 4), (5, 3, 4), (4,), -3),
+    "components-inner": ((3, 1), (3, 6), (1, 6), -1),
+}
+
+
+@pytest.mark.parametrize("name", list(MIXTURES))
+def test_normal_mixture_log_prob_equals_logsumexp(name):
+    value_shape, loc_shape, scale_shape, dim = MIXTURES[name]
+    value = torch.randn(value_shape, dtype=F64, requires_grad=True)
+    loc = torch.randn(loc_shape, dtype=F64, requires_grad=True)
+    scale = (0.3 + torch.rand(scale_shape, dtype=F64)).requires_grad_()
+    actual = normal_mixture_log_prob(value, loc, scale, dim)
+    expected = reference_mixture(value, loc, scale, dim)
+    assert actual.shape == expected.shape
+    assert_close(actual, expected, atol=1e-12, rtol=1e-12)
+    leaves = (value, loc, scale)
+    for a, b in zip(
+        torch.autograd.grad(actual.sin().sum(), leaves), torch.autograd.grad(expected.sin().sum(), leaves)
+    ):
+        assert_close(a, b, atol=1e-12, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda *t: normal_mixture_log_prob(*t, dim), leaves)
+    assert torch.autograd.gradgradcheck(lambda *t: normal_mixture_log_prob(*t, dim), leaves)
+
+
+def test_normal_mixture_log_prob_far_from_every_component():
+    # every kernel underflows exp() unshifted; the shift by the largest keeps it finite
+    loc, scale = torch.zeros(4, 3, dtype=F64), torch.full((4, 3), 0.01, dtype=F64)
+    value = torch.full((1, 3), 50.0, dtype=F64)
+    actual = normal_mixture_log_prob(value, loc, scale, -2)
+    assert torch.isfinite(actual).all()
+    expected = dist.Normal(torch.zeros((), dtype=F64), torch.full((), 0.01, dtype=F64)).log_prob(value[0])
+    assert_close(actual, expected, atol=1e-8, rtol=1e-12)  # K equal components: one Normal
+    with pytest.raises(ValueError, match="negative dim"):
+        normal_mixture_log_prob(value, loc, scale, 0)
 
 
 # ---------------------------------------------------------------------------------------------

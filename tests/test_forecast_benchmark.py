@@ -1,9 +1,12 @@
-"""Smoke tests of the ETTh1 forecasting benchmark and the AR study (``--quick``), and of the one
-recipe behind them and ``vdn fit --preset ett``."""
+"""Smoke tests of the forecasting benchmark and the AR study (``--quick``, and tiny runs on
+synthetic long-horizon files), and of the one recipe behind them and ``vdn fit --preset ett``."""
 
 import json
 import sys
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -11,9 +14,7 @@ import torch
 from tests.common import ETT_PATH, ROOT, load_script, requires_ett
 from vdn_pyro.cli import main as vdn
 from vdn_pyro.config import load_config
-from vdn_pyro.forecasting import METRICS
-
-pytestmark = requires_ett()
+from vdn_pyro.forecasting import METRICS, PATH_METRICS
 
 
 def load(name):
@@ -32,28 +33,53 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
+@requires_ett()
 def test_quick_benchmark_writes_one_table(tmp_path, capsys):
     bench = load("forecast_ett")
     summary = bench.main(bench.parse_args(["--quick", "--data", str(ETT_PATH), "--out-dir", str(tmp_path)]))
     models = list(summary["model"])
-    expected = ["vdn", "twin", "dlinear", "linear", "repeat", "DLinear (published)", "NLinear (published)"]
-    assert models == expected
+    names = ["vdn", "twin", "twin_t", "twin_mvt", "dlinear", "linear", "repeat"]
+    assert list(bench.MODELS)[: len(names)] == names  # and any model registered after them
+    assert models == [*bench.MODELS, "DLinear (published)", "NLinear (published)"]
     ours = summary[summary["seeds"] > 0]
-    for key in ("mse", "mae", "crps", "nll", "coverage_90"):
-        assert ours[key].notna().all() and (ours[key] > 0).all()
-    assert (ours["coverage_90"] <= 1).all()
+    for key in [*METRICS, *PATH_METRICS] + [f"val_{k}" for k in METRICS + PATH_METRICS]:
+        assert ours[key].notna().all() and (ours[key] > 0).all(), key
+    assert (ours[["coverage_90", "coverage_90_sum", "val_coverage_90_sum"]] <= 1).all().all()
     published = summary[summary["model"] == "DLinear (published)"].iloc[0]
     assert (published["mse"], published["mae"]) == (0.375, 0.399)
-    runs = pd.read_csv(tmp_path / "forecast_ett_runs.csv")
-    assert len(runs) == 5 and set(runs["horizon"]) == {96}
-    assert list(runs["skip"].fillna("")) == ["ridge", "ridge", "", "", ""]  # vdn, twin on the closed form
+    runs = pd.read_csv(tmp_path / "forecast_ett_runs.csv").set_index("model")
+    assert list(runs.index) == list(bench.MODELS) and set(runs["horizon"]) == {96}
+    # vdn, twin and its controls on the closed-form skip path; one normalisation, chosen on it
+    skips = runs["skip"].fillna("")
+    assert list(skips[names]) == ["ridge"] * 4 + [""] * 3
+    assert runs["norm"].nunique() == 1 and set(runs["norm_scores"].str.split().str.len()) == {3}
+    # the controls keep the twin's mean, with a fitted t: nu > 1 and a positive scale factor
+    for control in ("twin_t", "twin_mvt"):
+        assert runs.loc[control, "mse"] == pytest.approx(runs.loc["twin", "mse"], rel=1e-6)
+        assert runs.loc[control, "df"] > 1 and runs.loc[control, "scale_factor"] > 0
     assert (tmp_path / "forecast_ett.csv").exists()
     table = (tmp_path / "forecast_ett.md").read_text()
     assert "| 96 | VDN forecaster |" in table and "NLinear (published)" in table
+    assert "| 96 | twin, multivariate t over the horizon |" in table
     out = capsys.readouterr().out
-    assert out.count("| H | model | MSE | MAE | CRPS | NLL | cov 90% | seeds |") == 1
+    head = "| H | model | MSE | MAE | CRPS | NLL | cov 90% | energy | CRPS-sum | cov 90% sum | norm | seeds |"
+    assert out.count(head) == 2 and out.count("\nValidation\n") == 1  # test and validation, once
 
 
+@requires_ett()
+def test_quick_writes_to_a_temporary_directory(capsys):
+    bench = load("forecast_ett")
+    committed = ROOT / "benchmarks" / "results" / "forecast_ett.md"
+    before = committed.read_bytes() if committed.exists() else None
+    args = bench.parse_args(["--quick", "--data", str(ETT_PATH), "--models", "linear", "repeat"])
+    bench.main(args)
+    out_dir = Path(args.out_dir)
+    assert out_dir.is_relative_to(tempfile.gettempdir()) and (out_dir / "forecast_ett.md").exists()
+    assert (committed.read_bytes() if committed.exists() else None) == before
+    assert f"written to {out_dir}" in capsys.readouterr().out
+
+
+@requires_ett()
 @pytest.mark.parametrize("skip_fit", ["sgd", "ridge"])
 def test_the_fitted_dlinear_is_lent_and_reported_once(tmp_path, skip_fit):
     bench = load("forecast_ett")
@@ -69,6 +95,8 @@ def test_the_fitted_dlinear_is_lent_and_reported_once(tmp_path, skip_fit):
         "vdn",
         "dlinear",
         "linear",
+        "--norms",
+        "none",
     ]
     args = bench.apply_quick(bench.parse_args(argv))
     args.quick, args.seeds = False, [0, 1]
@@ -86,6 +114,7 @@ def test_the_fitted_dlinear_is_lent_and_reported_once(tmp_path, skip_fit):
     assert linear["mse"].nunique() == 1
 
 
+@requires_ett()
 def test_parallel_jobs_give_the_serial_rows(tmp_path):
     bench = load("forecast_ett")
     argv = ["--quick", "--data", str(ETT_PATH), "--models", "twin", "linear", "repeat"]
@@ -98,12 +127,13 @@ def test_parallel_jobs_give_the_serial_rows(tmp_path):
     a = pd.read_csv(tmp_path / "a" / "forecast_ett_runs.csv")
     b = pd.read_csv(tmp_path / "b" / "forecast_ett_runs.csv")
     assert list(a["model"]) == list(b["model"]) == ["twin", "linear", "repeat"] * 2
-    keys = ["mse", "crps", "nll", "coverage_90"]
+    keys = ["mse", "crps", "nll", "coverage_90", "energy", "crps_sum", "val_crps"]
     assert (a[keys] - b[keys]).abs().max().max() < 1e-6  # same seeds, same numbers, any process
     with pytest.raises(ValueError, match="jobs"):
         bench.main(bench.parse_args(argv + ["--jobs", "0"]))
 
 
+@requires_ett()
 def test_quick_ar_study_writes_the_half_life_histogram(tmp_path):
     study = load("ar_study")
     args = study.parse_args(
@@ -112,6 +142,7 @@ def test_quick_ar_study_writes_the_half_life_histogram(tmp_path):
     summary = study.main(args)
     assert list(summary["model"]) == ["normal", "ar-band"]
     runs = pd.read_csv(tmp_path / "ar_study_runs.csv")
+    assert runs[["energy", "crps_sum", "val_crps"]].notna().all().all() and runs["norm"].nunique() == 1
     band = runs[runs["model"] == "ar-band"].iloc[0]
     lo, hi = (b * args.train_stride for b in args.band)
     assert lo - 1e-3 <= band["half_life_median_h"] <= hi + 1e-3
@@ -126,6 +157,7 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
         bench.main(bench.parse_args(["--quick", "--data", missing, "--out-dir", str(tmp_path)]))
 
 
+@requires_ett()
 def test_the_benchmark_defaults_are_the_ett_preset():
     bench = load("forecast_ett")
     config = bench.run_config(bench.parse_args(["--data", str(ETT_PATH)]), 96, 0)
@@ -139,13 +171,14 @@ def _cli_overrides(bench, args):
     return [item for key, value in values.items() for item in ("--set", f"{key}={json.dumps(value)}")]
 
 
+@requires_ett()
 def test_vdn_fit_preset_ett_trains_the_benchmark_row(tmp_path):
     """One recipe: ``vdn fit --preset ett`` with the benchmark's ``--quick`` options scores exactly
     the benchmark's VDN row (ridge skip path, CRPS selection, monitor on), and ``vdn evaluate``
     of the run directory scores it again."""
     bench = load("forecast_ett")
     args = bench.parse_args(
-        ["--quick", "--data", str(ETT_PATH), "--out-dir", str(tmp_path), "--models", "vdn"]
+        ["--quick", "--data", str(ETT_PATH), "--out-dir", str(tmp_path), "--models", "vdn", "--norms", "none"]
     )
     bench.main(args)
     row = pd.read_csv(tmp_path / "forecast_ett_runs.csv").iloc[0]
@@ -154,13 +187,14 @@ def test_vdn_fit_preset_ett_trains_the_benchmark_row(tmp_path):
     argv += [*_cli_overrides(bench, args), "--set", "diagnostics.monitor_every=3"]
     argv += ["--set", "output.plots=false", "--set", "output.idata=false"]
     assert vdn(argv) == 0
-    fitted = json.loads((run / "metrics.json").read_text())["models"]["vdn"]
+    fitted = json.loads((run / "metrics_test.json").read_text())["models"]["vdn"]
     assert {k: fitted[k] for k in METRICS} == pytest.approx({k: row[k] for k in METRICS}, rel=1e-6, abs=1e-9)
     assert json.loads((run / "run.json").read_text())["best_val_loss"] == pytest.approx(row["best_val_loss"])
     assert vdn(["evaluate", str(run)]) == 0
-    assert json.loads((run / "metrics.json").read_text())["models"]["vdn"] == fitted
+    assert json.loads((run / "metrics_test.json").read_text())["models"]["vdn"] == fitted
 
 
+@requires_ett()
 @pytest.mark.slow
 def test_vdn_fit_preset_ett_reproduces_the_readme_row(tmp_path):
     """``vdn fit --preset ett`` then ``vdn evaluate``: the README's H = 96 VDN row (the 3-seed
@@ -172,7 +206,74 @@ def test_vdn_fit_preset_ett_reproduces_the_readme_row(tmp_path):
     argv = ["fit", "--preset", "ett", "--run-dir", str(run), "--quiet", "--set", f"data.path={ETT_PATH}"]
     assert vdn([*argv, "--set", "output.plots=false", "--set", "output.idata=false"]) == 0
     assert vdn(["evaluate", str(run)]) == 0
-    metrics = json.loads((run / "metrics.json").read_text())["models"]["vdn"]
+    metrics = json.loads((run / "metrics_test.json").read_text())["models"]["vdn"]
     for key in ("mse", "crps", "nll"):
         spread = max(2 * reference[f"{key}_std"], 1e-3)
         assert abs(metrics[key] - reference[key]) <= spread, (key, metrics[key], reference[key])
+
+
+# ----------------------------------------------------------------------------- any long-horizon CSV
+def synthetic_csv(path, num_rows, columns, freq, seed=0):
+    """A long-horizon CSV: a date column and seasonal random walks."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(num_rows)[:, None]
+    values = np.sin(2 * np.pi * t / 24 + np.arange(len(columns))) + 0.05 * rng.normal(
+        size=(num_rows, 1)
+    ).cumsum(0)
+    frame = pd.DataFrame(values + 0.1 * rng.normal(size=values.shape), columns=columns)
+    frame.insert(0, "date", pd.date_range("2020-01-01", periods=num_rows, freq=freq).astype(str))
+    frame.to_csv(path, index=False)
+    return path
+
+
+TINY = [
+    "--lookback", "48", "--horizons", "12", "--seeds", "0", "--epochs", "1", "--chunk", "2",
+    "--train-stride", "8", "--val-stride", "4", "--test-stride", "4", "--units", "4", "--features", "8",
+    "--num-samples", "8", "--val-samples", "8", "--set", "neurons.train_draws=2",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("select", ["skip", "model"])
+def test_any_long_horizon_csv_with_the_norm_chosen_on_validation(tmp_path, capsys, select):
+    bench = load("forecast_ett")
+    path = synthetic_csv(tmp_path / "weather.csv", 1500, ["p", "T", "rh"], "10min")
+    args = bench.parse_args(
+        ["--data", str(path), "--out-dir", str(tmp_path / "out"), "--norm-select", select, *TINY]
+    )
+    summary = bench.main(args)
+    assert list(summary["model"]) == list(bench.MODELS)  # no published rows for another data set
+    out = capsys.readouterr().out
+    assert "weather (3 channels, 7:1:2 chronological protocol)" in out
+    runs = pd.read_csv(tmp_path / "out" / "forecast_ett_runs.csv").set_index("model")
+    assert runs["test_windows"].iloc[0] == (int(0.2 * 1500) - 12) // 4 * 3 + 3  # every 4th test window
+    scores = runs["norm_scores"].str.split().apply(lambda items: dict(i.split("=") for i in items))
+    assert all(set(s) == {"none", "last", "mean_scale"} for s in scores)
+    # the chosen normalisation has the best validation score of the candidates
+    for name, row in runs.iterrows():
+        values = {k: float(v) for k, v in scores[name].items()}
+        assert values[row["norm"]] == min(values.values()), name
+    if select == "skip":  # one choice, by the closed form's validation MSE, for every model
+        assert runs["norm"].nunique() == 1
+        assert float(scores["linear"][runs["norm"].iloc[0]]) == pytest.approx(
+            runs.loc["linear", "best_val_loss"], rel=1e-3
+        )
+        twin = pytest.approx(runs.loc["twin", "mse"], rel=1e-6)
+        assert runs.loc["twin_t", "mse"] == twin and runs.loc["twin_mvt", "mse"] == twin
+    else:  # each model's own validation CRPS
+        for name, row in runs.iterrows():
+            assert float(scores[name][row["norm"]]) == pytest.approx(row["val_crps"], rel=1e-3)
+
+
+@requires_ett()
+def test_an_ettm_file_gets_the_ett_protocol_at_four_rows_an_hour(tmp_path, capsys):
+    bench = load("forecast_ett")
+    path = synthetic_csv(tmp_path / "ETTm1.csv", 57700, ["HULL", "OT"], "15min")
+    argv = ["--data", str(path), "--out-dir", str(tmp_path), "--models", "linear", "repeat", *TINY]
+    argv += ["--test-stride", "96", "--val-stride", "96", "--columns", "OT"]
+    bench.main(bench.parse_args(argv))
+    assert (
+        "ETTm1 (1 channels, ETT protocol (12/4/4 months of 30 days, 4 row(s) an hour))"
+        in capsys.readouterr().out
+    )
+    runs = pd.read_csv(tmp_path / "forecast_ett_runs.csv")
+    assert (runs["test_windows"] == (4 * 30 * 24 * 4 - 12) // 96 + 1).all()  # the 4 test months

@@ -11,17 +11,24 @@ from tests.common import assert_close
 from vdn_pyro.data import ratio_splits
 from vdn_pyro.forecasting import (
     METRICS,
+    NORMS,
+    PATH_METRICS,
     EarlyStopping,
     EpochDecay,
+    Normalised,
     TrainConfig,
     ValidationSelector,
     evaluate_forecaster,
     fit_least_squares,
+    normalise_windows,
+    normalised,
     score_prediction,
     train_forecaster,
     training_windows,
+    window_stats,
 )
 from vdn_pyro.inference.fit import FitResult, FitState
+from vdn_pyro.metrics import path_metrics
 from vdn_pyro.models import DLinear, Forecaster, ForecastPrediction, RepeatLast
 
 
@@ -364,3 +371,134 @@ def test_least_squares_with_nlinear_normalisation_and_bad_input():
         fit_least_squares(model, splits, ridges=(-1.0,))
     with pytest.raises(ValueError, match="skip_fit"):
         TrainConfig(skip_fit="closed")
+
+
+# ----------------------------------------------------------------------------- normalisation
+@pytest.mark.parametrize("norm", NORMS)
+def test_window_normalisation_round_trips(norm):
+    torch.manual_seed(0)
+    x, y = 3.0 + 2.0 * torch.randn(5, 3, 16), torch.randn(5, 3, 4)  # chunks too
+    xn, yn = normalise_windows(x, y, norm)
+    loc, scale = window_stats(x, norm)
+    if norm == "none":
+        assert xn is x and yn is y and loc is None
+        return
+    assert loc.shape == (5, 3, 1)
+    factor = 1.0 if scale is None else scale
+    assert_close(xn * factor + loc, x, atol=1e-5) and assert_close(yn * factor + loc, y, atol=1e-5)
+    if norm == "last":
+        assert_close(xn[..., -1], torch.zeros(5, 3))
+    else:
+        assert_close(xn.mean(-1), torch.zeros(5, 3), atol=1e-5)
+        assert_close(xn.std(-1, unbiased=False), torch.ones(5, 3), atol=1e-4)
+    with pytest.raises(ValueError, match="norm"):
+        window_stats(x, "revin")
+
+
+def test_a_normalised_model_forecasts_in_the_original_units():
+    """``Normalised`` maps a prediction back (samples, means, scales), so a model fitted under
+    ``mean_scale`` is equivariant to an affine change of units of the window."""
+    splits = toy_splits()
+    model = DLinear(16, 4, kernel_size=5)
+    fit_least_squares(model, splits, ridges=(0.0,), norm="mean_scale")
+    view = normalised(model, "mean_scale")
+    assert normalised(model, "none") is model and view.model is model
+    x, _ = splits.windows("test")
+    a = view.predict(x, num_samples=3)
+    b = view.predict(2.5 * x - 7.0, num_samples=3)
+    assert_close(b.loc, 2.5 * a.loc - 7.0, atol=1e-4, rtol=1e-5)
+    assert_close(b.scale, 2.5 * a.scale, rtol=1e-5)
+    stats = window_stats(x, "mean_scale")
+    inner = model.predict(normalise_windows(x, None, "mean_scale")[0], num_samples=3)
+    assert_close(a.scale[0], inner.scale[0] * stats[1], rtol=1e-6)
+    with pytest.raises(ValueError, match="norm"):
+        Normalised(model, "max")
+
+
+def test_least_squares_under_last_value_normalisation_is_nlinear():
+    """The closed-form fit of the last-value-normalised windows is the fit of a DLinear that
+    normalises itself (NLinear-style): the same least-squares problem."""
+    splits = toy_splits()
+    outside = DLinear(16, 4, kernel_size=5)
+    info = fit_least_squares(outside, splits, ridges=(0.0, 0.1), norm="last")
+    inside = DLinear(16, 4, kernel_size=5, instance_norm="last")
+    reference = fit_least_squares(inside, splits, ridges=(0.0, 0.1))
+    assert info["ridge"] == reference["ridge"]
+    assert info["val_mse"] == pytest.approx(reference["val_mse"], rel=1e-5)
+    x_val, y_val = splits.windows("val")
+    view = normalised(outside, "last")
+    assert_close(view.predict(x_val, 2).loc[0], inside.point(x_val), atol=1e-4, rtol=1e-4)
+    # the reported validation MSE is that of the forecasts in the original units
+    val_mse = ((view.predict(x_val, 2).loc[0] - y_val) ** 2).mean()
+    assert info["val_mse"] == pytest.approx(float(val_mse), rel=1e-5)
+    with pytest.raises(ValueError, match="norm"):
+        fit_least_squares(outside, splits, norm="median")
+    with pytest.raises(ValueError, match="norm"):
+        TrainConfig(norm="median")
+
+
+def test_training_under_a_normalisation_selects_in_the_original_units():
+    splits = toy_splits()
+    config = TrainConfig(epochs=2, batch_size=64, lr=0.01, patience=0, skip_fit="ridge", norm="mean_scale")
+    twin = Forecaster(
+        lookback=16,
+        horizon=4,
+        units=4,
+        features=8,
+        kernel_size=5,
+        deterministic=True,
+        likelihood_scale="heteroscedastic",
+        mean="skip",
+    )
+    result = train_forecaster(twin, splits, config, seed=0)
+    x_val, y_val = splits.windows("val")
+    # the twin's predictive is one Gaussian: its validation CRPS is exact, and is the selection's
+    scores = evaluate_forecaster(normalised(twin, "mean_scale"), x_val, y_val, num_samples=4)
+    assert result.best_val_loss == pytest.approx(scores["crps"], rel=1e-6)
+    raw = evaluate_forecaster(twin, *normalise_windows(x_val, y_val, "mean_scale"), num_samples=4)
+    assert raw["crps"] != pytest.approx(scores["crps"], rel=1e-3)  # not the normalised units
+    # the skip path is the closed-form fit of the normalised windows
+    source = DLinear(16, 4, kernel_size=5)
+    fit_least_squares(source, splits, config.ridges, norm="mean_scale")
+    assert_close(twin.skip.trend.weight, source.net.trend.weight)
+
+
+# ----------------------------------------------------------------------------- path scores
+class _Paths:
+    """A model whose exact marginal draws independent steps while its predict draws paths that
+    move together."""
+
+    has_exact_marginal = True
+
+    def eval(self):
+        pass
+
+    def predict(self, x, num_samples=100, batch_size=None):
+        shift = torch.randn(num_samples, x.shape[0], 1)  # (S, B, 1): one draw per path
+        loc = torch.zeros(1, x.shape[0], 4)
+        return ForecastPrediction(shift.expand(-1, -1, 4), loc, torch.ones_like(loc))
+
+    def predict_marginal(self, x, num_samples=100, batch_size=None):
+        loc = torch.zeros(1, x.shape[0], 4)
+        return ForecastPrediction(torch.randn(num_samples, x.shape[0], 4), loc, torch.ones_like(loc))
+
+
+def test_path_scores_come_from_joint_sample_paths():
+    x, y = torch.randn(30, 16), torch.randn(30, 4)
+    model = _Paths()
+    scores = evaluate_forecaster(model, x, y, num_samples=50, batch_size=7, seed=1, paths=True)
+    assert set(METRICS) | set(PATH_METRICS) <= set(scores)
+    marginal = evaluate_forecaster(model, x, y, num_samples=50, batch_size=7, seed=1)
+    assert {k: scores[k] for k in METRICS} == {k: marginal[k] for k in METRICS}
+    # the paths of predict, drawn after each batch's marginal: reproduce them
+    torch.manual_seed(1)
+    paths = []
+    for xb in x.split(7):
+        model.predict_marginal(xb, 50)
+        paths.append(model.predict(xb, 50).samples)
+    expected = path_metrics(torch.cat(paths, 1), y)
+    assert {k: scores[k] for k in PATH_METRICS} == pytest.approx(expected, rel=1e-6)
+    # paths that move together have a wider horizon sum than independent steps with the same
+    # marginals
+    independent = path_metrics(torch.randn(50, 30, 4), y)
+    assert scores["width_90_sum"] > 1.5 * independent["width_90_sum"]

@@ -86,3 +86,34 @@ def test_forest_writes_a_png(tmp_path):
     idata = to_inference_data(net, x, y, num_samples=20, chains=2, seed=0)
     path = plot_forest(tmp_path / "forest.png", idata, "layers.0.z", obs=1, dpi=60)
     assert_png(path, min_bytes=1000)
+
+
+def test_dashboard_of_a_few_units_has_whole_unit_ticks(tmp_path, monkeypatch):
+    """With 4 units (the quick preset) matplotlib's default ticks would be 0, 0.5, 1, ...: unit
+    indices and unit counts get whole-number ticks."""
+    import vdn_pyro.plots as plots
+
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: figures.append(fig) or save(fig, path, dpi))
+    steps, kl, beta = _history(units=4)
+    monitor = pd.concat([_report(4, step=s, seed=int(s)) for s in (0, 20, 40)], ignore_index=True)
+    plot_dashboard(
+        tmp_path / "d.png", steps, kl, beta[:1].repeat(len(steps), 0), report=_report(4), monitor=monitor
+    )
+    (ax_loss, ax_heat, ax_status), (ax_loc, ax_kl, ax_beta) = np.asarray(figures[0].axes[:6]).reshape(2, 3)
+    unit_axes = [ax_heat.yaxis, ax_status.yaxis, ax_loc.xaxis, ax_kl.xaxis, ax_beta.xaxis]
+    for axis in unit_axes:
+        ticks = axis.get_majorticklocs()
+        assert len(ticks) >= 2 and np.allclose(ticks, np.round(ticks)), ticks
+
+
+def test_a_dpi_beyond_memory_is_refused_before_drawing(tmp_path):
+    steps, kl, beta = _history()
+    with pytest.raises(
+        ValueError, match=r"dpi=100000 gives 1500000 x 800000 pixels; use a dpi of at most \d+"
+    ):
+        plot_dashboard(tmp_path / "d.png", steps, kl, beta, dpi=100000)
+    assert not (tmp_path / "d.png").exists()
+    with pytest.raises(ValueError, match="dpi=20000"):
+        plot_fan_chart(tmp_path / "f.png", np.zeros(5), np.zeros(3), {0.5: np.zeros(3)}, dpi=20000)

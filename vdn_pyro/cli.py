@@ -4,8 +4,8 @@ r"""The ``vdn`` command: fit, evaluate and report a forecaster of distributional
 
     vdn fit [CONFIG] [--preset NAME] [--run-dir DIR] [--set KEY=VALUE ...] [--quiet]
     vdn fit --resume RUN_DIR [--set KEY=VALUE ...] [--quiet]
-    vdn evaluate RUN_DIR [--split test|val] [--num-samples S]
-    vdn report RUN_DIR [--no-plots]
+    vdn evaluate RUN_DIR [--split test|val] [--num-samples S] [--set KEY=VALUE ...]
+    vdn report RUN_DIR [--no-plots] [--set KEY=VALUE ...]
     vdn config [CONFIG] [--preset NAME] [--set KEY=VALUE ...]
 
 ``vdn fit`` with no argument is the project's main job: it trains the default
@@ -13,24 +13,47 @@ r"""The ``vdn`` command: fit, evaluate and report a forecaster of distributional
 priors and a KL thermostat) on the embedded weekly Mauna Loa CO2 series and writes a run
 directory (``runs/<timestamp>`` unless ``--run-dir`` is given)::
 
-    config.yaml             the resolved configuration (every option)
-    run.json                status, steps, seconds, versions, command line
+    config.yaml             the resolved configuration (every option; data.path absolute)
+    run.json                status, steps, seconds, versions, command line, the configuration
+                            and data digests the run was trained with
     checkpoints/last.pt     atomic checkpoint: network, optimiser, constraints, RNG, history
     log.csv, log.jsonl      one row per logged step (jsonl adds per-unit KL and beta)
     monitor.csv             the per-unit table every ``diagnostics.monitor_every`` steps
-    units.csv, layers.csv   final per-unit diagnostics table and its per-layer summary
-    metrics.json/.csv       test metrics: MSE, MAE, CRPS, NLL, coverage and width
+    units.csv, layers.csv   final per-unit diagnostics table and its per-layer summary (a
+                            ``split`` column names the windows: ``diagnostics.split``)
+    metrics_test.json/.csv  test metrics: MSE, MAE, CRPS, NLL, coverage and width
+                            (``vdn evaluate --split val`` writes ``metrics_val.json/.csv``)
     idata.nc                ArviZ InferenceData (netCDF) of the first test windows
     arviz_summary.csv       az.summary of the unit posteriors
     plots/dashboard.png     living-neuron dashboard
     plots/fan_chart.png     forecast fan chart of one test window
     plots/forest.png        ArviZ forest of the unit posteriors of one window
 
+What a run directory guarantees:
+
+- a new one is created atomically with a unique name (two ``vdn fit`` started in the same second
+  get two directories), and a command that writes a run directory holds a lock on it: a second
+  command on the same directory is refused with one line;
+- a refused command changes nothing in it (the configuration and the checkpoint are checked
+  before anything is written; ``--set`` overrides of a refused ``--resume`` are not stored), and
+  ``evaluate``/``report`` write their files under temporary names and move them into place only
+  when all are written;
+- ``evaluate`` and ``report`` check the data (digests of the training windows and of the whole
+  series) and the configuration against the ones the run was trained with, and refuse others;
+  their ``--set`` may change only ``data.path`` (the same data elsewhere) and the
+  ``diagnostics``, ``evaluate`` and ``output`` sections.
+
+The progress bar's ``living`` is the fraction of units whose status is ``living`` in the latest
+per-unit table: the unit monitor's during the fit and, at the end, the final table written to
+``units.csv`` (computed once, when the fit ends), so the bar's last word and ``units.csv`` agree.
+
 ``vdn fit --resume RUN_DIR`` continues from the last checkpoint exactly (bit-identical on CPU).
 SIGINT (Ctrl-C) or SIGTERM during training finishes the step, writes a final checkpoint and exits
-with status 130 (143 for SIGTERM). Errors in the configuration, the run directory or the
-checkpoint print one line to stderr and exit with status 2 (``vdn --debug ...`` shows the
-traceback); a run that keeps producing NaN/inf exits with status 1.
+with status 130 (143 for SIGTERM). Every error prints one line to stderr (``vdn --debug ...``
+shows the traceback instead) and exits with status 2 for what the user can fix in the command
+(the configuration, the data, the run directory, the checkpoint) and 1 for a failure of the
+machine (a read-only or full disk, a path that is not a directory, memory) or of the training (a
+run that keeps producing NaN/inf).
 
 The training is :func:`~vdn_pyro.forecasting.train_forecaster` with the
 :class:`~vdn_pyro.forecasting.TrainConfig` of the configuration
@@ -47,13 +70,18 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
+import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import platform
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +89,7 @@ import pyro
 import torch
 
 from vdn_pyro import __version__
-from vdn_pyro.config import ConfigError, dump_config, load_config
+from vdn_pyro.config import ConfigError, dump_config, load_config, parse_overrides
 from vdn_pyro.data import (
     TimeSeries,
     ett_hourly_splits,
@@ -70,6 +98,8 @@ from vdn_pyro.data import (
     load_ett,
     ratio_splits,
 )
+from vdn_pyro.data.datasets import _default_ett_path
+from vdn_pyro.data.protocol import DataRangeError
 from vdn_pyro.forecasting import METRICS, evaluate_forecaster, train_forecaster, training_windows
 from vdn_pyro.inference import (
     CheckpointError,
@@ -88,6 +118,8 @@ from vdn_pyro.inference import (
     unit_report,
 )
 from vdn_pyro.inference import arviz as vdn_arviz
+from vdn_pyro.inference.checkpoint import incompatibilities
+from vdn_pyro.inference.fit import data_digest
 from vdn_pyro.models import Forecaster, RepeatLast
 
 __all__ = [
@@ -96,22 +128,142 @@ __all__ = [
     "RunError",
     "build_constraints",
     "build_network",
+    "estimate_memory",
     "evaluate_run",
     "fit_run",
     "load_data",
     "load_run",
     "main",
     "report_run",
+    "resolve_paths",
+    "series_digest",
 ]
 
 QUANTILE_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
 EXIT_USAGE = 2
-EXIT_NONFINITE = 1
+EXIT_FAILURE = 1
+EXIT_NONFINITE = EXIT_FAILURE
 EXIT_INTERRUPTED = 130
+SPLITS = ("test", "val")
+
+#: The keys ``evaluate``/``report`` may change from the configuration a run was trained with
+#: (``--set`` or an edited ``config.yaml``): where the data file lies (its contents are checked by
+#: digest) and what is computed and written, not what was trained.
+FREE_KEYS = ("data.path", "diagnostics.", "evaluate.", "output.", "fit.threads", "fit.pyro_validation")
+#: Keys a ``--resume`` may change as well: how long it trains and what it logs from here on
+#: (the rest would not continue the same run: the checkpoint holds the optimiser's learning rate,
+#: the data, the architecture and the constraints).
+RESUMABLE_KEYS = (
+    "fit.steps",
+    "fit.epochs",
+    "fit.log_every",
+    "fit.checkpoint_every",
+    "fit.patience",
+    "fit.max_bad_steps",
+    "fit.living_kl",
+)
 
 
 class RunError(ValueError):
-    """A run directory is missing, incomplete or already in use."""
+    """A run directory is missing, incomplete, already in use, or does not fit the command."""
+
+
+# ----------------------------------------------------------------------------- files
+def _atomic_write(path, text):
+    """Write ``text`` to ``path`` through a temporary file in the same directory and
+    :func:`os.replace`: a reader sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # name the file, not its temporary
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+
+
+class _Outputs:
+    """Result files of one command, written under temporary names in the run directory and moved
+    into place together when the command succeeds (and removed when it fails), so that a failed
+    ``evaluate`` or ``report`` leaves the files of the previous one as they were."""
+
+    def __init__(self, root):
+        self.root, self.pending, self.current = Path(root), {}, None
+
+    def path(self, final):
+        """The temporary path to write ``final`` to (same suffix, so writers pick the format)."""
+        final = Path(final)
+        tmp = self.root / f".{final.stem}.tmp-{os.getpid()}{final.suffix}"
+        self.pending[final], self.current = tmp, final
+        return tmp
+
+    def commit(self):
+        for final, tmp in self.pending.items():
+            final.parent.mkdir(exist_ok=True)
+            os.replace(tmp, final)
+        self.pending = {}
+
+    def discard(self):
+        for tmp in self.pending.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self.pending = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if kind is None:
+            self.commit()
+            return False
+        finals = {str(tmp): final for final, tmp in self.pending.items()}
+        self.discard()
+        if isinstance(error, OSError) and (error.filename is None or error.filename in finals):
+            # name the file being written, not its temporary (writers such as netCDF name none)
+            final = finals.get(error.filename, self.current)
+            if final is not None:
+                raise OSError(error.errno, error.strerror or str(error), str(final)) from error
+        return False
+
+
+class _RunLock:
+    """An exclusive, non-blocking lock on a run directory for the time a command writes it
+    (:func:`fcntl.flock` on the directory itself, so no file is added; the system drops it when
+    the process ends, however it ends). A no-op where ``fcntl`` is missing."""
+
+    def __init__(self, root):
+        self.root, self.fd = Path(root), None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        self.fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self.fd)
+            self.fd = None
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunError(
+                    f"run directory {self.root} is in use by another vdn command (it is locked while "
+                    "one writes it); wait for that one to finish, or use another run directory"
+                ) from None
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+        return False
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -136,8 +288,6 @@ class RunDir:
     monitor = property(lambda self: self.root / "monitor.csv")
     units = property(lambda self: self.root / "units.csv")
     layers = property(lambda self: self.root / "layers.csv")
-    metrics_json = property(lambda self: self.root / "metrics.json")
-    metrics_csv = property(lambda self: self.root / "metrics.csv")
     idata = property(lambda self: self.root / "idata.nc")
     summary = property(lambda self: self.root / "arviz_summary.csv")
     plots = property(lambda self: self.root / "plots")
@@ -145,8 +295,25 @@ class RunDir:
     fan_chart = property(lambda self: self.root / "plots" / "fan_chart.png")
     forest = property(lambda self: self.root / "plots" / "forest.png")
 
+    def metrics_json(self, split="test"):
+        """``metrics_<split>.json``: the metrics of one split."""
+        return self.root / f"metrics_{split}.json"
+
+    def metrics_csv(self, split="test"):
+        """``metrics_<split>.csv``: the metrics of one split, one row per model."""
+        return self.root / f"metrics_{split}.csv"
+
+    def lock(self):
+        """A context manager holding the directory's lock (:class:`RunError` if another command
+        holds it)."""
+        return _RunLock(self.root)
+
     def check_existing(self, need_checkpoint=True):
         """Raise :class:`RunError` unless this is a run directory written by ``vdn fit``."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunError(
+                f"{self.root} is a file, not a run directory (expected the directory that `vdn fit` printed)"
+            )
         if not self.root.is_dir():
             raise RunError(f"no run directory at {self.root} (expected the directory that `vdn fit` printed)")
         if not self.config.is_file():
@@ -154,7 +321,8 @@ class RunDir:
         if need_checkpoint and not self.checkpoint.is_file():
             raise RunError(
                 f"{self.root} has no checkpoint ({self.checkpoint.relative_to(self.root)}): the fit "
-                "stopped before its first one; start it again with `vdn fit`"
+                "stopped before its first one (run.json says why); start a new run with `vdn fit` "
+                "(into another --run-dir, or after deleting this one)"
             )
 
     def read_info(self):
@@ -168,20 +336,52 @@ class RunDir:
         """Update ``run.json`` with ``fields`` (written atomically)."""
         info = self.read_info()
         info.update(fields)
-        tmp = self.info.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
-        tmp.replace(self.info)
+        _atomic_write(self.info, json.dumps(info, indent=2, default=str) + "\n")
         return info
 
 
-def _new_run_dir(root):
+def _create_run_dir(path=None, root="runs"):
+    """Create a fresh run directory atomically: ``path``, or ``<root>/<timestamp>`` (with ``-1``,
+    ``-2`` ... appended when taken). :func:`os.mkdir` fails if the name exists, so two commands
+    never get the same directory.
+
+    :returns: ``(path, created)``; ``created`` is false for an existing empty ``path``.
+    :raises RunError: if ``path`` is a non-empty directory.
+    :raises NotADirectoryError: if ``path`` (or a parent) is a file.
+    """
+    if path is not None:
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "--run-dir names a file, not a directory", str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(path)
+            return path, True
+        except FileExistsError:
+            if not path.is_dir():
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "--run-dir names a file, not a directory", str(path)
+                ) from None
+            _check_empty(path)
+            return path, False
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(root) / stamp
-    suffix = 1
-    while path.exists():
-        path = Path(root) / f"{stamp}-{suffix}"
-        suffix += 1
-    return path
+    for suffix in itertools.count():
+        candidate = root / (stamp if suffix == 0 else f"{stamp}-{suffix}")
+        try:
+            os.mkdir(candidate)
+            return candidate, True
+        except FileExistsError:
+            continue
+
+
+def _check_empty(path):
+    if any(Path(path).iterdir()):
+        raise RunError(
+            f"run directory {path} is not empty; continue it with `vdn fit --resume {path}` "
+            "or choose another --run-dir"
+        )
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -197,38 +397,221 @@ def _select_columns(series, columns):
     return TimeSeries(series.values[:, index], list(columns), series.index, series.name)
 
 
+#: Python-API advice in the loaders' messages, and what a user of the command types instead.
+_CLI_ADVICE = (
+    (
+        "pass date_column=<name>, or date_column=None if there is none",
+        "--set data.date_column=NAME (null if there is none)",
+    ),
+    ("or pass date_column=None", "or --set data.date_column=null"),
+    (
+        "pass fill='ffill' or fill='interpolate' to fill them",
+        "fill them with --set data.fill=ffill or data.fill=interpolate",
+    ),
+    ("fix target_columns", "fix data.columns"),
+    ("drop them from target_columns", "drop them from data.columns"),
+)
+
+
+def _cli_advice(text):
+    for api, cli in _CLI_ADVICE:
+        text = text.replace(api, cli)
+    return text
+
+
+def _ett_path(path):
+    """Where :func:`~vdn_pyro.data.load_ett` reads ETTh1 from, and why: ``(path, source)``."""
+    if path:
+        return Path(path), "data.path"
+    if os.environ.get("VDN_ETT_PATH"):
+        return Path(os.environ["VDN_ETT_PATH"]), "VDN_ETT_PATH"
+    return _default_ett_path(), "the default location"
+
+
+def resolve_paths(config):
+    """A copy of ``config`` whose ``data.path`` is absolute: a relative path is resolved against
+    the working directory, and the ``ett`` source without a path gets the file it reads
+    (``$VDN_ETT_PATH`` or the default location), so a run directory works from anywhere.
+
+    :param config: a :class:`~vdn_pyro.config.RunConfig`.
+    :returns: a new :class:`~vdn_pyro.config.RunConfig`.
+    """
+    config = config.model_copy(deep=True)
+    data = config.data
+    if data.source == "ett":
+        path = _ett_path(data.path)[0].expanduser().resolve()
+        data.path = str(path) if data.path or path.is_file() else None  # else: named where looked for
+    elif data.source == "csv" and data.path:
+        data.path = str(Path(data.path).expanduser().resolve())
+    return config
+
+
 def load_data(config):
     """The series and its train/validation/test splits.
 
     :param config: a :class:`~vdn_pyro.config.RunConfig`.
     :returns: ``(series, splits)``: a :class:`~vdn_pyro.data.TimeSeries` and
         :class:`~vdn_pyro.data.ForecastSplits`.
-    :raises ConfigError: if the series cannot be split as configured.
+    :raises ConfigError: if the file is missing, the series unreadable, or its values unusable
+        (non-finite, or extreme once standardised), or if it cannot be split as configured.
     """
     data = config.data
     try:
         if data.source == "default":
             series = _select_columns(load_default(), data.columns)
         elif data.source == "ett":
-            series = _select_columns(load_ett(data.path), data.columns)
+            path, source = _ett_path(data.path)
+            if not path.is_file():
+                raise ConfigError.at(
+                    "data.path",
+                    f"no ETTh1.csv at {path.resolve()} (from {source}); give the file with "
+                    "--set data.path=/path/to/ETTh1.csv (or set VDN_ETT_PATH)",
+                )
+            series = _select_columns(load_ett(path), data.columns)
         else:
+            if not Path(data.path).is_file():
+                raise ConfigError.at(
+                    "data.path",
+                    f"no CSV file at {Path(data.path).resolve()}; give the file with --set data.path=FILE",
+                )
             series = load_csv(
                 data.path, date_column=data.date_column, target_columns=data.columns, fill=data.fill
             )
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError.at("data", f"cannot load the {data.source} series: {e}") from None
+        raise ConfigError.at("data", f"cannot load the {data.source} series: {_cli_advice(str(e))}") from None
     try:
         if data.split == "ett_hourly":
             splits = ett_hourly_splits(series, data.lookback, data.horizon)
         else:
             splits = ratio_splits(series, data.lookback, data.horizon, data.train, data.val)
+    except DataRangeError as e:
+        raise ConfigError.at("data", f"{series.name} ({len(series)} rows) cannot be used: {e}") from None
     except ValueError as e:
         raise ConfigError.at(
             "data", f"{series.name} ({len(series)} rows) cannot be split as configured: {e}"
         ) from None
     return series, splits
+
+
+def series_digest(series):
+    """A digest of a whole series (values, channel names, time stamps), as a hex string: what
+    ``run.json`` records so that ``evaluate``/``report`` can refuse other data."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([list(series.columns), list(series.values.shape)]).encode())
+    h.update(np.ascontiguousarray(series.values, dtype=np.float64).tobytes())
+    h.update(
+        np.asarray(series.index.astype("int64") if hasattr(series.index, "asi8") else series.index).tobytes()
+    )
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- size check
+def _parameter_count(config):
+    """Parameters of the forecaster of ``config``, without building it at its size.
+
+    Every layer is linear in each of ``units``, ``features`` and ``latent_dim``, so the count is
+    a multilinear polynomial in them: it is fitted exactly from the 8 networks with each of the
+    three at 1 or 2 (in the offsets y = x - 1, the coefficient of a set of variables is the
+    alternating sum over its subsets) and evaluated at the configured sizes.
+    """
+    n = config.neurons
+    sizes = (n.units - 1, n.features - 1, n.latent_dim - 1)
+    corners = list(itertools.product((0, 1), repeat=3))
+    counts = {}
+    with torch.random.fork_rng(devices=[]):  # the probes' initial weights leave the stream alone
+        for corner in corners:
+            u, f, k = (c + 1 for c in corner)
+            options = config.forecaster_config(units=u, features=f, latent_dim=k, beta=1e-3)
+            counts[corner] = sum(p.numel() for p in Forecaster(options).parameters())
+    total = 0
+    for subset in corners:
+        inner = [c for c in corners if all(a <= b for a, b in zip(c, subset))]
+        coefficient = sum((-1) ** (sum(subset) - sum(c)) * counts[c] for c in inner)
+        total += coefficient * math.prod(size for size, on in zip(sizes, subset) if on)
+    return int(total)
+
+
+def estimate_memory(config, num_items):
+    """An estimate of the memory (bytes) a run of ``config`` needs at its peak, made before
+    anything is built: float32 weights, gradients, Adam's two moments and the best-validation
+    copy (5 copies of the parameters), plus the largest of four working sets: a training step's
+    activations (kept for the backward pass), the predictive draws of one scoring batch, the draws
+    of the InferenceData export and those of the per-unit diagnostics.
+
+    :param config: a :class:`~vdn_pyro.config.RunConfig`.
+    :param int num_items: training items N.
+    :returns: ``{"parameters": P, "parameters_bytes": ..., "training_bytes": ...,
+        "scoring_bytes": ..., "export_bytes": ..., "diagnostics_bytes": ..., "total": ...}``.
+    """
+    n, d, f, e, o = config.neurons, config.data, config.fit, config.evaluate, config.output
+    params = _parameter_count(config)
+    batch = min(f.batch_size, max(num_items, 1)) * d.chunk
+    uk = n.units * n.latent_dim
+    draws = n.train_draws * f.num_particles
+    floats = {
+        "training": 3 * batch * (3 * d.lookback + 4 * n.features + 8 * uk + draws * (4 * uk + 6 * d.horizon)),
+        "scoring": e.batch_size * max(e.num_samples, f.val_samples) * (2 * uk + 3 * d.horizon),
+        "export": o.idata_obs * o.idata_draws * o.idata_chains * (2 * uk + 2 * d.horizon) if o.idata else 0,
+        "diagnostics": 4 * config.diagnostics.max_points * config.diagnostics.num_samples * uk,
+    }
+    out = {"parameters": params, "parameters_bytes": 4 * 5 * params}
+    out.update({f"{name}_bytes": 4 * count for name, count in floats.items()})
+    out["total"] = out["parameters_bytes"] + 4 * max(floats.values())
+    return out
+
+
+#: The options that size each part of :func:`estimate_memory`, named in its refusal.
+_MEMORY_KEYS = {
+    "parameters": ("neurons.units", "neurons.features", "neurons.latent_dim"),
+    "training": ("neurons.units", "fit.batch_size", "data.chunk", "neurons.train_draws"),
+    "scoring": ("neurons.units", "evaluate.batch_size", "evaluate.num_samples", "fit.val_samples"),
+    "export": ("neurons.units", "output.idata_obs", "output.idata_draws", "output.idata_chains"),
+    "diagnostics": ("neurons.units", "diagnostics.max_points", "diagnostics.num_samples"),
+}
+
+
+def _machine_memory():
+    """Physical memory (bytes), or the cgroup's limit when lower; ``None`` if unknown."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            total = min(total, int(Path(limit).read_text().strip()))
+    return total
+
+
+def _size(count):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} PiB"  # pragma: no cover
+
+
+def _check_memory(config, num_items):
+    """Refuse a configuration whose estimated memory (:func:`estimate_memory`) is beyond this
+    machine's, before building anything, naming the options of its largest part."""
+    memory = _machine_memory()
+    if memory is None:
+        return
+    estimate = estimate_memory(config, num_items)
+    if estimate["total"] <= memory:
+        return
+    largest = max(_MEMORY_KEYS, key=lambda name: estimate[f"{name}_bytes"])
+    values = _flat(config.model_dump(mode="json"))
+    keys = ", ".join(f"{key} ({values[key]})" for key in _MEMORY_KEYS[largest])
+    keys = keys.rpartition(", ")[0] + " or " + keys.rpartition(", ")[2]
+    raise ConfigError.at(
+        "",
+        f"this configuration needs about {_size(estimate['total'])} of memory, more than this "
+        f"machine's {_size(memory)} ({estimate['parameters']:.3g} parameters: "
+        f"{_size(estimate['parameters_bytes'])} with gradients and optimiser state; the largest part, "
+        f"{largest}: {_size(estimate[f'{largest}_bytes'])}); reduce {keys}",
+    )
 
 
 def _training_items(recipe, splits):
@@ -255,13 +638,23 @@ def build_network(config):
     """The :class:`~vdn_pyro.models.Forecaster` described by ``config.neurons`` and
     ``config.data`` (lookback, horizon): :meth:`~vdn_pyro.config.RunConfig.forecaster_config`.
 
-    :raises ConfigError: if the forecaster refuses the options.
+    :raises ConfigError: if the forecaster refuses the options, or they give a parameter a
+        non-finite initial value (e.g. a scale below float32's range).
     """
     options = config.forecaster_config()
     try:
-        return Forecaster(options)
+        network = Forecaster(options)
     except (TypeError, ValueError) as e:
         raise ConfigError.at("neurons", str(e)) from None
+    for name, value in network.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ConfigError.at(
+                "neurons",
+                f"the configuration gives the network's {name!r} a non-finite initial value (float32); "
+                "check the scales (neurons.likelihood_scale, likelihood_scale_min, init_scale, scale_min, "
+                "scale_max) and neurons.beta for values beyond float32",
+            )
+    return network
 
 
 def build_constraints(config):
@@ -339,11 +732,13 @@ class _RunMonitor:
         report.to_csv(self.path, mode="a", header=header, index=False)
 
     def _forward(self, hook, state):
-        """Call the monitor's hook; save the records it adds."""
+        """Call the monitor's hook; save the records it adds; show the living fraction of the
+        latest on the progress bar (:attr:`~vdn_pyro.inference.FitState.living`)."""
         before = len(self.monitor.reports)
         getattr(self.monitor, hook)(state)
         for _, report in self.monitor.reports[before:]:
             self._append(report)
+            state.living = _living(report)
 
     def on_fit_start(self, state):
         import pandas as pd
@@ -366,6 +761,26 @@ class _RunMonitor:
 
     def on_fit_end(self, state):
         self._forward("on_fit_end", state)
+
+
+def _living(report):
+    """The fraction of a per-unit table's units whose status is ``living``."""
+    return float((report["status"] == "living").mean()) if len(report) else float("nan")
+
+
+class _FinalTable:
+    """Fit callback that computes the final per-unit table (``units.csv``) at the end of the fit,
+    with the weights the run keeps, and shows its living fraction as the progress bar's last word:
+    the bar and ``units.csv`` then say the same by construction."""
+
+    def __init__(self, x, **report_options):
+        self.x, self.options, self.report = x, report_options, None
+
+    def on_fit_end(self, state):
+        if state.history is not None and state.history.interrupted:
+            return
+        self.report = unit_report(state.network, self.x, **self.options)
+        state.living = _living(self.report)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -423,62 +838,241 @@ def _versions():
     }
 
 
-def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=None):
-    """Fit the forecaster of ``config`` into ``run_dir`` and, unless interrupted, write the
+# ----------------------------------------------------------------------------- what may change
+def _flat(data, prefix=""):
+    """A nested dict as ``{dotted.key: value}``."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _allowed(key, allowed):
+    return any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed)
+
+
+def _changes(before, after, allowed):
+    """``(key, before, after)`` of every key that differs and may not."""
+    before, after = _flat(before), _flat(after)
+    return [
+        (key, before.get(key), after.get(key))
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key) and not _allowed(key, allowed)
+    ]
+
+
+def _allowed_text(allowed):
+    return ", ".join(a + "*" if a.endswith(".") else a for a in allowed)
+
+
+def _check_overrides(overrides, allowed, what):
+    """Refuse ``--set`` keys that ``what`` may not change."""
+    keys = [key for key in _flat(parse_overrides(overrides)) if not _allowed(key, allowed)]
+    if keys:
+        raise RunError(
+            f"--set {keys[0]}: {what} cannot change it (the network was trained with the run's "
+            f"configuration); it can change {_allowed_text(allowed)}; start a new run with `vdn fit` "
+            "to change the rest"
+        )
+
+
+def _check_record(run_dir, config, allowed):
+    """Refuse a ``config.yaml`` edited since the fit: compare it with the configuration
+    ``run.json`` recorded when training started (runs written before the record are not checked)."""
+    record = run_dir.read_info().get("config")
+    if not isinstance(record, dict):
+        return
+    changed = _changes(record, config.model_dump(mode="json"), allowed)
+    if changed:
+        key, before, after = changed[0]
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise RunError(
+            f"{run_dir.config} was changed after the fit ({key}: trained with {before!r}, now "
+            f"{after!r}{more}); restore it (run.json holds the configuration under 'config') or start "
+            "a new run with `vdn fit`"
+        )
+
+
+def _different_network(run_dir, problems):
+    shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+    return (
+        f"the checkpoint of {run_dir.root} was written for a different network than "
+        f"{run_dir.config.name} describes ({shown}); restore the run's {run_dir.config.name}, or start "
+        "a new run with `vdn fit`"
+    )
+
+
+def _check_data(run_dir, checkpoint, config, digests):
+    """Refuse data other than those the run was trained on: the checkpoint's digest of the
+    training windows, and ``run.json``'s digest of the whole series."""
+    recorded = {
+        "training windows": (checkpoint.get("data") or {}).get("digest"),
+        "series": run_dir.read_info().get("data_digest"),
+    }
+    current = {"training windows": digests["train"], "series": digests["series"]}
+    for what, before in recorded.items():
+        if before and before != current[what]:
+            source = config.data.path or f"the {config.data.source} series"
+            raise RunError(
+                f"the data of {source} are not the data {run_dir.root} was trained on (the {what} "
+                f"differ: digest {current[what][:12]}, trained on {before[:12]}); point data.path at "
+                "the original file with --set data.path=FILE, or start a new run with `vdn fit`"
+            )
+
+
+def _digests(series, x, y):
+    return {"series": series_digest(series), "train": data_digest(x, y)}
+
+
+# ----------------------------------------------------------------------------- fit
+class _Commit:
+    """Fit callback that writes ``config.yaml`` and ``run.json`` when training starts, after
+    every check of the data, the configuration and the checkpoint (the fit runs them all before
+    its callbacks): a refused command leaves the run directory as it was."""
+
+    def __init__(self, run_dir, config, info):
+        self.run_dir, self.config, self.info, self.done = run_dir, config, info, False
+
+    def on_fit_start(self, state):
+        _atomic_write(self.run_dir.config, dump_config(self.config))
+        self.run_dir.write_info(**self.info)
+        self.done = True
+
+
+def _nonfinite(error, run_dir):
+    """The CLI's wording of a :class:`~vdn_pyro.inference.NonFiniteError`."""
+    span = f"steps {error.first} to {error.last}" if error.first != error.last else f"step {error.first}"
+    saved = (
+        f"; the last checkpoint ({error.checkpoint}) holds the last finite parameters"
+        if error.checkpoint
+        else ""
+    )
+    return NonFiniteError(
+        f"training failed in {run_dir.root}: the loss or its gradient was not finite at every one of "
+        f"{span} (last: {error.problem}){saved}; try a smaller --set fit.lr=..., --set "
+        "fit.optim=clipped_adam, a larger neurons.beta or neurons.scale_min, or check the data for "
+        "extreme values",
+        first=error.first,
+        last=error.last,
+        problem=error.problem,
+        checkpoint=error.checkpoint,
+    )
+
+
+def fit_run(config, run_dir=None, *, resume=False, progress=True, echo=print, summary=True, argv=None):
+    """Fit the forecaster of ``config`` into a run directory and, unless interrupted, write the
     evaluation and the report.
 
-    :param config: a :class:`~vdn_pyro.config.RunConfig`.
-    :param run_dir: the run directory (created; for a fresh run it must be empty or absent).
+    Everything that can be checked is checked before the directory is touched: the data (finite,
+    not extreme once standardised), the configuration, the memory it needs
+    (:func:`estimate_memory`) and, on resume, the checkpoint, the data digests and the options
+    ``--set`` changes (only :data:`RESUMABLE_KEYS` and :data:`FREE_KEYS`). ``config.yaml`` and
+    ``run.json`` are written when training starts; the directory is locked meanwhile.
+
+    :param config: a :class:`~vdn_pyro.config.RunConfig` (its ``data.path`` is stored absolute,
+        see :func:`resolve_paths`).
+    :param run_dir: the run directory: for a fresh run, absent or empty (``None``: a new
+        ``<output.root>/<timestamp>``, created atomically); on resume, the run to continue.
     :param bool resume: continue from ``run_dir/checkpoints/last.pt``.
     :param bool progress: show the progress bar.
-    :param echo: called with each line of the summary (``print`` by default).
+    :param echo: called with each line printed: the run directory, then the summary.
+    :param bool summary: echo the summary (fit, metrics, report); the run directory is echoed
+        either way.
     :param argv: the command line, recorded in ``run.json``.
     :returns: the :class:`Run` (``run.result.interrupted`` tells whether it stopped early).
+    :raises RunError: if the run directory is not empty, in use, or does not fit ``config``.
+    :raises ConfigError: for a configuration or data that cannot be used.
+    :raises NotADirectoryError: if ``run_dir`` is a file.
+    :raises ~vdn_pyro.inference.NonFiniteError: if training kept producing NaN/inf.
     """
-    run_dir = RunDir(run_dir)
-    if resume:
-        run_dir.check_existing()
-    elif run_dir.root.exists() and any(run_dir.root.iterdir()):
-        raise RunError(
-            f"run directory {run_dir.root} is not empty; continue it with `vdn fit --resume {run_dir.root}` "
-            "or choose another --run-dir"
-        )
-    with _torch_settings(config):
+    config = resolve_paths(config)
+    say = echo if summary else (lambda *args, **kwargs: None)
+    with contextlib.ExitStack() as stack:
+        if resume:
+            run_dir = RunDir(run_dir)
+            run_dir.check_existing()
+            stack.enter_context(run_dir.lock())
+            stored = resolve_paths(load_config(run_dir.config))
+            changed = _changes(
+                stored.model_dump(mode="json"), config.model_dump(mode="json"), FREE_KEYS + RESUMABLE_KEYS
+            )
+            if changed:
+                key, before, after = changed[0]
+                raise RunError(
+                    f"--set {key}={after!r} cannot change on --resume (the run was trained with {before!r}); "
+                    f"--resume can change {_allowed_text(RESUMABLE_KEYS + FREE_KEYS)}; start a new run "
+                    "with `vdn fit` to change the rest"
+                )
+            _check_record(run_dir, stored, FREE_KEYS)
+        elif run_dir is not None:
+            path = Path(run_dir)
+            if path.exists() and not path.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "--run-dir names a file, not a directory", str(path))
+            if path.is_dir():
+                _check_empty(path)
+        stack.enter_context(_torch_settings(config))
         series, splits = load_data(config)
         recipe = config.train_config()
-        x, _ = _training_items(recipe, splits)  # (N, T, L)
+        x, y = _training_items(recipe, splits)  # (N, T, L), (N, T, H)
+        _check_memory(config, x.shape[0])
         x_val, _ = _windows(config, splits, "val")  # (V, L)
         pyro.set_rng_seed(config.fit.seed)  # the initial weights; the fit draws from its own seed
         network = build_network(config)
         constraints = build_constraints(config)
         _check_constraints(constraints, network)
         total = _total_steps(config, x.shape[0])
+        digests = _digests(series, x, y)
+        created = False
         if resume:  # refuse before touching the directory
-            step = load_checkpoint(run_dir.checkpoint, network=network)["step"]
+            checkpoint = load_checkpoint(run_dir.checkpoint)
+            problems = incompatibilities(checkpoint, network)
+            if problems:
+                raise RunError(_different_network(run_dir, problems))
+            step = checkpoint["step"]
             if step > total:
                 raise RunError(
                     f"the run in {run_dir.root} is already at step {step}, beyond the {total} steps asked "
                     "for; ask for more with --set fit.steps=N (steps count from the start of the run)"
                 )
-        run_dir.root.mkdir(parents=True, exist_ok=True)
+            _check_data(run_dir, checkpoint, config, digests)
+            info = {"status": "running", "resumed": _now(), "command": argv, "versions": _versions()}
+        else:
+            path, created = _create_run_dir(run_dir, config.output.root)
+            run_dir = RunDir(path)
+            stack.enter_context(run_dir.lock())
+            if not created:
+                _check_empty(run_dir.root)  # again, under the lock
+            info = {"status": "running", "started": _now(), "command": argv, "versions": _versions()}
+        info.update(config=config.model_dump(mode="json"), data_digest=digests["series"])
+        info.update(error=None, report_error=None)  # a resumed run clears a previous failure
         echo(f"run directory: {run_dir.root}")
         sys.stdout.flush()
-        dump_config(config, run_dir.config)
-        started = datetime.datetime.now().isoformat(timespec="seconds")
-        run_dir.write_info(status="running", started=started, command=argv, versions=_versions())
-        callbacks = []
-        if config.diagnostics.monitor_every and not config.neurons.deterministic:
-            callbacks.append(
-                _RunMonitor(
-                    _diagnostic_windows(x_val, config.diagnostics.max_points),
-                    run_dir.monitor,
-                    config.diagnostics.monitor_every,
-                    **_report_options(config, constraints),
+        commit = _Commit(run_dir, config, info)
+        callbacks = [commit]
+        final = None
+        if not config.neurons.deterministic:
+            if config.diagnostics.monitor_every:
+                callbacks.append(
+                    _RunMonitor(
+                        _diagnostic_windows(x_val, config.diagnostics.max_points),
+                        run_dir.monitor,
+                        config.diagnostics.monitor_every,
+                        **_report_options(config, constraints),
+                    )
                 )
-            )
+            final = _FinalTable(_diagnostic_x(config, splits), **_report_options(config, constraints))
+            callbacks.append(final)
         fit_logger = logging.getLogger("vdn_pyro.inference.fit")
         quiet_filter = _QuietFitLog()
         fit_logger.addFilter(quiet_filter)
+        # skipped non-finite steps are counted in log.csv, run.json and the summary; their
+        # warnings (two lines of Python source each) would bury the command's own output
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", r"Step \d+: .*skipped the update", RuntimeWarning)
         try:
             result = train_forecaster(
                 network,
@@ -495,8 +1089,16 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
                 handle_signals=True,
             )
         except BaseException as e:
+            if not commit.done:  # refused before training: nothing was written
+                if created:
+                    with contextlib.suppress(OSError):
+                        run_dir.root.rmdir()
+                raise
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            run_dir.write_info(status=status, error=f"{type(e).__name__}: {e}")
+            with contextlib.suppress(OSError):  # e.g. the disk is full: the first error is the one to show
+                run_dir.write_info(status=status, error=f"{type(e).__name__}: {e}")
+            if isinstance(e, NonFiniteError):
+                raise _nonfinite(e, run_dir) from None
             raise
         finally:
             fit_logger.removeFilter(quiet_filter)
@@ -507,6 +1109,7 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
             stop_reason=result.stop_reason,
             steps=result.steps,
             total_steps=total,
+            skipped_steps=len(result.skipped_steps),
             seconds=round(result.seconds, 2),
             best_step=result.best_step,
             best_val_loss=_finite(result.best_val_loss),
@@ -514,13 +1117,23 @@ def fit_run(config, run_dir, *, resume=False, progress=True, echo=print, argv=No
         )
         if result.interrupted:
             return run
-        echo(
+        skipped = f"; {len(result.skipped_steps)} non-finite steps skipped" if result.skipped_steps else ""
+        say(
             f"fitted {result.steps} steps in {result.seconds:.1f} s (best validation {config.fit.select} "
-            f"{result.best_val_loss:.4f} at step {result.best_step})"
+            f"{result.best_val_loss:.4f} at step {result.best_step}{skipped})"
         )
-        evaluate_run(run, echo=echo)
-        report_run(run, echo=echo)
+        try:
+            evaluate_run(run, echo=say)
+            report_run(run, echo=say, report=final.report if final is not None else None)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                run_dir.write_info(report_error=f"{type(e).__name__}: {e}")
+            raise
     return run
+
+
+def _now():
+    return datetime.datetime.now().isoformat(timespec="seconds")
 
 
 def _total_steps(config, num_items):
@@ -550,22 +1163,33 @@ def load_run(run_dir, overrides=()):
     """Rebuild a run from its directory: configuration, data, network and history.
 
     The network gets the checkpoint's weights, or its best-validation weights when
-    ``fit.restore_best`` is set; the constraints get their checkpointed state.
+    ``fit.restore_best`` is set; the constraints get their checkpointed state. The directory is
+    read, not locked (the commands lock it around their writes).
 
     :param run_dir: a directory written by ``vdn fit``.
-    :param overrides: ``KEY=VALUE`` strings applied to the stored configuration.
+    :param overrides: ``KEY=VALUE`` strings applied to the stored configuration: only
+        :data:`FREE_KEYS` (``data.path`` and the ``diagnostics``, ``evaluate`` and ``output``
+        sections).
     :returns: a :class:`Run`.
-    :raises RunError: if the directory is not a run directory.
-    :raises ~vdn_pyro.inference.CheckpointError: if the checkpoint is unreadable or does not
-        fit the stored configuration.
+    :raises RunError: if the directory is not a run directory, if an override or an edit of
+        ``config.yaml`` changes what was trained, or if the data are not the ones the run was
+        trained on (digests of the training windows and of the series).
+    :raises ~vdn_pyro.inference.CheckpointError: if the checkpoint is unreadable.
     """
     run_dir = RunDir(run_dir)
     run_dir.check_existing()
-    config = load_config(run_dir.config, overrides=overrides)
+    _check_overrides(overrides, FREE_KEYS, "evaluate and report")
+    config = resolve_paths(load_config(run_dir.config, overrides=overrides))
+    _check_record(run_dir, config, FREE_KEYS)
     series, splits = load_data(config)
+    x, y = _training_items(config.train_config(), splits)  # (N, T, L), (N, T, H)
     network = build_network(config)
+    checkpoint = load_checkpoint(run_dir.checkpoint)
+    problems = incompatibilities(checkpoint, network)
+    if problems:
+        raise RunError(_different_network(run_dir, problems))
+    _check_data(run_dir, checkpoint, config, _digests(series, x, y))
     result = FitResult.from_checkpoint(run_dir.checkpoint, network=network)
-    checkpoint = load_checkpoint(run_dir.checkpoint, network=network)
     state = result.best_state if config.fit.restore_best and result.best_state else checkpoint["network"]
     network.load_state_dict(state)
     network.eval()
@@ -584,7 +1208,8 @@ def load_run(run_dir, overrides=()):
 # ----------------------------------------------------------------------------- evaluate
 def evaluate_run(run, split="test", num_samples=None, echo=print):
     """Score the run's network (and the repeat-last baseline) on every window of a split and
-    write ``metrics.json`` and ``metrics.csv``.
+    write ``metrics_<split>.json`` and ``metrics_<split>.csv`` (both name the split inside too),
+    together, when both are written.
 
     :param Run run: from :func:`fit_run` or :func:`load_run`.
     :param str split: ``"test"`` or ``"val"``.
@@ -594,6 +1219,8 @@ def evaluate_run(run, split="test", num_samples=None, echo=print):
     """
     import pandas as pd
 
+    if split not in SPLITS:
+        raise ValueError(f"Expected split in {SPLITS}, but got {split!r}.")
     config = run.config
     options = config.evaluate
     num_samples = num_samples or options.num_samples
@@ -611,8 +1238,8 @@ def evaluate_run(run, split="test", num_samples=None, echo=print):
             )
             for key, model in models.items()
         }
-    frame = pd.DataFrame([{"model": key, **{m: s[m] for m in METRICS}} for key, s in scores.items()])
-    frame.to_csv(run.dir.metrics_csv, index=False)
+    rows = [{"split": split, "model": key, **{m: s[m] for m in METRICS}} for key, s in scores.items()]
+    frame = pd.DataFrame(rows)
     payload = {
         "split": split,
         "windows": int(x.shape[0]),
@@ -621,9 +1248,12 @@ def evaluate_run(run, split="test", num_samples=None, echo=print):
         "units": "standardised (scaler fitted on the training rows)",
         "models": {key: {m: float(s[m]) for m in METRICS} for key, s in scores.items()},
     }
-    run.dir.metrics_json.write_text(json.dumps(payload, indent=2) + "\n")
+    with _Outputs(run.dir.root) as outputs:
+        frame.to_csv(outputs.path(run.dir.metrics_csv(split)), index=False)
+        outputs.path(run.dir.metrics_json(split)).write_text(json.dumps(payload, indent=2) + "\n")
     echo(f"{split} metrics over {x.shape[0]} windows (standardised units):")
-    for line in frame.to_string(index=False, float_format=lambda v: f"{v:.4f}").splitlines():
+    table = frame.drop(columns="split").to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    for line in table.splitlines():
         echo("  " + line)
     return {key: {m: float(s[m]) for m in METRICS} for key, s in scores.items()}
 
@@ -703,31 +1333,52 @@ def _dashboard(run, report, path):
     )
 
 
-def report_run(run, plots=True, echo=print):
+def _diagnostic_x(config, splits):
+    """The windows of the final per-unit table: at most ``diagnostics.max_points`` of
+    ``diagnostics.split``."""
+    x, _ = _windows(config, splits, config.diagnostics.split)  # (W * C, L)
+    return _diagnostic_windows(x, config.diagnostics.max_points)
+
+
+def report_run(run, plots=True, echo=print, report=None):
     """Write the per-unit diagnostics table, its per-layer summary, the InferenceData and its
-    ArviZ summary, and the plots of a run.
+    ArviZ summary, and the plots of a run: under temporary names, moved into place together when
+    all are written (a failure leaves the previous files as they were).
+
+    ``units.csv`` and ``layers.csv`` have a ``split`` column (``diagnostics.split``: the windows
+    they are computed on); ``idata.nc`` and ``arviz_summary.csv`` hold the first test windows
+    (a ``split`` attribute of every group and a ``split`` column).
 
     :param Run run: from :func:`fit_run` or :func:`load_run`.
     :param bool plots: write the PNG plots (also needs ``output.plots``).
     :param echo: called with each line of the summary.
+    :param report: the final per-unit table when it is already computed (:func:`fit_run` computes
+        it at the end of the fit, for the progress bar); else it is computed here, the same way.
     :returns: dict name -> path of every file written.
     """
     config, files = run.config, {}
     x_test, y_test = _windows(config, run.splits, "test")
-    report = None
-    with _torch_settings(config):
-        if not config.neurons.deterministic:
-            x_diag, _ = _windows(config, run.splits, config.diagnostics.split)
-            x_diag = _diagnostic_windows(x_diag, config.diagnostics.max_points)
-            report = unit_report(run.network, x_diag, **_report_options(config, run.constraints))
-            report.to_csv(run.dir.units, index=False)
-            layer_summary(report).to_csv(run.dir.layers, index=False)
-            files.update(units=run.dir.units, layers=run.dir.layers)
+    lines = []
+    with _torch_settings(config), _Outputs(run.dir.root) as outputs:
+
+        def out(name, final):
+            files[name] = final
+            return outputs.path(final)
+
+        if config.neurons.deterministic:
+            report = None
+        else:
+            split = config.diagnostics.split
+            if report is None:
+                x_diag = _diagnostic_x(config, run.splits)
+                report = unit_report(run.network, x_diag, **_report_options(config, run.constraints))
+            report.assign(split=split).to_csv(out("units", run.dir.units), index=False)
+            layer_summary(report).assign(split=split).to_csv(out("layers", run.dir.layers), index=False)
             counts = report.status.value_counts()
-            echo(
+            lines.append(
                 "units: "
                 + ", ".join(f"{counts.get(s, 0)} {s}" for s in counts.index)
-                + f" (of {len(report)}; table in {run.dir.units.name})"
+                + f" (of {len(report)}, on {split} windows; table in {run.dir.units.name})"
             )
         idata = None
         if config.output.idata:
@@ -741,20 +1392,23 @@ def report_run(run, plots=True, echo=print):
                 history=run.result,
                 seed=config.fit.seed,
             )
-            run.dir.idata.unlink(missing_ok=True)
-            save_inference_data(idata, run.dir.idata)
+            for group in idata.groups():
+                idata[group].attrs["split"] = "test"
+            save_inference_data(idata, out("idata", run.dir.idata))
             summary = _arviz_summary(vdn_arviz, idata, _site(run.network))
-            summary.to_csv(run.dir.summary)
-            files.update(idata=run.dir.idata, summary=run.dir.summary)
+            summary.assign(split="test").to_csv(out("summary", run.dir.summary))
         if plots and config.output.plots:
-            run.dir.plots.mkdir(exist_ok=True)
-            files["dashboard"] = _dashboard(run, report, run.dir.dashboard)
-            files["fan_chart"] = _fan_chart(run, run.dir.fan_chart)
+            files["dashboard"] = run.dir.dashboard
+            _dashboard(run, report, outputs.path(run.dir.dashboard))
+            files["fan_chart"] = run.dir.fan_chart
+            _fan_chart(run, outputs.path(run.dir.fan_chart))
             if idata is not None and not config.neurons.deterministic:
                 from vdn_pyro.plots import plot_forest
 
                 site = _site(run.network)
-                files["forest"] = plot_forest(run.dir.forest, idata, site, obs=0, dpi=config.output.dpi)
+                plot_forest(out("forest", run.dir.forest), idata, site, obs=0, dpi=config.output.dpi)
+    for line in lines:
+        echo(line)
     echo(f"wrote {', '.join(str(Path(p).relative_to(run.dir.root)) for p in files.values())}")
     return files
 
@@ -788,10 +1442,12 @@ def _parser():
         description="Train the forecaster of CONFIG (or a preset; default: the embedded CO2 series) and "
         "write a run directory with config, checkpoints, logs, diagnostics, InferenceData and plots.",
     )
-    fit_parser.add_argument("config", nargs="?", metavar="CONFIG", help="a YAML or TOML configuration file")
+    fit_parser.add_argument(
+        "config", nargs="?", metavar="CONFIG", help="a YAML, TOML or JSON configuration file"
+    )
     fit_parser.add_argument("--preset", metavar="NAME", help="start from a preset: default, ett or quick")
     fit_parser.add_argument(
-        "--run-dir", metavar="DIR", help="the run directory (default <output.root>/<time>)"
+        "--run-dir", metavar="DIR", help="the run directory, absent or empty (default <output.root>/<time>)"
     )
     fit_parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     fit_parser.add_argument(
@@ -802,14 +1458,26 @@ def _parser():
         metavar="KEY=VALUE",
         help="override one option, e.g. --set fit.lr=1e-3 (repeatable)",
     )
-    fit_parser.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
+    fit_parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar and no summary: print only the run directory"
+    )
 
     eval_parser = commands.add_parser(
-        "evaluate", help="test metrics of a run", description="Print and write the test metrics of a run."
+        "evaluate",
+        help="metrics of a run on its test (or validation) split",
+        description="Print and write the metrics of a run on one split (metrics_<split>.json/.csv).",
     )
     eval_parser.add_argument("run_dir", metavar="RUN_DIR")
-    eval_parser.add_argument("--split", choices=("test", "val"), default="test")
+    eval_parser.add_argument("--split", choices=SPLITS, default="test")
     eval_parser.add_argument("--num-samples", type=int, metavar="S", help="predictive draws per window")
+    eval_parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change data.path (the same data elsewhere) or an evaluate/diagnostics/output option",
+    )
 
     report_parser = commands.add_parser(
         "report",
@@ -818,6 +1486,14 @@ def _parser():
     )
     report_parser.add_argument("run_dir", metavar="RUN_DIR")
     report_parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    report_parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change data.path (the same data elsewhere) or an evaluate/diagnostics/output option",
+    )
 
     config_parser = commands.add_parser(
         "config",
@@ -831,6 +1507,7 @@ def _parser():
 
 
 def _command_fit(args, argv):
+    options = {"progress": not args.quiet, "summary": not args.quiet, "argv": argv}
     if args.resume is not None:
         if args.config is not None or args.preset is not None or args.run_dir is not None:
             raise RunError(
@@ -840,34 +1517,39 @@ def _command_fit(args, argv):
         run_dir = RunDir(args.resume)
         run_dir.check_existing()
         config = load_config(run_dir.config, overrides=args.overrides)
+        run = fit_run(config, run_dir.root, resume=True, **options)
     else:
         config = load_config(args.config, preset=args.preset, overrides=args.overrides)
-        run_dir = RunDir(args.run_dir or _new_run_dir(config.output.root))
-    run = fit_run(config, run_dir.root, resume=args.resume is not None, progress=not args.quiet, argv=argv)
+        run = fit_run(config, args.run_dir, **options)
     result = run.result
     if result.interrupted:
         print(
             f"vdn: interrupted by {result.stop_reason} at step {result.steps}; final checkpoint written to "
-            f"{result.checkpoint_path}. Continue with: vdn fit --resume {run_dir.root}",
+            f"{result.checkpoint_path}. Continue with: vdn fit --resume {run.dir.root}",
             file=sys.stderr,
         )
         return result.exit_code
-    print(f"run directory: {run_dir.root}")
     return 0
 
 
 def _command_evaluate(args):
-    run = load_run(args.run_dir)
     if args.num_samples is not None and args.num_samples < 1:
         raise ConfigError.at("--num-samples", f"expected int >= 1, got {args.num_samples}")
-    evaluate_run(run, split=args.split, num_samples=args.num_samples)
-    print(f"wrote {run.dir.metrics_json} and {run.dir.metrics_csv.name}")
+    run_dir = RunDir(args.run_dir)
+    run_dir.check_existing()
+    with run_dir.lock():
+        run = load_run(run_dir.root, overrides=args.overrides)
+        evaluate_run(run, split=args.split, num_samples=args.num_samples)
+    print(f"wrote {run.dir.metrics_json(args.split)} and {run.dir.metrics_csv(args.split).name}")
     return 0
 
 
 def _command_report(args):
-    run = load_run(args.run_dir)
-    report_run(run, plots=not args.no_plots)
+    run_dir = RunDir(args.run_dir)
+    run_dir.check_existing()
+    with run_dir.lock():
+        run = load_run(run_dir.root, overrides=args.overrides)
+        report_run(run, plots=not args.no_plots)
     return 0
 
 
@@ -881,12 +1563,55 @@ def _one_line(error):
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _free_space(path):
+    """`` (N free of M on the file system)`` for the nearest existing parent of ``path``."""
+    path = Path(path) if path else Path.cwd()
+    for parent in (path, *path.parents):
+        if parent.exists():
+            with contextlib.suppress(OSError):
+                usage = shutil.disk_usage(parent)
+                return f" ({_size(usage.free)} free of {_size(usage.total)} on that file system)"
+            break
+    return ""
+
+
+def _os_message(error, command):
+    """One line for an operating-system failure: what failed, on which path, and what to do."""
+    name = error.filename
+    where = f" {name}" if name else ""
+    reason = error.strerror or _one_line(error)
+    elsewhere = (
+        "choose another --run-dir" if command == "fit" else "copy the run directory somewhere writable"
+    )
+    if error.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device while writing{where}{_free_space(name)}; free some space or "
+            f"{elsewhere}, then run the command again"
+        )
+    if error.errno == errno.EROFS:
+        return f"cannot write{where}: {reason} (the file system is mounted read-only); {elsewhere}"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"cannot write{where}: {reason} (the directory is read-only for this user); fix its "
+            f"permissions or {elsewhere}"
+        )
+    if error.errno == errno.ENOTDIR or isinstance(error, NotADirectoryError):
+        return f"{name} is not a directory ({reason}); {elsewhere}"
+    if error.errno == errno.EEXIST:
+        return f"{name} already exists ({reason}); {elsewhere}"
+    return f"{reason}{':' + where if where else ''}"
+
+
 def main(argv=None):
     """Entry point of the ``vdn`` command.
 
+    Every error is one line on stderr (``--debug`` re-raises it with its traceback).
+
     :param list argv: arguments (default ``sys.argv[1:]``).
-    :returns: the exit status: 0, 1 (non-finite training), 2 (bad configuration, run directory
-        or checkpoint), or 130/143 (interrupted by SIGINT/SIGTERM).
+    :returns: the exit status: 0; 2 for what the command's user can fix (the configuration, the
+        data, the run directory, the checkpoint); 1 for a failure of the machine (a read-only or
+        full disk, a path that is not a directory, memory) or of the training (NaN/inf); 130/143
+        when interrupted by SIGINT/SIGTERM.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -895,6 +1620,13 @@ def main(argv=None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     start = time.perf_counter()
+
+    def fail(status, message):
+        if args.debug:
+            raise
+        print(f"vdn {args.command}: error: {message}", file=sys.stderr)
+        return status
+
     try:
         if args.command == "fit":
             return _command_fit(args, ["vdn", *argv])
@@ -903,25 +1635,32 @@ def main(argv=None):
         if args.command == "report":
             return _command_report(args)
         return _command_config(args)
-    except (ConfigError, RunError, CheckpointError, FileNotFoundError, ImportError) as e:
-        if args.debug:
-            raise
-        print(f"vdn {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+    except (ConfigError, RunError, CheckpointError, ImportError) as e:
+        return fail(EXIT_USAGE, _one_line(e))
     except NonFiniteError as e:
-        if args.debug:
-            raise
-        print(f"vdn {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_NONFINITE
+        return fail(EXIT_FAILURE, _one_line(e))
     except BrokenPipeError:  # stdout piped into a reader that stopped early, e.g. `| head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise
         return 0
+    except OSError as e:
+        return fail(EXIT_FAILURE, _os_message(e, args.command))
+    except MemoryError as e:
+        detail = f" ({_one_line(e)})" if str(e) else ""
+        return fail(EXIT_FAILURE, f"out of memory{detail}; reduce the sizes in the configuration")
     except KeyboardInterrupt:
         if args.debug:
             raise
         seconds = time.perf_counter() - start
         print(f"vdn {args.command}: interrupted after {seconds:.0f} s", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (ValueError, TypeError) as e:  # input the checks above did not name
+        return fail(EXIT_USAGE, f"{_one_line(e)} (`vdn --debug {args.command} ...` shows where)")
+    except Exception as e:
+        return fail(
+            EXIT_FAILURE,
+            f"{type(e).__name__}: {_one_line(e)} (an unexpected failure: `vdn --debug {args.command} ...` "
+            "shows the traceback)",
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-r"""Run configuration of the ``vdn`` command: a validated schema, presets, YAML/TOML files.
+r"""Run configuration of the ``vdn`` command: a validated schema, presets, YAML/TOML/JSON files.
 
 A run is described by one :class:`RunConfig` with seven sections, every option defaulted::
 
@@ -11,7 +11,7 @@ A run is described by one :class:`RunConfig` with seven sections, every option d
     output:       run directory root, plots and the InferenceData export
 
 A configuration is built in three layers, each overriding the one before: a preset by name
-(:data:`PRESETS`; ``default`` when none is given), a YAML or TOML file, and ``key=value``
+(:data:`PRESETS`; ``default`` when none is given), a YAML, TOML or JSON file, and ``key=value``
 overrides with dotted keys (``fit.lr=1e-3``). :meth:`RunConfig.train_config` and
 :meth:`RunConfig.forecaster_config` turn a configuration into the recipe of
 :func:`~vdn_pyro.forecasting.train_forecaster` and the :class:`~vdn_pyro.models.Forecaster` it
@@ -32,12 +32,13 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from vdn_pyro.forecasting import RIDGES, TrainConfig
 from vdn_pyro.models.forecaster import ForecasterConfig
 
 __all__ = [
+    "CONFIG_SUFFIXES",
     "PRESETS",
     "ConfigError",
     "ConstraintsConfig",
@@ -62,10 +63,20 @@ __all__ = [
     "validate_config",
 ]
 
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+def _not_bool(value):
+    """Refuse ``true``/``false`` where a number is expected (pydantic would read them as 1/0)."""
+    if isinstance(value, bool):
+        raise ValueError(f"got {str(value).lower()} (a boolean)")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_not_bool)]
+Integer = Annotated[int, BeforeValidator(_not_bool)]
+PositiveInt = Annotated[Integer, Field(ge=1)]
+NonNegativeInt = Annotated[Integer, Field(ge=0)]
+PositiveFloat = Annotated[Number, Field(gt=0)]
+NonNegativeFloat = Annotated[Number, Field(ge=0)]
 Band = Annotated[list[NonNegativeFloat], Field(min_length=2, max_length=2)]
 
 
@@ -90,7 +101,10 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+    # numbers are finite (``.inf`` and ``.nan`` are refused like any out-of-range value)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 def _check_band(name, band):
@@ -106,7 +120,9 @@ class DataConfig(_Section):
     :ivar source: ``default`` (weekly Mauna Loa CO2, shipped with statsmodels), ``ett``
         (ETTh1; ``path`` or ``$VDN_ETT_PATH`` or ``../shared/data/ETT-small/ETTh1.csv``) or
         ``csv`` (any CSV with a date column; needs ``path``).
-    :ivar path: file path for ``ett`` (optional) and ``csv`` (required).
+    :ivar path: file path for ``ett`` (optional) and ``csv`` (required). ``vdn fit`` resolves a
+        relative path against the working directory and stores it absolute in the run's
+        ``config.yaml``.
     :ivar date_column: date column of a ``csv`` source (``null``: none).
     :ivar columns: channels to keep (default all); forecasting is channel-independent.
     :ivar fill: missing values of a ``csv`` source: ``null`` (refuse), ``ffill``,
@@ -128,8 +144,8 @@ class DataConfig(_Section):
     columns: list[str] | None = None
     fill: Literal["ffill", "interpolate"] | None = None
     split: Literal["ratio", "ett_hourly"] = "ratio"
-    train: Annotated[float, Field(gt=0, lt=1)] = 0.7
-    val: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    train: Annotated[Number, Field(gt=0, lt=1)] = 0.7
+    val: Annotated[Number, Field(gt=0, lt=1)] = 0.1
     lookback: PositiveInt = 104
     horizon: PositiveInt = 52
     chunk: PositiveInt = 4
@@ -159,8 +175,8 @@ class PriorConfig(_Section):
 
     kind: Literal["ar", "normal"] = "ar"
     order: PositiveInt = 1
-    phi: Annotated[float, Field(gt=-1, lt=1)] = 0.5
-    phi_range: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    phi: Annotated[Number, Field(gt=-1, lt=1)] = 0.5
+    phi_range: Annotated[list[Number], Field(min_length=2, max_length=2)] | None = None
     learn: bool = True
 
     @model_validator(mode="after")
@@ -235,10 +251,10 @@ class KLBandConfig(_Section):
     rate: PositiveFloat = 0.03
     beta_min: PositiveFloat = 1e-4
     beta_max: PositiveFloat = 100.0
-    ema: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    ema: Annotated[Number, Field(ge=0, lt=1)] = 0.9
     granularity: Literal["unit", "layer"] = "unit"
     damping: NonNegativeFloat = 2.0
-    margin: Annotated[float, Field(ge=0, lt=0.5)] = 0.25
+    margin: Annotated[Number, Field(ge=0, lt=0.5)] = 0.25
     every: PositiveInt = 1
 
     @model_validator(mode="after")
@@ -262,7 +278,7 @@ class LocBandConfig(_Section):
     low: NonNegativeFloat = 0.01
     high: PositiveFloat = 1.0
     weight: NonNegativeFloat = 1.0
-    project: bool | Annotated[float, Field(gt=0, le=1)] = False
+    project: bool | Annotated[Number, Field(gt=0, le=1)] = False
     every: PositiveInt = 1
 
     @model_validator(mode="after")
@@ -350,7 +366,7 @@ class FitConfig(_Section):
     steps: PositiveInt | None = None
     batch_size: PositiveInt = 32
     lr: PositiveFloat = 1e-2
-    lr_decay: Annotated[float, Field(gt=0, le=1)] = 0.95
+    lr_decay: Annotated[Number, Field(gt=0, le=1)] = 0.95
     optim: Literal["adam", "clipped_adam", "adamw"] = "adam"
     num_particles: PositiveInt = 1
     seed: NonNegativeInt = 0
@@ -421,7 +437,7 @@ class OutputConfig(_Section):
 
     :ivar root: parent of the default run directories ``<root>/<timestamp>``.
     :ivar plots: write the PNG plots.
-    :ivar dpi: resolution of the plots.
+    :ivar dpi: resolution of the plots, 10 to 600 (the dashboard is 15 x 8 inches).
     :ivar fan_window: which test window the fan chart shows (clipped to the last).
     :ivar idata: write ``idata.nc`` (and the ArviZ summary and forest).
     :ivar idata_obs: test windows in the InferenceData (the first ones).
@@ -431,7 +447,7 @@ class OutputConfig(_Section):
 
     root: str = "runs"
     plots: bool = True
-    dpi: PositiveInt = 110
+    dpi: Annotated[Integer, Field(ge=10, le=600)] = 110
     fan_window: NonNegativeInt = 0
     idata: bool = True
     idata_obs: PositiveInt = 16
@@ -704,6 +720,8 @@ def _message(error, model):
         section = _unwrap(_strip_none(annotation))[0]
         if sep and isinstance(section, type) and key in getattr(section, "model_fields", {}):
             return (f"{path}.{key}" if path else key), rest
+        if text.startswith("got ") and annotation is not None:  # _not_bool
+            return path, f"expected {_describe(annotation, metadata)}, {text}"
         return path, text
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         expected = "a section (a mapping of keys)"
@@ -761,25 +779,58 @@ def _load_yaml(text, path):
     except yaml.YAMLError as e:
         first = " ".join(str(e).split())
         raise ConfigError.at("", f"{path} is not valid YAML: {first}") from None
-    return {} if data is None else data
+    return {} if data is None else data  # an empty file (or only comments)
+
+
+#: Suffixes :func:`read_config_file` reads, and the format of each.
+CONFIG_SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
+_EXAMPLES = {
+    "YAML": "'fit: {lr: 0.005}'",
+    "TOML": "'[fit] lr = 0.005'",
+    "JSON": """'{"fit": {"lr": 0.005}}'""",
+}
+
+
+def _load_json(text, path):
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError.at("", f"{path} is not valid JSON: {e}") from None
 
 
 def read_config_file(path):
-    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file into a dict, unvalidated.
+    """Read a YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON (``.json``) file into a dict,
+    unvalidated.
 
-    :raises ConfigError: if the file is missing, unreadable or not a mapping.
+    :raises ConfigError: if the file is missing, unreadable, of another kind, empty (a file holds
+        at least one option; with none, give no file) or not a mapping.
     """
     path = Path(path)
+    kinds = ", ".join(CONFIG_SUFFIXES)
     if not path.is_file():
-        raise ConfigError.at("", f"config file {path} does not exist (expected a .yaml, .yml or .toml file)")
+        raise ConfigError.at("", f"config file {path} does not exist (expected a {kinds} file)")
+    kind = CONFIG_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError.at(
+            "", f"config file {path}: expected a {kinds} file, got the suffix {path.suffix or '(none)'!r}"
+        )
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError.at("", f"cannot read config file {path}: {e}") from None
-    data = _load_toml(text, path) if path.suffix.lower() == ".toml" else _load_yaml(text, path)
+    load = {"YAML": _load_yaml, "TOML": _load_toml, "JSON": _load_json}[kind]
+    data = load(text, path)
     if not isinstance(data, dict):
         found = type(data).__name__
         raise ConfigError.at("", f"{path}: expected a mapping of sections at the top level, got {found}")
+    if not data:
+        raise ConfigError.at(
+            "",
+            f"config file {path} holds no option (expected {kind} sections such as {_EXAMPLES[kind]}; "
+            "to run with the defaults, give no file)",
+        )
     return data
 
 
@@ -833,7 +884,7 @@ def merge_dicts(base, update):
 def load_config(path=None, preset=None, overrides=()):
     """Build a validated configuration: preset, then file, then overrides.
 
-    :param path: a YAML or TOML file, or ``None``.
+    :param path: a YAML, TOML or JSON file, or ``None``.
     :param str preset: a name in :data:`PRESETS` (default ``"default"``).
     :param overrides: ``KEY=VALUE`` strings with dotted keys.
     :returns: a :class:`RunConfig`.
@@ -874,7 +925,8 @@ def _to_toml(data, prefix=()):
 
 
 def dump_config(config, path=None):
-    """Write (or return) a configuration as YAML, or TOML for a ``.toml`` path.
+    """Write (or return) a configuration as YAML, or TOML for a ``.toml`` path, JSON for a
+    ``.json`` one.
 
     TOML cannot hold ``null``; such keys are left out of a TOML file (they then take their
     defaults when it is read back), so YAML is the exact record.
@@ -884,8 +936,13 @@ def dump_config(config, path=None):
     :returns: the text.
     """
     data: dict[str, Any] = config.model_dump(mode="json")
-    if path is not None and Path(path).suffix.lower() == ".toml":
+    suffix = Path(path).suffix.lower() if path is not None else ""
+    if suffix == ".toml":
         text = _to_toml(data) + "\n"
+    elif suffix == ".json":
+        import json
+
+        text = json.dumps(data, indent=2) + "\n"
     else:
         import yaml
 

@@ -7,7 +7,16 @@ each later step is a conditional Normal given its :math:`p` predecessors, so ``l
 The KL from a mean-field posterior :math:`q(z) = \prod_t \mathcal{N}(z_t; m_t, v_t)`
 (``Normal(loc, scale).to_event(1)``) to the prior is registered with
 :func:`torch.distributions.register_kl`, so :class:`~pyro.infer.TraceMeanField_ELBO` needs no Monte
-Carlo estimate for it.
+Carlo estimate for it. For AR(1) priors (the common case) the KL takes a short path: the prior's
+constants are computed once per prior, and the terms in the posterior means are one operator
+(``vdn_pyro::ar1_kl_mean_terms``) with a hand-written backward, so a graph capture keeps it whole;
+the general AR(p) formula stays the reference it is tested against.
+
+:class:`BroadcastNormal` is the diagonal posterior of a layer: a Normal whose per-unit scale is kept
+compact (one value per unit, not one per batch element and time step) and whose noise is drawn in
+the memory layout of its mean. :func:`normal_mixture_log_prob` is the log density of an equally
+weighted mixture of K Normals (a forecaster's likelihood over its posterior draws), with a fused
+backward.
 
 :class:`GaussMarkov` is a posterior over such a path: a first-order Gauss-Markov chain whose steps
 are correlated, with an analytic KL to :class:`ARProcess` that is linear in :math:`T`.
@@ -26,10 +35,12 @@ from torch.distributions.utils import lazy_property
 
 __all__ = [
     "ARProcess",
+    "BroadcastNormal",
     "GaussMarkov",
     "coeffs_to_pacf",
     "half_life",
     "linear_recurrence",
+    "normal_mixture_log_prob",
     "pacf_to_coeffs",
     "phi_from_half_life",
 ]
@@ -60,9 +71,7 @@ def pacf_to_coeffs(pacf):
     :rtype: torch.Tensor
     """
     if pacf.dim() == 0 or pacf.shape[-1] == 0:
-        raise ValueError(
-            f"Expected pacf with shape (..., p) and p >= 1, but got shape {tuple(pacf.shape)}."
-        )
+        raise ValueError(f"Expected pacf with shape (..., p) and p >= 1, but got shape {tuple(pacf.shape)}.")
     coeffs = pacf[..., :1]  # (..., 1)
     for k in range(1, pacf.shape[-1]):
         r = pacf[..., k : k + 1]  # (..., 1)
@@ -332,6 +341,37 @@ class ARProcess(dist.TorchDistribution):
         eye = torch.eye(scale_tril.shape[-1], dtype=scale_tril.dtype, device=scale_tril.device)
         return torch.linalg.solve_triangular(scale_tril, eye, upper=False)  # (..., p', p')
 
+    @lazy_property
+    def _ar1_kl_terms(self):
+        r"""What the AR(1) KL (:func:`_kl_independent_ar1`) needs of the prior alone, computed
+        once per prior: :math:`\mu`, :math:`1/\sqrt{\gamma_0}`, :math:`c`, :math:`\phi`,
+        :math:`1/(2s^2)`, :math:`1/(2\gamma_0)`, :math:`\phi^2`, the constant
+        :math:`\tfrac12 \log\gamma_0 + (T-1)\log s - T/2`, the factor of a posterior variance
+        that is constant over time, :math:`\tfrac12[1/\gamma_0 + (T - 1)(1 + \phi^2)/s^2]`, each
+        ``(...,)``, and :math:`-T` (a tensor, so the KL's graph holds no Python numbers)."""
+        num_steps = self.num_steps
+        phi, constant, scale = self.coeffs[..., 0], self.constant, self.scale  # (...,) each
+        tril_inv = self._init_tril_inv[..., 0, 0]  # (...,): 1 / sqrt(gamma_0)
+        inv_gamma0 = tril_inv.pow(2)  # (...,)
+        inv_var = scale.pow(-2)  # (...,)
+        phi_sq = phi.pow(2)  # (...,)
+        const = self._init_scale_tril[..., 0, 0].log() + (num_steps - 1) * scale.log() - 0.5 * num_steps
+        per_var = 0.5 * (inv_gamma0 + (num_steps - 1) * (1 + phi_sq) * inv_var)  # (...,)
+        mean = constant / (1 - phi)  # (...,)
+        neg_steps = torch.full((), -num_steps, dtype=scale.dtype, device=scale.device)
+        return (
+            mean,
+            tril_inv,
+            constant,
+            phi,
+            0.5 * inv_var,
+            0.5 * inv_gamma0,
+            phi_sq,
+            const,
+            per_var,
+            neg_steps,
+        )
+
     def autocovariance(self, num_lags):
         r"""Stationary autocovariances :math:`\gamma_0, \dots, \gamma_{L-1}`.
 
@@ -388,17 +428,23 @@ class ARProcess(dist.TorchDistribution):
         head = min(p, num_steps)
         scale_tril = self._init_scale_tril  # (..., p', p')
         diff = value[..., :head] - self.stationary_mean.unsqueeze(-1)  # (..., p')
-        white = _tril_solve(scale_tril, diff)  # (..., p')
+        if head == 1:  # a 1 x 1 triangular solve is a division (the batched solver is slow)
+            white = diff / scale_tril[..., 0]  # (..., 1)
+        else:
+            white = _tril_solve(scale_tril, diff)  # (..., p')
         log_prob = (
             -0.5 * white.pow(2).sum(-1)
             - scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
             - 0.5 * head * _LOG_2PI
         )  # (...,)
         if num_steps > p:
-            windows = value.unfold(-1, p + 1, 1)  # (..., T - p, p + 1): z_{t-p}, ..., z_t
-            lagged = windows[..., :p].flip(-1)  # (..., T - p, p): z_{t-1}, ..., z_{t-p}
-            pred = self.constant.unsqueeze(-1) + (lagged * self.coeffs.unsqueeze(-2)).sum(-1)
-            resid = (windows[..., p] - pred) / self.scale.unsqueeze(-1)  # (..., T - p)
+            if p == 1:  # c + phi z_{t-1} from a shifted view
+                pred = torch.addcmul(self.constant.unsqueeze(-1), self.coeffs, value[..., :-1])
+            else:
+                windows = value.unfold(-1, p + 1, 1)  # (..., T - p, p + 1): z_{t-p}, ..., z_t
+                lagged = windows[..., :p].flip(-1)  # (..., T - p, p): z_{t-1}, ..., z_{t-p}
+                pred = self.constant.unsqueeze(-1) + (lagged * self.coeffs.unsqueeze(-2)).sum(-1)
+            resid = (value[..., p:] - pred) / self.scale.unsqueeze(-1)  # (..., T - p)
             log_norm = (num_steps - p) * (self.scale.log() + 0.5 * _LOG_2PI)  # (...,)
             log_prob = log_prob - 0.5 * resid.pow(2).sum(-1) - log_norm  # (...,)
         return log_prob
@@ -420,9 +466,7 @@ class ARProcess(dist.TorchDistribution):
         path = list(start.unbind(-1))  # p' tensors of shape (...,)
         for t in range(head, num_steps):
             lagged = torch.stack(path[t - p : t][::-1], dim=-1)  # (..., p): z_{t-1}, ..., z_{t-p}
-            path.append(
-                self.constant + (self.coeffs * lagged).sum(-1) + self.scale * noise[..., t]
-            )  # (...,)
+            path.append(self.constant + (self.coeffs * lagged).sum(-1) + self.scale * noise[..., t])  # (...,)
         return torch.stack(path, dim=-1)  # (..., T)
 
     def entropy(self):
@@ -447,14 +491,129 @@ def _compact(value, keep):
 
 def _time_sum(value, start, stop):
     """``value[..., start:stop].sum(-1)`` where a last dim of size 1 stands for a value constant
-    over time: ``(..., T) or (..., 1) -> (...,)``."""
-    if value.shape[-1] == 1 and stop - start != 1:
-        return value[..., 0] * (stop - start)
+    over time: ``(..., T) or (..., 1) -> (...,)``. (A window of one step, ``stop = start + 1``,
+    of a constant value is that value, also for ``start > 0``, where slicing the size-1 dim
+    would give an empty sum.)"""
+    if value.shape[-1] == 1:
+        return value[..., 0] if stop - start == 1 else value[..., 0] * (stop - start)
     return value[..., start:stop].sum(-1)
+
+
+def _noise_like(loc, shape):
+    """Standard Normal noise of ``shape``; when ``shape`` is ``loc``'s and ``loc`` is a permuted
+    view of contiguous memory (a time-major head moved to time-last), the noise is drawn in that
+    memory order and permuted the same way, so the draw and everything computed from it keep
+    ``loc``'s layout (``normal_`` on a non-contiguous tensor is many times slower)."""
+    if torch._C._get_tracing_state():  # torch.jit.trace has no normal_
+        return torch.normal(torch.zeros(shape, dtype=loc.dtype, device=loc.device), 1.0)
+    if tuple(shape) == tuple(loc.shape) and not loc.is_contiguous():
+        order = sorted(range(loc.dim()), key=lambda d: -loc.stride(d))  # outer to inner in memory
+        if loc.permute(order).is_contiguous():
+            noise = torch.empty([loc.shape[d] for d in order], dtype=loc.dtype, device=loc.device)
+            inverse = sorted(range(loc.dim()), key=order.__getitem__)
+            return noise.normal_().permute(inverse)  # shaped like loc, laid out like loc
+    return torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_()
+
+
+class BroadcastNormal(dist.Normal):
+    r"""``Normal(loc, scale)`` whose ``scale`` may be a small tensor that broadcasts against
+    ``loc`` (one value per unit, constant over the batch and time), kept as given.
+
+    :class:`~torch.distributions.Normal` expands ``scale`` to ``loc``'s shape; this distribution
+    keeps the given tensor as :attr:`compact_scale` as well, so that ``rsample``, ``log_prob``,
+    ``entropy`` and the KL divergences to a Normal and to an :class:`ARProcess` do the scale's
+    arithmetic once per unit, and its gradient is one reduction. ``rsample`` draws its noise in
+    ``loc``'s memory layout (see :func:`_noise_like`), so a time-major head's draws stay
+    time-major. The distribution is that of ``Normal(loc, scale)``: same support, density,
+    moments and KLs.
+
+    >>> d = BroadcastNormal(torch.zeros(4, 3, 5), torch.ones(3, 1))
+    >>> d.batch_shape, d.compact_scale.shape
+    (torch.Size([4, 3, 5]), torch.Size([3, 1]))
+
+    :param torch.Tensor loc: the mean, ``(...)``.
+    :param scale: the scale, a positive number or a tensor broadcastable with ``loc``.
+    :param bool validate_args: as in :class:`torch.distributions.Distribution`.
+    """
+
+    def __init__(self, loc, scale, validate_args=None):
+        super().__init__(loc, scale, validate_args=validate_args)
+        self.compact_scale = scale if torch.is_tensor(scale) else self.scale  # broadcasts to batch
+
+    def expand(self, batch_shape, _instance=None):
+        """Expand to a larger batch shape without copying (Pyro plates call this)."""
+        new = self._get_checked_instance(BroadcastNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape)
+        new.scale = self.scale.expand(batch_shape)
+        new.compact_scale = self.compact_scale
+        super(torch.distributions.Normal, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def rsample(self, sample_shape=()):
+        """Reparametrised draws ``loc + scale * eps``, shape ``sample_shape + batch_shape``."""
+        shape = self._extended_shape(torch.Size(sample_shape))
+        eps = _noise_like(self.loc, shape)  # (*sample_shape, ...)
+        return self.loc + eps * self.compact_scale  # (*sample_shape, ...), laid out like loc
+
+    def log_prob(self, value):
+        """Log density, the broadcast shape of ``value`` and the batch shape."""
+        if self._validate_args:
+            self._validate_sample(value)
+        scale = self.compact_scale
+        var = scale**2  # compact
+        return -((value - self.loc) ** 2) / (2 * var) - scale.log() - math.log(math.sqrt(2 * math.pi))
+
+    def entropy(self):
+        """Differential entropy, shape ``batch_shape``."""
+        return (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(self.compact_scale)).expand(self.batch_shape)
+
+
+@torch.distributions.register_kl(BroadcastNormal, torch.distributions.Normal)
+def _kl_broadcast_normal_normal(q, p):
+    r""":math:`\mathrm{KL}(q \,\|\, p)` elementwise, as for two Normals, with the scales' part
+    computed on the compact tensors: :math:`\tfrac12\big[(m_q - m_p)^2 / s_p^2 + r - 1 - \log r\big]`,
+    :math:`r = s_q^2 / s_p^2`. Shape: the broadcast batch shape."""
+    p_loc = _compact(p.loc, keep=0)  # a per-unit prior expanded by plates: read it once
+    p_scale = _compact(p.scale, keep=0)
+    var_ratio = (q.compact_scale / p_scale).pow(2)  # compact
+    t1 = ((q.loc - p_loc) / p_scale).pow(2)  # (...)
+    shape = _broadcast_shapes(q.batch_shape, p.batch_shape)
+    return (0.5 * (t1 + (var_ratio - 1 - var_ratio.log()))).expand(shape)
 
 
 @torch.distributions.register_kl(torch.distributions.Independent, ARProcess)
 def _kl_independent_arprocess(q, p):
+    r"""Closed-form :math:`\mathrm{KL}(q \,\|\, p)` for a diagonal Normal ``q`` over time
+    (``Normal(loc, scale).to_event(1)``, event ``(T,)``) and an :class:`ARProcess` ``p``.
+
+    AR(1) priors take :func:`_kl_independent_ar1`; every other order the exact general formula,
+    :func:`_kl_independent_arprocess_exact`.
+
+    :returns: shape: the broadcast of the two batch shapes.
+    :raises NotImplementedError: unless ``q`` is a ``Normal`` with one reinterpreted batch dim.
+    """
+    if q.reinterpreted_batch_ndims != 1 or not isinstance(q.base_dist, torch.distributions.Normal):
+        raise NotImplementedError
+    if q.event_shape != p.event_shape:
+        raise ValueError(
+            f"Expected the posterior event shape {tuple(q.event_shape)} to equal the ARProcess "
+            f"event shape {tuple(p.event_shape)} (one value per time step)."
+        )
+    if p.order == 1:
+        return _kl_independent_ar1(q, p)
+    return _kl_independent_arprocess_exact(q, p)
+
+
+def _posterior_scale(normal):
+    """A Normal's scale in its smallest given form (a :class:`BroadcastNormal`'s compact scale),
+    with at least one dim."""
+    scale = getattr(normal, "compact_scale", normal.scale)
+    return scale.reshape(1) if scale.dim() == 0 else scale
+
+
+def _kl_independent_arprocess_exact(q, p):
     r"""Closed-form :math:`\mathrm{KL}(q \,\|\, p)` for a diagonal Normal ``q`` over time.
 
     With :math:`q(z) = \prod_t \mathcal{N}(z_t; m_t, v_t)`, :math:`\mathrm{KL} =
@@ -472,22 +631,17 @@ def _kl_independent_arprocess(q, p):
     :param torch.distributions.Independent q: ``Normal(loc, scale).to_event(1)``, event ``(T,)``.
     :param ARProcess p: the prior, event ``(T,)``.
     :returns: shape: the broadcast of the two batch shapes.
-    :raises NotImplementedError: unless ``q`` is a ``Normal`` with one reinterpreted batch dim.
+
+    This is the general path, for any order; :func:`_kl_independent_ar1` computes the same for
+    :math:`p = 1` in fewer operations, and is tested against this one.
     """
-    if q.reinterpreted_batch_ndims != 1 or not isinstance(q.base_dist, torch.distributions.Normal):
-        raise NotImplementedError
-    if q.event_shape != p.event_shape:
-        raise ValueError(
-            f"Expected the posterior event shape {tuple(q.event_shape)} to equal the ARProcess "
-            f"event shape {tuple(p.event_shape)} (one value per time step)."
-        )
     order, num_steps = p.order, p.num_steps
     head = min(order, num_steps)
     batch_shape = _broadcast_shapes(q.batch_shape, p.batch_shape)
     # Work on the smallest views: plates expand per-unit parameters to (B, H, ...) with stride 0,
     # and a per-unit posterior scale is also constant over time. Only loc is truly (..., T).
     loc = _compact(q.base_dist.loc, keep=1)  # (..., T)
-    scale = _compact(q.base_dist.scale, keep=0)  # (..., T) or (..., 1) when constant over time
+    scale = _compact(_posterior_scale(q.base_dist), keep=0)  # (..., T) or (..., 1) if constant in time
     var = scale.pow(2)  # (..., T or 1)
     neg_entropy = -_time_sum(scale.log() + 0.5 * (1 + _LOG_2PI), 0, num_steps)  # (...,)
 
@@ -521,6 +675,262 @@ def _kl_independent_arprocess(q, p):
         )  # (...,)
 
     return (neg_entropy + cross_entropy).expand(batch_shape)
+
+
+def _kl_independent_ar1(q, p):
+    r""":func:`_kl_independent_arprocess` for an AR(1) prior, in few operations.
+
+    With :math:`w = (m_1 - \mu)/\sqrt{\gamma_0}`, residuals :math:`r_t = m_t - c - \phi m_{t-1}`
+    and posterior variances :math:`v_t`, the KL of the general formula collects into
+
+    .. math::
+
+        \tfrac12\Big[w^2 + \frac{1}{s^2}\sum_{t>1} r_t^2\Big]
+        + \tfrac12\Big[\frac{v_1}{\gamma_0} + \frac{1}{s^2}\Big(\sum_{t>1} v_t
+        + \phi^2 \sum_{t<T} v_t\Big)\Big] - \tfrac12\sum_t \log v_t
+        + \tfrac12 \log\gamma_0 + (T - 1)\log s - \tfrac{T}{2}:
+
+    a quadratic in the means (:func:`_ar1_quadratic`, one pass with a fused backward), terms in
+    the posterior scales (per unit when the scale is constant over the batch and time, as an
+    :class:`~vdn_pyro.guides.AmortizedNormal` with ``scale_mode="unit"`` gives it) and constants
+    of the prior (computed once per prior, :attr:`ARProcess._ar1_kl_terms`).
+    """
+    batch_shape = _broadcast_shapes(q.batch_shape, p.batch_shape)
+    loc = _compact(q.base_dist.loc, keep=1)  # (..., T)
+    scale = _compact(_posterior_scale(q.base_dist), keep=0)  # (..., T) or (..., 1)
+    small = getattr(p, "_unexpanded", p)  # the prior before plates expanded it: (H, k) batch
+    mean, tril_inv, constant, phi, half_inv_var, half_inv_gamma0, phi_sq, const, per_var, neg_steps = (
+        small._ar1_kl_terms
+    )
+    quad = _ar1_quadratic(loc, mean, tril_inv, constant, phi, half_inv_var)  # (...,)
+    # posterior scales: per unit when constant over time, written without Python numbers (each
+    # would be a host-to-tensor copy, and one more in the backward)
+    if scale.shape[-1] == 1:  # one variance for all T steps: (T/2) log v = T log s
+        scale = scale[..., 0]  # (...,)
+        rest = const + scale * scale * per_var + scale.log() * neg_steps  # (...,)
+    else:
+        var = scale * scale  # (..., T)
+        later = var[..., 1:].sum(-1) + phi_sq * var[..., :-1].sum(-1)  # (...,)
+        rest = const - scale.log().sum(-1) + var[..., 0] * half_inv_gamma0 + later * half_inv_var  # (...,)
+    return (quad + rest).expand(batch_shape)
+
+
+def _ar1_terms_forward(loc, mean, tril_inv, constant, phi, half_inv_var):
+    """The forward of :func:`_ar1_quadratic` and what its backward reads: ``(quad, diff, white,
+    resid, resid_sq)``, with ``resid`` of shape ``(..., T - 1)`` (empty for T = 1)."""
+    diff = loc[..., 0] - mean  # (...,)
+    white = tril_inv * diff  # (...,)
+    resid = torch.addcmul(loc[..., 1:], phi.unsqueeze(-1), loc[..., :-1], value=-1)  # (..., T - 1)
+    resid = resid.sub_(constant.unsqueeze(-1))  # (..., T - 1)
+    resid_sq = (resid * resid).sum(-1)  # (...,)
+    quad = torch.addcmul(half_inv_var * resid_sq, white, white, value=0.5)  # (...,)
+    return quad, diff, white, resid, resid_sq
+
+
+def _ar1_terms_backward(ctx, grad, *_):
+    r"""The gradients of :func:`_ar1_quadratic`:
+
+    .. math:: \frac{\partial}{\partial m_t} = g_r(t) - \phi\, g_r(t + 1), \qquad
+              g_r(t) = g \kappa\, r_t,\; g_r(T + 1) = 0,
+
+    plus :math:`g w \lambda` at :math:`t = 1`, written once into a tensor laid out like
+    :math:`m` (no zero-filled gradient per shifted slice, no copy for a time-major head). The
+    prior's gradients are formed only when it requires them. Under ``create_graph`` the same
+    formulas run differentiably, from the inputs.
+    """
+    if grad is None:  # the loss does not read the KL (grads are not materialised as zeros)
+        return (None,) * 6
+    loc, mean, tril_inv, constant, phi, half_inv_var, diff, white, resid, resid_sq = ctx.saved_tensors
+    if torch.is_grad_enabled():  # a second derivative: recompute what the first one reads
+        _, diff, white, resid, resid_sq = _ar1_terms_forward(loc, mean, tril_inv, constant, phi, half_inv_var)
+    else:  # the residuals, as the forward formed them
+        resid = torch.addcmul(loc[..., 1:], phi.unsqueeze(-1), loc[..., :-1], value=-1)  # (..., T - 1)
+        resid = resid.sub_(constant.unsqueeze(-1))  # (..., T - 1)
+    need = ctx.needs_input_grad
+    grad_white = grad * white  # (...,)
+    half = grad * half_inv_var  # (...,)
+    grad_r = resid * (half + half).unsqueeze(-1)  # (..., T - 1): g kappa r_t
+    grads = [None] * 6
+    if need[0]:
+        first = grad_white * tril_inv  # (...,)
+        if loc.shape[-1] == 1:
+            grads[0] = first.unsqueeze(-1)  # (..., 1)
+        elif torch.is_grad_enabled():  # a second derivative: out= does not record a graph
+            phi_t = phi.unsqueeze(-1)  # (..., 1)
+            inner = torch.addcmul(grad_r[..., :-1], phi_t, grad_r[..., 1:], value=-1)  # (..., T - 2)
+            head = torch.addcmul(first, phi, grad_r[..., 0], value=-1).unsqueeze(-1)  # (..., 1)
+            grads[0] = torch.cat([head, inner, grad_r[..., -1:]], -1)  # (..., T)
+        else:  # read from shifted views of grad_r (writing grad_r in place would alias)
+            grad_loc = torch.empty_like(loc)  # (..., T), laid out like loc
+            torch.addcmul(
+                grad_r[..., :-1], phi.unsqueeze(-1), grad_r[..., 1:], value=-1, out=grad_loc[..., 1:-1]
+            )
+            grad_loc[..., -1] = grad_r[..., -1]
+            grad_loc[..., 0] = torch.addcmul(first, phi, grad_r[..., 0], value=-1)
+            grads[0] = grad_loc
+    if need[1]:
+        grads[1] = _sum_like(-grad_white * tril_inv, mean.shape)
+    if need[2]:
+        grads[2] = _sum_like(grad_white * diff, tril_inv.shape)
+    if need[3]:
+        grads[3] = _sum_like(-grad_r.sum(-1), constant.shape)
+    if need[4]:
+        grads[4] = _sum_like(-(grad_r * loc[..., :-1]).sum(-1), phi.shape)
+    if need[5]:
+        grads[5] = _sum_like(grad * resid_sq, half_inv_var.shape)
+    return tuple(grads)
+
+
+def _ar1_terms_setup(ctx, inputs, output):
+    _, diff, white, resid, resid_sq = output
+    # the residuals (..., T - 1) are recomputed in the backward rather than kept: two passes over
+    # the means buy back a tensor as large as them for every layer, until the backward
+    ctx.save_for_backward(*inputs, diff, white, None, resid_sq)
+    ctx.set_materialize_grads(False)  # the outputs after the first are for the backward only
+
+
+def _sum_like(value, shape):
+    """``value`` summed over the dims it was broadcast along, down to ``shape``."""
+    return value.sum_to_size(shape) if value.shape != shape else value
+
+
+def _ar1_terms_fake(loc, mean, tril_inv, constant, phi, half_inv_var):
+    batch = torch.broadcast_shapes(loc.shape[:-1], mean.shape, tril_inv.shape, constant.shape, phi.shape)
+    quad = torch.broadcast_shapes(batch, half_inv_var.shape)
+    new = loc.new_empty
+    return (
+        new(quad),
+        new(torch.broadcast_shapes(loc.shape[:-1], mean.shape)),
+        new(torch.broadcast_shapes(loc.shape[:-1], mean.shape, tril_inv.shape)),
+        new(batch + (loc.shape[-1] - 1,)),
+        new(batch),
+    )
+
+
+# One operator (namespace vdn_pyro), so that a graph capture (JitLocalELBO) records the KL's
+# mean terms as one node and replays them with the fused backward above.
+_ar1_terms = torch.library.custom_op(
+    "vdn_pyro::ar1_kl_mean_terms",
+    mutates_args=(),
+    schema="(Tensor loc, Tensor mean, Tensor tril_inv, Tensor constant, Tensor phi, Tensor half_inv_var) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)(_ar1_terms_forward)
+_ar1_terms.register_fake(_ar1_terms_fake)
+_ar1_terms.register_autograd(_ar1_terms_backward, setup_context=_ar1_terms_setup)
+
+
+def _ar1_quadratic(loc, mean, tril_inv, constant, phi, half_inv_var):
+    r"""The part of the AR(1) KL that reads the posterior means :math:`m` over time,
+
+    .. math:: \tfrac12 \Big[w^2 + \kappa \sum_{t>1} r_t^2\Big], \qquad
+              w = (m_1 - \mu)\, \lambda,\; r_t = m_t - c - \phi m_{t-1},
+
+    in one pass over :math:`m`, with a fused backward (see :func:`_ar1_terms_backward`).
+
+    :param loc: posterior means :math:`m`, ``(..., T)``.
+    :param mean: stationary mean :math:`\mu`; :param tril_inv: :math:`\lambda = 1/\sqrt{\gamma_0}`;
+        :param constant: :math:`c`; :param phi: :math:`\phi`; :param half_inv_var:
+        :math:`\kappa / 2 = 1/(2 s^2)`; each ``(...,)``, broadcastable to ``loc.shape[:-1]``.
+    :returns: the broadcast batch shape.
+    """
+    return _ar1_terms(loc, mean, tril_inv, constant, phi, half_inv_var)[0]
+
+
+def _mixture_forward(value, loc, scale, dim, inplace=True):
+    r"""``logsumexp`` over ``dim`` of the Normal log-kernels :math:`-z^2/2 - \log s` and what
+    the backward reads: ``(lse, z, weight, total)`` with ``weight`` the unnormalised
+    ``exp(a - max)`` and ``total`` its sum over ``dim`` (kept). ``inplace=False`` (a second
+    derivative) records every step for autograd."""
+    z = value - loc  # (..., K, ...)
+    if inplace and z.shape == torch.broadcast_shapes(z.shape, scale.shape):
+        z = z.div_(scale)
+    else:
+        z = z / scale
+    energy = torch.addcmul(scale.log(), z, z, value=0.5)  # (..., K, ...): minus the log-kernel
+    least = energy.amin(dim, keepdim=True).detach()  # (..., 1, ...): any shift gives the same lse
+    least = least.masked_fill(least.abs() == math.inf, 0.0)  # as torch.logsumexp: no inf - inf
+    weight = torch.sub(least, energy)  # (..., K, ...): a_k - max a
+    weight = weight.exp_() if inplace else weight.exp()  # (..., K, ...)
+    total = weight.sum(dim, keepdim=True)  # (..., 1, ...)
+    lse = (total.log() - least).squeeze(dim)  # (..., ...)
+    return lse, z, weight, total
+
+
+def _mixture_backward(ctx, grad, *_):
+    r"""Gradients of the mixture's ``logsumexp`` with the mixture weights
+    :math:`w_k = e^{a_k} / \sum_j e^{a_j}`: :math:`\partial/\partial m_k = g w_k z_k / s_k`,
+    :math:`\partial/\partial s_k = g w_k (z_k^2 - 1) / s_k` and
+    :math:`\partial/\partial v = -\sum_k \partial/\partial m_k`, in four passes over the K
+    components (autograd's chain through subtraction, division, square, log and logsumexp takes
+    about four times as many). Under ``create_graph`` the same formulas run differentiably, from
+    the inputs."""
+    if grad is None:
+        return None, None, None, None
+    value, loc, scale, z, weight, total = ctx.saved_tensors
+    dim = ctx.dim
+    if torch.is_grad_enabled():  # a second derivative: recompute what the first one reads
+        _, z, weight, total = _mixture_forward(value, loc, scale, dim, inplace=False)
+    per_scale = (weight * (grad.unsqueeze(dim) / total)) / scale  # (..., K, ...): g w / s
+    grad_loc = per_scale * z  # (..., K, ...)
+    grads = [None, None, None, None]
+    if ctx.needs_input_grad[0]:
+        grads[0] = _sum_like(-grad_loc, value.shape)
+    if ctx.needs_input_grad[1]:
+        grads[1] = _sum_like(grad_loc, loc.shape)
+    if ctx.needs_input_grad[2]:
+        grads[2] = _sum_like(torch.addcmul(-per_scale, grad_loc, z), scale.shape)  # g w (z^2 - 1) / s
+    return tuple(grads)
+
+
+def _mixture_setup(ctx, inputs, output):
+    value, loc, scale, dim = inputs
+    _, z, weight, total = output
+    ctx.save_for_backward(value, loc, scale, z, weight, total)
+    ctx.dim = dim
+    ctx.set_materialize_grads(False)  # the outputs after the first are for the backward only
+
+
+def _mixture_fake(value, loc, scale, dim):
+    full = torch.broadcast_shapes(value.shape, loc.shape, scale.shape)
+    kept = list(full)
+    kept[dim] = 1
+    reduced = full[:dim] + full[dim + 1 :] if dim != -1 else full[:-1]
+    new = loc.new_empty
+    return new(reduced), new(full), new(full), new(kept)
+
+
+_mixture_terms = torch.library.custom_op(
+    "vdn_pyro::normal_mixture_lse",
+    mutates_args=(),
+    schema="(Tensor value, Tensor loc, Tensor scale, int dim) -> (Tensor, Tensor, Tensor, Tensor)",
+)(lambda value, loc, scale, dim: _mixture_forward(value, loc, scale, dim))
+_mixture_terms.register_fake(_mixture_fake)
+_mixture_terms.register_autograd(_mixture_backward, setup_context=_mixture_setup)
+
+
+def normal_mixture_log_prob(value, loc, scale, dim):
+    r"""Log density of an equally weighted mixture of K Normals, with a fused backward.
+
+    .. math:: \log \frac1K \sum_k \mathcal N(v; m_k, s_k^2)
+              = \operatorname{logsumexp}_k\big(-\tfrac12 z_k^2 - \log s_k\big) - \log K
+              - \tfrac12 \log 2\pi, \qquad z_k = (v - m_k) / s_k .
+
+    The components run along ``dim`` of the broadcast shape of the three arguments. The value
+    is the same as ``torch.logsumexp`` of the kernels (the same operations, with its guard for
+    infinite maxima); the backward forms the mixture weights once and needs about a quarter of
+    the passes over the K components that autograd's chain does.
+
+    :param torch.Tensor value: the points, broadcastable (size 1 along ``dim``).
+    :param torch.Tensor loc: component means :math:`m_k`, K along ``dim``.
+    :param torch.Tensor scale: component scales :math:`s_k > 0`, broadcastable to ``loc``.
+    :param int dim: the component dim, negative (counted from the right of the broadcast shape).
+    :returns: the broadcast shape without ``dim``.
+    """
+    if dim >= 0:
+        raise ValueError(f"Expected a negative dim (counted from the right), but got {dim}.")
+    num = torch.broadcast_shapes(value.shape, loc.shape, scale.shape)[dim]
+    lse = _mixture_terms(value, loc, scale, dim)[0]
+    return lse - math.log(num) - 0.5 * math.log(2 * math.pi)
 
 
 #: Above this many steps, :func:`linear_recurrence` runs as a parallel scan off the CPU.

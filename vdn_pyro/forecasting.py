@@ -17,10 +17,15 @@ One recipe trains every model -- ``vdn fit``, the examples and the benchmarks al
   while the rest is fitted by the ELBO. Logs, checkpoints and exact resume are :func:`fit`'s,
   passed through; the selection state lives in the :class:`~vdn_pyro.FitResult`, so a resumed run
   selects as the uninterrupted one would;
+- **input normalisation** (``norm``, :data:`NORMS`): none, the window's last value, or its mean
+  and standard deviation (:func:`window_stats`); the model is fitted to normalised windows and
+  targets and scored, like selected, in the original units through :class:`Normalised`;
 - **scoring** (:func:`evaluate_forecaster`): every window of the split, in batches, through each
   model's ``predict(x, num_samples)``, a :class:`~vdn_pyro.models.ForecastPrediction`, or, when
   the model's predictive marginal is exactly Gaussian (``has_exact_marginal``), through
-  ``predict_marginal(x)``: the :math:`S \to \infty` limit of the Monte Carlo predictive.
+  ``predict_marginal(x)``: the :math:`S \to \infty` limit of the Monte Carlo predictive. A
+  prediction with its own exact ``scores`` (the Student-t controls,
+  :class:`~vdn_pyro.models.baselines.StudentTPrediction`) is scored by them.
 
 Metrics (all averaged over every window, channel and horizon step, on the scaled values):
 
@@ -37,7 +42,10 @@ Metrics (all averaged over every window, channel and horizon step, on the scaled
   for a mixture).
 
 Every one-Gaussian metric comes from :func:`vdn_pyro.metrics.forecast_metrics`; mixtures use it for
-MSE, MAE, CRPS and widths.
+MSE, MAE, CRPS and widths. With ``paths=True`` the ``num_samples`` joint sample paths of
+``model.predict`` are also scored over the horizon (:data:`PATH_METRICS`, averaged over windows,
+:func:`vdn_pyro.metrics.path_metrics`): the energy score, the CRPS of the horizon sum and the
+coverage and width of the sum's central 50% and 90% intervals.
 """
 
 import contextlib
@@ -51,29 +59,43 @@ import torch
 from vdn_pyro.data.windows import window_chunks
 from vdn_pyro.inference.elbo import LocalELBO
 from vdn_pyro.inference.fit import fit
-from vdn_pyro.metrics import forecast_metrics
+from vdn_pyro.metrics import forecast_metrics, path_metrics
 from vdn_pyro.models.baselines import DLinear, normal_equations, solve_ridge
+from vdn_pyro.models.forecaster import ForecastPrediction
 
 __all__ = [
     "METRICS",
+    "NORMS",
     "OPTIMIZERS",
+    "PATH_METRICS",
     "RIDGES",
     "SELECTIONS",
     "SKIP_FITS",
     "EarlyStopping",
     "EpochDecay",
+    "Normalised",
     "TrainConfig",
     "ValidationSelector",
     "evaluate_forecaster",
     "fit_least_squares",
     "fit_skip",
+    "normalise_windows",
+    "normalised",
     "score_prediction",
     "train_forecaster",
     "training_windows",
+    "window_stats",
 ]
 
 #: The metrics returned by :func:`score_prediction`, in report order.
 METRICS = ("mse", "mae", "crps", "nll", "coverage_50", "coverage_90", "width_50", "width_90")
+#: The path scores of the horizon added by ``paths=True`` (:func:`vdn_pyro.metrics.path_metrics`).
+PATH_METRICS = ("energy", "crps_sum", "coverage_50_sum", "coverage_90_sum", "width_50_sum", "width_90_sum")
+#: Input normalisations of a window (:func:`window_stats`): none, the last value, the window's
+#: mean and standard deviation.
+NORMS = ("none", "last", "mean_scale")
+#: Added to a window's variance by the ``mean_scale`` normalisation.
+NORM_EPS = 1e-5
 #: Validation criteria for model selection: a metric of :data:`METRICS` or fit's ELBO ``loss``.
 SELECTIONS = ("crps", "mse", "nll", "loss")
 #: How a forecaster's skip path is fitted: with the rest (``joint``), or first and then frozen, by
@@ -112,6 +134,9 @@ class TrainConfig:
         :class:`~vdn_pyro.models.DLinear` with this recipe, then frozen; ``"ridge"``: first, in
         closed form (:func:`fit_least_squares`), then frozen.
     :ivar tuple ridges: penalties tried by ``skip_fit="ridge"``.
+    :ivar str norm: input normalisation of every window, one of :data:`NORMS`
+        (:func:`window_stats`): the model is trained on normalised windows and targets, and
+        selected, like the caller scores it, through :class:`Normalised` in the original units.
     :ivar bool start_at_skip: with a fitted skip path, start the forecaster at that DLinear's
         Gaussian predictive (zero head, its calibrated scale;
         :meth:`~vdn_pyro.models.Forecaster.init_skip`) and score the validation split once
@@ -139,6 +164,7 @@ class TrainConfig:
     num_particles: int = 1
     skip_fit: str = "joint"
     ridges: tuple = RIDGES
+    norm: str = "none"
     start_at_skip: bool = True
     val_every: int | None = None
     log_every: int | None = None
@@ -179,6 +205,8 @@ class TrainConfig:
             raise ValueError(f"Expected optim in {OPTIMIZERS} or callable(params), but got {self.optim!r}.")
         if not self.living_kl >= 0:
             raise ValueError(f"Expected living_kl >= 0, but got {self.living_kl!r}.")
+        if self.norm not in NORMS:
+            raise ValueError(f"Expected norm in {NORMS}, but got {self.norm!r}.")
         self.ridges = _check_ridges(self.ridges)
 
 
@@ -353,6 +381,120 @@ class ValidationSelector:
         self.model.eval()
 
 
+def window_stats(x, norm):
+    r"""The per-window statistics of an input normalisation: the forecast of a window is made for
+    :math:`(x - \mathrm{loc}) / \mathrm{scale}` and mapped back by :math:`y = \mathrm{loc} +
+    \mathrm{scale}\,y'`.
+
+    - ``"none"``: ``(None, None)``;
+    - ``"last"``: the window's last value, scale 1 (NLinear);
+    - ``"mean_scale"``: the window's mean and standard deviation, :math:`\sqrt{\mathrm{Var}
+      + 10^{-5}}` (RevIN without its affine parameters).
+
+    :param torch.Tensor x: windows ``(..., L)``.
+    :param str norm: one of :data:`NORMS`.
+    :returns: ``(loc, scale)``, each ``(..., 1)`` (``scale`` ``None`` for ``"last"``).
+    """
+    if norm == "none":
+        return None, None
+    if norm == "last":
+        return x[..., -1:], None  # (..., 1)
+    if norm == "mean_scale":
+        loc = x.mean(-1, keepdim=True)  # (..., 1)
+        scale = (x.var(-1, unbiased=False, keepdim=True) + NORM_EPS).sqrt()  # (..., 1)
+        return loc, scale
+    raise ValueError(f"Expected norm in {NORMS}, but got {norm!r}.")
+
+
+def normalise_windows(x, y=None, norm="none"):
+    """Windows (and targets) in the units of an input normalisation (:func:`window_stats`).
+
+    :param x: windows ``(..., L)``. :param y: targets ``(..., H)`` or ``None``.
+    :param str norm: one of :data:`NORMS`.
+    :returns: ``(x', y')`` of the same shapes (``y'`` ``None`` without ``y``); the inputs
+        themselves for ``"none"``.
+    """
+    loc, scale = window_stats(x, norm)
+    if loc is None:
+        return x, y
+    x = x - loc
+    y = None if y is None else y - loc
+    if scale is not None:
+        x = x / scale
+        y = None if y is None else y / scale
+    return x, y
+
+
+def _denormalise(pred, loc, scale):
+    """``pred`` (made for normalised windows) in the original units: ``loc + scale * y'``."""
+    factor = 1.0 if scale is None else scale
+    if hasattr(pred, "affine"):
+        return pred.affine(loc, factor)
+    return ForecastPrediction(pred.samples * factor + loc, pred.loc * factor + loc, pred.scale * factor)
+
+
+class Normalised:
+    """A model that forecasts normalised windows, seen in the original units: ``predict(x)`` is
+    the model's forecast of the normalised window (:func:`normalise_windows`) mapped back
+    (samples, means and scales; the Jacobian of the map is in the scales, so the log
+    densities are those of the original units). Everything the harness asks of a model (state,
+    ``train``/``eval``, ``predict_marginal``) goes to the wrapped one.
+
+    :param model: a model trained on normalised windows (:class:`TrainConfig` ``norm``).
+    :param str norm: one of :data:`NORMS`.
+    :ivar model: the wrapped model.
+    """
+
+    def __init__(self, model, norm):
+        if norm not in NORMS:
+            raise ValueError(f"Expected norm in {NORMS}, but got {norm!r}.")
+        self.model, self.norm = model, norm
+
+    def __repr__(self):
+        return f"Normalised({self.norm!r}, {self.model!r})"
+
+    @property
+    def has_exact_marginal(self):
+        """The wrapped model's: the map is affine, so an exact Gaussian stays one."""
+        return getattr(self.model, "has_exact_marginal", False)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        return self.model.load_state_dict(state)
+
+    def train(self, mode=True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def _predict(self, method, x, num_samples, batch_size):
+        loc, scale = window_stats(x, self.norm)
+        x_norm, _ = normalise_windows(x, None, self.norm)
+        pred = getattr(self.model, method)(x_norm, num_samples, batch_size)
+        return pred if loc is None else _denormalise(pred, loc, scale)
+
+    def predict(self, x, num_samples=100, batch_size=None):
+        """The wrapped model's ``predict`` of the normalised windows, in the original units.
+
+        :param x: ``(B, [T,] L)``. :returns: a prediction with samples ``(S, B, [T,] H)``."""
+        return self._predict("predict", x, num_samples, batch_size)
+
+    def predict_marginal(self, x, num_samples=100, batch_size=None):
+        """The wrapped model's ``predict_marginal``, in the original units."""
+        return self._predict("predict_marginal", x, num_samples, batch_size)
+
+
+def normalised(model, norm):
+    """``model`` seen in the original units: :class:`Normalised`, or the model itself for
+    ``"none"``."""
+    return model if norm == "none" else Normalised(model, norm)
+
+
 def training_windows(splits, config, split="train"):
     """Training items of one split: windows ``(N, L)``, or chunks ``(N, T, L)`` when
     ``config.chunk > 1``, with targets ``(N, [T,] H)``; channel-independent.
@@ -376,7 +518,8 @@ def fit_skip(model, splits, config=None, *, seed=0):
 
     :param model: a :class:`~vdn_pyro.models.Forecaster` with a skip path.
     :param splits: a :class:`~vdn_pyro.data.ForecastSplits`.
-    :param TrainConfig config: the recipe (``skip_fit``, ``ridges``).
+    :param TrainConfig config: the recipe (``skip_fit``, ``ridges``, ``norm``: the DLinear is
+        fitted to normalised windows, like the forecaster it is lent to).
     :param int seed: seeds the ``"sgd"`` fit.
     :returns: the fitted DLinear, or ``None`` under ``"joint"`` or without a skip path. The
         global random state is left as it was.
@@ -387,7 +530,7 @@ def fit_skip(model, splits, config=None, *, seed=0):
     with torch.random.fork_rng(devices=[]):  # its initial weights leave the caller's stream as it was
         source = DLinear(splits.lookback, splits.horizon, model.skip.kernel_size, model.skip.instance_norm)
     if config.skip_fit == "ridge":
-        fit_least_squares(source, splits, config.ridges)
+        fit_least_squares(source, splits, config.ridges, norm=config.norm)
     else:
         train_forecaster(source, splits, config, seed=seed)
     return source
@@ -415,7 +558,10 @@ def train_forecaster(
     Models without trainable parameters (:class:`~vdn_pyro.models.RepeatLast`) skip
     :func:`~vdn_pyro.fit`; models with a ``calibrate(x, y)`` method (point baselines) are then
     calibrated on the training windows. The global random state is left as it was (the fit
-    draws from its own, seeded by ``seed``).
+    draws from its own, seeded by ``seed``). With ``config.norm`` other than ``"none"`` the
+    model is fitted (and calibrated) on normalised windows and targets and selected through
+    :class:`Normalised` on the original validation windows; score it the same way
+    (:func:`normalised`).
 
     :param model: a :class:`~vdn_pyro.models.Forecaster` or a point baseline.
     :param splits: a :class:`~vdn_pyro.data.ForecastSplits`.
@@ -443,7 +589,7 @@ def train_forecaster(
         skip_from = fit_skip(model, splits, config, seed=seed)
     if skip_from is not None:
         model.init_skip(skip_from, freeze=True, start_at_source=config.start_at_skip)
-    x, y = training_windows(splits, config)
+    x, y = normalise_windows(*training_windows(splits, config), config.norm)  # (N, [T,] L), (N, [T,] H)
     xs, ys = (x, y) if config.chunk == 1 else (x.flatten(0, 1), y.flatten(0, 1))  # (N', L), (N', H)
     calibrate = (lambda: model.calibrate(xs, ys)) if hasattr(model, "calibrate") else None
     result = None
@@ -453,10 +599,10 @@ def train_forecaster(
         every = config.val_every or math.ceil(x.shape[0] / batch_size)  # default: once per epoch
         if config.select == "loss":
             watchers = [EarlyStopping(config.patience)]
-            val_data = (x_val, y_val)
+            val_data = normalise_windows(x_val, y_val, config.norm)
         else:
             selector = ValidationSelector(
-                model,
+                normalised(model, config.norm),
                 x_val,
                 y_val,
                 config.select,
@@ -501,19 +647,22 @@ def train_forecaster(
 
 
 @torch.no_grad()
-def fit_least_squares(model, splits, ridges=RIDGES, stride=1):
+def fit_least_squares(model, splits, ridges=RIDGES, stride=1, norm="none"):
     r"""Fit a :class:`~vdn_pyro.models.DLinear` in closed form, choosing the ridge penalty on the
     validation MSE (the test split is not read).
 
     The normal equations of the training windows (every ``stride``-th) are formed once; each
     penalty is one solve. The chosen fit is kept and :meth:`~vdn_pyro.models.DLinear.calibrate`\ d
-    on the training windows.
+    on the training windows. With ``norm`` the fit is the least-squares fit of the normalised
+    targets on the normalised windows (:func:`normalise_windows`), and the validation MSE is that
+    of its forecasts mapped back to the original units (score it through :func:`normalised`).
 
     :param model: the :class:`~vdn_pyro.models.DLinear` to fit (its look-back, horizon and
         instance normalisation are used as they are).
     :param splits: a :class:`~vdn_pyro.data.ForecastSplits`.
     :param ridges: penalties per observation, each >= 0.
     :param int stride: rows between training windows.
+    :param str norm: input normalisation, one of :data:`NORMS`.
     :returns: dict with ``ridge`` (chosen), ``val_mse`` (its validation MSE) and ``path``
         (``[(ridge, val_mse), ...]`` for every penalty tried).
     """
@@ -525,15 +674,21 @@ def fit_least_squares(model, splits, ridges=RIDGES, stride=1):
             f"{(model.lookback, model.horizon)}."
         )
     ridges = _check_ridges(ridges)
-    x, y = splits.windows("train", stride=stride)  # (N, L), (N, H)
+    if norm not in NORMS:
+        raise ValueError(f"Expected norm in {NORMS}, but got {norm!r}.")
+    x, y = normalise_windows(*splits.windows("train", stride=stride), norm)  # (N, L), (N, H)
     x_val, y_val = splits.windows("val")
+    view = normalised(model, norm)
     gram, cross, count = normal_equations(model, x, y)
     path, best = [], None
     for ridge in ridges:
         weight, bias = solve_ridge(gram, cross, count, ridge)
         model.set_linear(weight, bias)
         pairs = zip(x_val.split(8192), y_val.split(8192))
-        err = sum(((model.point(xb) - yb) ** 2).sum().item() for xb, yb in pairs)
+        if norm == "none":
+            err = sum(((model.point(xb) - yb) ** 2).sum().item() for xb, yb in pairs)
+        else:
+            err = sum(((_point(view, xb) - yb) ** 2).sum().item() for xb, yb in pairs)
         val_mse = err / y_val.numel()
         path.append((float(ridge), val_mse))
         if best is None or val_mse < best[1]:
@@ -541,6 +696,13 @@ def fit_least_squares(model, splits, ridges=RIDGES, stride=1):
     model.set_linear(best[2], best[3])
     model.calibrate(x, y)
     return {"ridge": best[0], "val_mse": best[1], "path": path}
+
+
+def _point(view, x):
+    """The point forecast of a :class:`Normalised` point baseline, in the original units."""
+    loc, scale = window_stats(x, view.norm)
+    point = view.model.point(normalise_windows(x, None, view.norm)[0])  # (B, H)
+    return point * (1.0 if scale is None else scale) + loc
 
 
 @contextlib.contextmanager
@@ -565,48 +727,76 @@ def _mixture_scores(pred, y):
     return out
 
 
-def score_prediction(pred, y):
+def score_prediction(pred, y, paths=False):
     """All metrics of one prediction, averaged over every element of ``y``.
+
+    A prediction with its own exact ``scores(y)`` (e.g.
+    :class:`~vdn_pyro.models.baselines.StudentTPrediction`) is scored by it; a one-component
+    :class:`~vdn_pyro.models.ForecastPrediction` in closed form; a mixture as in the module
+    docstring.
 
     :param pred: a :class:`~vdn_pyro.models.ForecastPrediction` with components ``(S', ...)``.
     :param torch.Tensor y: observations, shaped like one sample.
-    :returns: dict with the keys :data:`METRICS`.
+    :param bool paths: also the path scores :data:`PATH_METRICS` of the prediction's samples,
+        which must be joint sample paths over the horizon (the last dim).
+    :returns: dict with the keys :data:`METRICS` (and :data:`PATH_METRICS`).
     """
-    if pred.num_components == 1:
-        return forecast_metrics(loc=pred.loc[0], scale=pred.scale[0], y=y)
-    out = forecast_metrics(samples=pred.samples, loc=pred.mean, scale=pred.stddev.clamp_min(1e-12), y=y)
-    out.update(_mixture_scores(pred, y))
+    if hasattr(pred, "scores"):
+        out = pred.scores(y)
+    elif pred.num_components == 1:
+        out = forecast_metrics(loc=pred.loc[0], scale=pred.scale[0], y=y)
+    else:
+        out = forecast_metrics(samples=pred.samples, loc=pred.mean, scale=pred.stddev.clamp_min(1e-12), y=y)
+        out.update(_mixture_scores(pred, y))
+    if paths:
+        out.update(path_metrics(pred.samples, y))
     return out
 
 
 @torch.no_grad()
-def evaluate_forecaster(model, x, y, num_samples=100, batch_size=512, seed=0, exact=True):
+def evaluate_forecaster(model, x, y, num_samples=100, batch_size=512, seed=0, exact=True, paths=False):
     """Score a model on every window of ``(x, y)``.
 
     :param model: anything with ``predict(x, num_samples)`` returning a
-        :class:`~vdn_pyro.models.ForecastPrediction`.
+        :class:`~vdn_pyro.models.ForecastPrediction` (or a prediction with its own ``scores``).
     :param bool exact: use the model's exact Gaussian marginal (``predict_marginal``) when it
         has one (``has_exact_marginal``) instead of the Monte Carlo mixture.
+    :param bool paths: also score the horizon paths (:data:`PATH_METRICS`, means over windows)
+        of ``num_samples`` joint sample paths from ``model.predict`` (drawn after the marginal
+        when that is exact).
     :param torch.Tensor x: windows ``(N, L)``.
     :param torch.Tensor y: targets ``(N, H)``.
     :param int num_samples: predictive draws S.
     :param int batch_size: windows per batch.
     :param seed: seeds the predictive draws, on a fork of torch's random state that is restored
         afterwards (``None``: draw from the current state).
-    :returns: dict of :data:`METRICS` (means over all ``N * H`` elements) plus ``seconds``.
+    :returns: dict of :data:`METRICS` (means over all ``N * H`` elements), with ``paths`` of
+        :data:`PATH_METRICS` (means over the ``N`` windows), plus ``seconds``.
     """
     start = time.perf_counter()
     model.eval()
     totals, count = dict.fromkeys(METRICS, 0.0), 0
+    path_totals, windows = dict.fromkeys(PATH_METRICS, 0.0), 0
     predict = model.predict
-    if exact and getattr(model, "has_exact_marginal", False):
+    exact = exact and getattr(model, "has_exact_marginal", False)
+    if exact:
         predict = model.predict_marginal
     with _seeded(seed, x.device):
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-            scores = score_prediction(predict(xb, num_samples), yb)
+            pred = predict(xb, num_samples)
+            scores = score_prediction(pred, yb)
             for key in METRICS:
                 totals[key] += scores[key] * yb.numel()
             count += yb.numel()
+            if paths:
+                samples = model.predict(xb, num_samples).samples if exact else pred.samples  # (S, b, H)
+                path = path_metrics(samples, yb)
+                paths_here = yb.numel() // yb.shape[-1]
+                for key in PATH_METRICS:
+                    path_totals[key] += path[key] * paths_here
+                windows += paths_here
     out = {key: value / count for key, value in totals.items()}
+    if paths:
+        out.update({key: value / windows for key, value in path_totals.items()})
     out["seconds"] = time.perf_counter() - start
     return out

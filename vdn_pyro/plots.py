@@ -8,14 +8,16 @@ r"""Plots of a fitted network, written as PNG files with matplotlib's Agg backen
 - :func:`plot_forest`: the ArviZ forest plot of the unit posteriors of one observation.
 
 matplotlib is imported inside each function (with the Agg backend, so no display is needed),
-and every function takes the output path and returns it.
+and every function takes the output path and returns it. Axes of unit indices and unit counts
+have whole-number ticks; a ``dpi`` that would make an image of more than :data:`MAX_PIXELS`
+pixels is refused with a ``ValueError`` before anything is drawn to disk.
 """
 
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["STATUS_COLORS", "plot_dashboard", "plot_fan_chart", "plot_forest"]
+__all__ = ["MAX_PIXELS", "STATUS_COLORS", "plot_dashboard", "plot_fan_chart", "plot_forest"]
 
 #: Colour of each unit status (see :data:`vdn_pyro.inference.STATUSES`).
 STATUS_COLORS = {
@@ -36,13 +38,33 @@ def _pyplot():
     return plt
 
 
+#: The most pixels a figure may have (about 0.4 GiB as RGBA): larger ones are refused up front
+#: rather than failing inside the renderer with a MemoryError.
+MAX_PIXELS = 10**8
+
+
 def _save(fig, path, dpi):
     plt = _pyplot()
     path = Path(path)
+    width, height = (float(v) * dpi for v in fig.get_size_inches())
+    if not width * height <= MAX_PIXELS:
+        plt.close(fig)
+        raise ValueError(
+            f"Expected a dpi that keeps the image of {path.name} under {MAX_PIXELS:.0e} pixels, but "
+            f"dpi={dpi} gives {width:.0f} x {height:.0f} pixels; use a dpi of at most "
+            f"{int((MAX_PIXELS / (width * height)) ** 0.5 * dpi)}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def _integer_ticks(axis):
+    """Ticks at whole numbers only (unit indices and unit counts)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _positive(values, floor=1e-6):
@@ -176,6 +198,7 @@ def plot_dashboard(
     else:
         _empty(ax_heat, "no per-unit KL (no distributional units)")
     ax_heat.set(title="(b) KL per unit over training", xlabel="step", ylabel="unit")
+    _integer_ticks(ax_heat.yaxis)
 
     # (c) status counts
     from vdn_pyro.inference.diagnostics import STATUSES
@@ -205,6 +228,7 @@ def plot_dashboard(
     else:
         _empty(ax_status, "no unit statuses")
     ax_status.set(xlabel="step", ylabel="units", ylim=(0, max(units, 1)))
+    _integer_ticks(ax_status.yaxis)
     _legend(ax_status, fontsize=7, loc="lower left")
 
     index = np.arange(units)
@@ -217,6 +241,7 @@ def plot_dashboard(
     else:
         _empty(ax_loc, "no per-unit table")
     ax_loc.set(title="(d) mean loc$^2$ per unit against its band", xlabel="unit")
+    _integer_ticks(ax_loc.xaxis)
 
     # (e) final KL against its band
     if report is not None and len(report) or has_kl:
@@ -228,6 +253,7 @@ def plot_dashboard(
     else:
         _empty(ax_kl, "no per-unit KL")
     ax_kl.set(title="(e) KL per unit (nats) against the band", xlabel="unit")
+    _integer_ticks(ax_kl.xaxis)
 
     # (f) beta: its path over training when it moves (a KL thermostat), else the final values
     if beta is not None and np.size(beta):
@@ -239,6 +265,7 @@ def plot_dashboard(
         else:
             ax_beta.bar(index, beta[-1], color=colors)
             ax_beta.set(title=r"(f) $\beta$ per unit", xlabel="unit")
+            _integer_ticks(ax_beta.xaxis)
         ax_beta.set_yscale("log")
     else:
         _empty(ax_beta, "no beta logged")

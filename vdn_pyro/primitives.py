@@ -9,6 +9,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.subsample_messenger import _Subsample
 
 __all__ = [
@@ -47,6 +48,14 @@ NEURON_MODES = ("model", "guide", "mean")
 _MODE_STACK = []
 _RECORDERS = []
 
+#: The innermost mode while :class:`~vdn_pyro.inference.LocalELBO` runs model and guide as one
+#: pass (:func:`_single_pass`): each layer samples its posterior and hands its prior over. Only
+#: layers see it (:func:`_layer_mode`); :func:`current_neuron_mode` reports ``"model"`` and
+#: counts the read, so that the ELBO can tell whether anything but a layer branched on the mode.
+_SINGLE = "single"
+_PRIOR_RECORDS = []
+_MODE_READS = [0]
+
 
 @contextlib.contextmanager
 def neuron_mode(mode):
@@ -75,7 +84,51 @@ def neuron_mode(mode):
 
 def current_neuron_mode():
     """The innermost :func:`neuron_mode`, or ``"model"`` outside any."""
+    _MODE_READS[0] += 1
+    mode = _MODE_STACK[-1] if _MODE_STACK else "model"
+    return "model" if mode is _SINGLE else mode
+
+
+def _layer_mode():
+    """The innermost mode as a :class:`~vdn_pyro.models.Neurons` layer reads it: like
+    :func:`current_neuron_mode`, but the single pass shows as itself and the read is not
+    counted."""
     return _MODE_STACK[-1] if _MODE_STACK else "model"
+
+
+def _mode_reads():
+    """How many times :func:`current_neuron_mode` has run in this process (a counter)."""
+    return _MODE_READS[0]
+
+
+@contextlib.contextmanager
+def _single_pass():
+    """Run the enclosed model as model and guide at once: every layer samples its posterior at
+    its site and records the prior the model side would have sampled there.
+
+    Yields a dict that fills in as layers run: ``site -> prior`` (batch as the layer built it,
+    before the plates broadcast it).
+    """
+    record = {}
+    _MODE_STACK.append(_SINGLE)
+    _PRIOR_RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _PRIOR_RECORDS.pop()
+        _MODE_STACK.pop()
+
+
+def _record_prior(site, fn):
+    """Hand one layer's prior to the innermost :func:`_single_pass`."""
+    if _PRIOR_RECORDS:
+        _PRIOR_RECORDS[-1][site] = fn
+
+
+def _module_params_active():
+    """Whether a :func:`module_params` handler is on Pyro's stack: parameter statements are then
+    answered by the modules' own parameters, so a layer may read its submodules without them."""
+    return any(type(frame) is _ModuleParams for frame in _PYRO_STACK)
 
 
 class _ModuleParams(Messenger):
@@ -252,17 +305,17 @@ def neurons(name, fn, beta=None, *, dim=-1):
             f"in a batch dim, e.g. Normal(loc, scale).to_event(1) with loc of shape (B, H, k)."
         )
     units = fn.batch_shape[dim]
-    with pyro.plate(f"{name}.units", units, dim=dim):
-        if beta is None:
+    if beta is None:
+        with pyro.plate(f"{name}.units", units, dim=dim):
             return pyro.sample(name, fn, infer={NEURONS_INFER_KEY: True})
-        if (
-            not torch.is_tensor(beta)
-            or beta.shape != (units,)
-            or (pyro.infer.is_validation_enabled() and not bool(((beta >= 0) & torch.isfinite(beta)).all()))
-        ):
-            beta = as_beta(beta, units, name=f"beta of site '{name}'", allow_zero=True)
-        beta = beta.clamp_min(BETA_FLOOR)  # (H,)
-        if dim != -1:
-            beta = beta.reshape((units,) + (1,) * (-dim - 1))  # (H, 1, ..., 1)
-        with poutine.scale(scale=beta):
-            return pyro.sample(name, fn, infer={NEURONS_INFER_KEY: True})
+    if (
+        not torch.is_tensor(beta)
+        or beta.shape != (units,)
+        or (pyro.infer.is_validation_enabled() and not bool(((beta >= 0) & torch.isfinite(beta)).all()))
+    ):
+        beta = as_beta(beta, units, name=f"beta of site '{name}'", allow_zero=True)
+    beta = beta.clamp_min(BETA_FLOOR)  # (H,)
+    if dim != -1:
+        beta = beta.reshape((units,) + (1,) * (-dim - 1))  # (H, 1, ..., 1)
+    with pyro.plate(f"{name}.units", units, dim=dim), poutine.scale(scale=beta):
+        return pyro.sample(name, fn, infer={NEURONS_INFER_KEY: True})

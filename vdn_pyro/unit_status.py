@@ -13,7 +13,11 @@ import numbers
 import numpy as np
 import torch
 
-__all__ = ["STATUSES", "StatusThresholds", "classify_units", "mutual_information"]
+__all__ = ["KL_UNITS", "STATUSES", "StatusThresholds", "classify_units", "mutual_information"]
+
+#: The one unit of every per-unit KL the library reports, controls and thresholds (the ELBO's
+#: statistics, KLBand, FreeBits, unit_report, the fit's logs, ArviZ's ``units`` attrs).
+KL_UNITS = "nats per time step (temporal units); nats per observation (static units)"
 
 #: The regimes a unit can be in, in the order :func:`classify_units` tests them (living last).
 STATUSES = ("exploding", "deterministic", "dead", "drifting", "living")
@@ -23,7 +27,8 @@ STATUSES = ("exploding", "deterministic", "dead", "drifting", "living")
 class StatusThresholds:
     """Thresholds of the status classifier (see the module docstring for the rules).
 
-    :ivar float dead_kl: KL (nats) below which a unit's posterior is its prior.
+    :ivar float dead_kl: KL below which a unit's posterior is its prior, in nats per time step
+        for a temporal unit and nats per observation otherwise (the unit of every reported KL).
     :ivar float dead_mi: mutual information (nats) below which a unit ignores its input.
     :ivar float active_var: variance over inputs of the posterior mean above which a unit is
         active.
@@ -108,7 +113,8 @@ def classify_units(
 ):
     """Status of each unit from its statistics (rules in the module docstring).
 
-    :param kl: ``(H,)`` KL in nats. :param mi: ``(H,)`` mutual information (``NaN``: unknown).
+    :param kl: ``(H,)`` KL in nats per time step (per observation for a static unit).
+    :param mi: ``(H,)`` mutual information (``NaN``: unknown, e.g. from a single input).
     :param loc_sq: ``(H,)`` mean loc^2. :param scale: ``(H,)`` mean posterior scale.
     :param prior_scale: ``(H,)`` marginal prior scale.
     :param float loc_high: top of the loc^2 band.

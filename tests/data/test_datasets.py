@@ -178,3 +178,26 @@ def test_load_ett_missing(tmp_path, monkeypatch):
         load_ett()
     with pytest.raises(FileNotFoundError, match="from the path argument"):
         load_ett(tmp_path / "other.csv")
+
+
+@pytest.mark.parametrize("text", ["1e400", "inf", "-Infinity"])
+def test_infinite_values_are_refused(tmp_path, text):
+    path = write(tmp_path, f"date,a\n2020-01-01,1\n2020-01-02,{text}\n2020-01-03,3\n")
+    with pytest.raises(
+        ValueError, match=r"finite numbers in column 'a' .* row 1 \(line 3\) holds -?inf, which is infinite"
+    ):
+        load_csv(path)
+
+
+def test_dates_in_reverse_order_are_refused(tmp_path):
+    path = write(tmp_path, "date,a\n2020-01-03,1\n2020-01-02,2\n2020-01-01,3\n")
+    with pytest.raises(
+        ValueError, match=r"increasing order but row 1 \(2020-01-02\) is earlier than row 0.*sort"
+    ):
+        load_csv(path)
+
+
+def test_repeated_dates_are_refused(tmp_path):
+    path = write(tmp_path, "date,a\n2020-01-01,1\n2020-01-02,2\n2020-01-02,3\n")
+    with pytest.raises(ValueError, match=r"row 2 \(2020-01-02\) repeats the date of row 1.*remove"):
+        load_csv(path)

@@ -13,6 +13,7 @@ from vdn_pyro.data import (
     ratio_splits,
     sliding_windows,
 )
+from vdn_pyro.data.protocol import MAX_STANDARDISED, DataRangeError
 from vdn_pyro.metrics import mae, mse
 
 
@@ -155,3 +156,31 @@ def test_ett_repeat_baseline_matches_published(ett, horizon, expected_mse, expec
     pred = x[:, -1:].expand_as(y)  # (W * C, H)
     assert abs(mse(pred, y).item() - expected_mse) < 0.005
     assert abs(mae(pred, y).item() - expected_mae) < 0.005
+
+
+def test_a_training_value_whose_square_overflows_is_refused():
+    """1e300 is a float64, but its square is not: the standard deviation would be inf and every
+    standardised value 0."""
+    values = random_series(200, 2)
+    values[10, 1] = 1e300
+    with pytest.raises(
+        DataRangeError, match=r"channel 1 \('1'\) .* standard deviation inf .* 1e\+300 at training row 10"
+    ):
+        ratio_splits(values, 10, 5)
+
+
+@pytest.mark.parametrize("value", [1e30, -1e20, 1e6])
+def test_an_extreme_value_outside_the_training_rows_is_refused(value):
+    values = random_series(200, 2)
+    values[190, 0] = value
+    with pytest.raises(
+        DataRangeError, match=r"'0' at row 190 \(test split\) .* training standard deviations"
+    ):
+        ratio_splits(values, 10, 5)
+
+
+def test_ordinary_series_pass_the_range_check():
+    series = load_default()
+    splits = ratio_splits(series, 104, 52)
+    largest = max(np.abs(getattr(splits, name)).max() for name in ("train", "val", "test"))
+    assert largest < MAX_STANDARDISED / 100

@@ -178,3 +178,27 @@ def test_rng_state_round_trip_covers_torch_numpy_python_and_a_generator(tmp_path
     first = draws()
     set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"], generator)  # read weights-only
     assert draws() == first
+
+
+def test_a_failed_write_names_the_checkpoint(tmp_path, monkeypatch):
+    """A writer's OSError often names no file (torch.save writes to an open file): the error then
+    names the checkpoint, so a caller can say which write failed."""
+    import errno
+
+    def full_disk(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(OSError) as info:
+        write(tmp_path / "last.pt")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incompatibilities_lists_each_difference(tmp_path):
+    path = write(tmp_path / "last.pt", small_net(units=(4,)))
+    saved = load_checkpoint(path)
+    assert ckpt.incompatibilities(saved, small_net(units=(4,), beta=0.3)) == []
+    problems = ckpt.incompatibilities(saved, small_net(units=(6,)))
+    assert problems[0] == "config.units: checkpoint [4], network [6]"
+    assert any(p.startswith("layers.0.posterior.loc.weight: checkpoint shape (4, 8)") for p in problems)

@@ -267,6 +267,34 @@ def test_free_bits_keeps_units_from_collapsing():
     assert float(results[True].mean()) > 0.5 * lam, results
 
 
+def test_free_bits_soft_is_no_floor_and_hard_holds_it():
+    """At beta = 3 the default (soft) free bits only removes the gradient below lam: Adam carries
+    every unit past the edge and nothing brings it back, so all end below lam, as documented.
+    With hard=True the term below lam is 2 lam - KL, which pushes back: every unit ends at lam,
+    up to the optimiser's step noise."""
+    x, y = regression_data()
+    lam = 0.3
+    kl = {}
+    for hard in (False, True):
+        pyro.set_rng_seed(0)
+        net = small_net(beta=3.0)
+        train(net, x, y, 200, [FreeBits(lam, hard=hard)], lr=2e-2)
+        kl[hard] = unit_kl(net, x)[SITE]  # (H,) nats per observation
+    assert bool((kl[False] < lam).all()), kl[False]
+    assert float(kl[True].min()) >= 0.95 * lam, kl[True]
+    assert float(kl[True].max()) <= 1.2 * lam, kl[True]  # held at the floor, not pushed far above
+
+
+def test_free_bits_hard_term_and_validation():
+    kl = torch.tensor([[0.05, 1.0, 0.2], [0.15, 3.0, 0.0]])  # (B=2, H=3): unit means 0.1, 2, 0.1
+    out = FreeBits(0.5, hard=True).transform_kl(SITE, kl)
+    assert_close(out, torch.tensor([[0.95, 1.0, 0.8], [0.85, 3.0, 1.0]]))  # 2 lam - KL below
+    assert_close(out.mean(0), torch.tensor([0.9, 2.0, 0.9]))  # >= lam: the unit is charged more
+    with pytest.raises(TypeError, match="hard"):
+        FreeBits(0.5, hard="yes")
+    assert repr(FreeBits(0.5, hard=True)) == "FreeBits(lam=0.5, hard=True)"
+
+
 # ------------------------------------------------------------------------------ LocBand
 def test_loc_band_penalty_brings_loc_sq_into_band():
     x, y = regression_data()

@@ -51,8 +51,9 @@ class MeanPathVDN(VDN):
 
 
 def _thermostat():
-    # initial unit KLs are 0.88 to 0.99 nats: every unit sits above the band, by its own distance
-    return KLBand(0.1, 0.5, rate=0.2, ema=0.5)
+    # initial unit KLs are 0.88 to 1.06 nats per sequence of T steps, 0.29 to 0.35 per step (the
+    # band's unit): every unit sits above the band, by its own distance
+    return KLBand(0.1 / T, 0.5 / T, rate=0.2, ema=0.5)
 
 
 def _fit_options(**extra):

@@ -230,7 +230,8 @@ def test_mean_field_loss_equals_hand_written_ar_prior(order, latent_dim):
     # ... and the whole loss is sum_i beta_i sum_b KL_bi - log p(y | z)
     expected = (beta * kl_dense.sum(-1).sum(0)).sum() - gaussian_log_lik(net, last, y)
     assert_close(loss.detach(), expected.detach(), atol=1e-8, rtol=1e-10)
-    assert_close(stats[site].kl, kl_dense.sum(-1).mean(0).detach(), atol=1e-9, rtol=1e-9)
+    # ... and the statistics are in the one KL unit: nats per time step (the KL over T steps / T)
+    assert_close(stats[site].kl, kl_dense.sum(-1).mean(0).detach() / T, atol=1e-9, rtol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import math
 import random
+import re
 
 import numpy as np
 import pyro
@@ -13,7 +14,7 @@ from pyro.optim.clipped_adam import ClippedAdam
 
 from tests.common import assert_close
 from vdn_pyro import VDN, FitResult, LocalELBO, fit
-from vdn_pyro.inference import FitState, evaluate_loss
+from vdn_pyro.inference import LOG_COLUMNS, FitState, evaluate_loss
 from vdn_pyro.models import Neurons
 from vdn_pyro.primitives import data_plate
 
@@ -385,3 +386,26 @@ def test_a_run_without_seed_reports_the_seed_that_repeats_it():
     for p, q in zip(first.parameters(), again.parameters()):
         assert torch.equal(p, q)
     assert any(not torch.equal(p, o) for p, o in zip(first.parameters(), other.parameters()))
+
+
+def test_a_callback_can_give_the_progress_bar_its_living_fraction(capsys, tmp_path):
+    """``state.living`` set by a callback (e.g. from a per-unit table) replaces the bar's own
+    count; set in ``on_fit_end``, it is the bar's last word. Without one, the bar shows the
+    step's own count, the logs' ``living``."""
+    x, y = regression(32)
+
+    class Table:
+        def on_step_end(self, state):
+            state.living = 0.25
+
+        def on_fit_end(self, state):
+            state.living = 0.375
+
+    pyro.set_rng_seed(0)
+    fit(small_net(), x, y, steps=4, batch_size=8, seed=0, callbacks=[Table()], progress=True)
+    assert capsys.readouterr().err.rstrip().endswith("living=38%]")
+    pyro.set_rng_seed(0)
+    fit(small_net(), x, y, steps=4, batch_size=8, seed=0, progress=True, log_dir=tmp_path, log_every=1)
+    shown = re.findall(r"living=(\d+)%", capsys.readouterr().err)[-1]
+    last = (tmp_path / "log.csv").read_text().splitlines()[-1].split(",")
+    assert int(shown) == round(100 * float(last[LOG_COLUMNS.index("living")]))

@@ -10,10 +10,13 @@ import copy
 import pyro
 import pytest
 import torch
+from pyro.nn import PyroModule
 
 from tests.common import assert_close
-from vdn_pyro import VDN
+from vdn_pyro import VDN, Forecaster, NeuronGuide, RecurrentVDN, TemporalNeurons
 from vdn_pyro.inference import JitLocalELBO, KLBand, LocalELBO, fit
+from vdn_pyro.inference import elbo as elbo_module
+from vdn_pyro.primitives import current_neuron_mode, data_plate, module_params
 
 B, D, OUT, T = 6, 4, 2, 5
 
@@ -144,4 +147,137 @@ def test_cuda_equals_eager():
     jit, eager = JitLocalELBO(), LocalELBO()
     for seed in range(2):
         assert_same(run(jit, net, x, y, seed, num_data=24), run(eager, net, x, y, seed, num_data=24))
+    assert jit.num_compilations == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# One pass for model and guide (what LocalELBO evaluates, and JitLocalELBO captures, for a
+# NeuronGuide of the model), and the priors it reuses.
+# ---------------------------------------------------------------------------------------------
+
+
+class UserNet(PyroModule):
+    """A user's model: two temporal layers, optionally reading the neuron mode itself."""
+
+    def __init__(self, read_mode=False):
+        super().__init__()
+        self.first = TemporalNeurons(D, 5, beta=0.5)
+        self.second = TemporalNeurons(5, 3, prior="normal")
+        self.head = torch.nn.Linear(3, OUT)
+        self.read_mode = read_mode
+
+    def forward(self, x, y=None, num_data=None):
+        if self.read_mode:
+            current_neuron_mode()  # branching on it makes a single pass unsound
+        with data_plate(x.shape[0], num_data):
+            z = self.second(self.first(x))  # (B, T, 3)
+            loc = self.head(z).unsqueeze(-3)  # (B, 1, T, out)
+            obs = None if y is None else y.unsqueeze(-3)
+            return pyro.sample("obs", pyro.distributions.Normal(loc, 1.0).to_event(2), obs=obs)
+
+
+def one_pass_cases():
+    torch.manual_seed(0)
+    x, y = torch.randn(B, T, D), torch.randn(B, T, OUT)
+    forecaster = Forecaster(lookback=12, horizon=3, units=4, features=5, train_draws=3, prior="ar")
+    return {
+        "vdn-ar1": (make("temporal-ar1")[0], (x, y), {"num_data": 24}),
+        "vdn-static-normal": (make("static-normal")[0], (x[:, 0], y[:, 0]), {}),
+        "vdn-ar2-learned": (make("temporal-ar2-k2")[0], (x, y), {}),
+        "twin": (make("deterministic")[0], (x, y), {}),
+        "forecaster-draws": (forecaster, (torch.randn(B, 2, 12), torch.randn(B, 2, 3)), {"num_data": 30}),
+        "user": (UserNet(), (x, y), {"num_data": 24}),
+    }
+
+
+def evaluate(net, guide, args, kwargs, seed, single_pass):
+    """Loss, gradients and statistics of one LocalELBO evaluation, in one or two passes."""
+    guide.__dict__[elbo_module._VERDICT] = single_pass
+    net.zero_grad(set_to_none=True)
+    pyro.set_rng_seed(seed)
+    with module_params():
+        loss, stats = LocalELBO().loss_and_stats(net, guide, *args, **kwargs)
+    loss.backward()
+    grads = [p.grad for p in net.parameters()]
+    return loss.detach(), grads, stats
+
+
+@pytest.mark.parametrize(
+    "name", ["vdn-ar1", "vdn-static-normal", "vdn-ar2-learned", "twin", "forecaster-draws", "user"]
+)
+def test_one_pass_equals_two_passes(name):
+    net, args, kwargs = one_pass_cases()[name]
+    guide = NeuronGuide(net)
+    # the first evaluation runs model and guide separately and finds a single pass sound
+    with module_params():
+        LocalELBO().loss_and_stats(net, guide, *args, **kwargs)
+    assert guide.__dict__[elbo_module._VERDICT] is True
+    one, two = evaluate(net, guide, args, kwargs, 3, True), evaluate(net, guide, args, kwargs, 3, False)
+    assert torch.equal(one[0], two[0])  # the same draws, the same arithmetic
+    for a, b in zip(one[1], two[1]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert list(one[2]) == list(two[2])
+    for site in one[2]:
+        for field in ("kl", "loc_sq", "scale"):
+            assert torch.equal(getattr(one[2][site], field), getattr(two[2][site], field))
+
+
+def test_models_that_read_the_mode_keep_two_passes():
+    net, args, kwargs = one_pass_cases()["user"]
+    reader = UserNet(read_mode=True)
+    reader.load_state_dict(net.state_dict())
+    guide = NeuronGuide(reader)
+    with module_params():
+        LocalELBO().loss_and_stats(reader, guide, *args, **kwargs)
+    assert guide.__dict__[elbo_module._VERDICT] is False
+    # a model found sound that reads the mode later is caught in the single pass, which is
+    # dropped for two passes (and not tried again)
+    guide = NeuronGuide(reader)
+    reader.read_mode = False
+    with module_params():
+        LocalELBO().loss_and_stats(reader, guide, *args, **kwargs)
+    assert guide.__dict__[elbo_module._VERDICT] is True
+    reader.read_mode = True
+    with module_params():
+        loss = LocalELBO().loss_and_stats(reader, guide, *args, **kwargs)[0]
+    assert guide.__dict__[elbo_module._VERDICT] is False
+    assert torch.isfinite(loss)
+    # RecurrentVDN branches on the mode (its guide stops at the latents): never one pass
+    rnn = RecurrentVDN(6, hidden=8, units=4, embed_dim=4, posterior_token_dim=4)
+    tokens = torch.tensor([[0, 1, 2, 3], [0, 3, 1, -1]])
+    targets = torch.tensor([[1, 2, 3, 0], [3, 1, 0, -1]])
+    with module_params():
+        LocalELBO().loss_and_stats(rnn.model, rnn.guide, tokens, targets)
+    assert rnn.guide.__dict__[elbo_module._VERDICT] is False
+
+
+def test_jit_records_the_fused_kl_as_one_node():
+    net, x, y = make("temporal-ar1")
+    jit = JitLocalELBO()
+    jit.loss_and_stats(net.model, net.guide, x, y)
+    graph = next(iter(jit._graphs.values())).graph
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert targets.count("vdn_pyro.ar1_kl_mean_terms.default") == 2  # one per layer
+
+
+def test_fixed_priors_are_reused_until_their_buffers_change():
+    net, x, y = make("temporal-ar1")
+    prior = net.layers[0].prior
+    first = prior((B,), T)
+    assert prior((B,), T) is first  # built once while nothing changed
+    assert prior((B + 1,), T) is not first
+    prior.set_phi(torch.full((5,), 0.8))  # in place: the version counter moves
+    rebuilt = prior((B,), T)
+    assert rebuilt is not first
+    assert_close(rebuilt.base_dist.coeffs[..., 0], torch.full((B, 5, 1), 0.8))
+    learned = make("temporal-ar2-k2")[0].layers[0].prior
+    assert learned((B,), T) is not learned((B,), T)  # a prior being trained is never reused
+
+
+def test_jit_reads_prior_buffers_each_call():
+    net, x, y = make("temporal-ar1")
+    jit, eager = JitLocalELBO(), LocalELBO()
+    run(jit, net, x, y, 0)
+    net.layers[0].prior.set_phi(torch.full((5,), -0.6))  # after the capture
+    assert_same(run(jit, net, x, y, 1), run(eager, net, x, y, 1))
     assert jit.num_compilations == 1

@@ -619,3 +619,76 @@ def test_signal_writes_a_final_checkpoint_and_exits_with_its_code(tmp_path, sig,
         resume=True,
     )
     assert result.steps == report["steps"] + 1 and not result.interrupted and result.exit_code == 0
+
+
+def test_a_fit_with_no_finite_step_raises_instead_of_completing(tmp_path):
+    """Fewer non-finite steps than max_bad_steps, but all of them: the parameters are the ones
+    the fit started with, so it must not report a completed run."""
+    x, y = regression(24)
+    net = small_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.warns(RuntimeWarning):
+        with pytest.raises(NonFiniteError, match=r"every step of the fit \(1 to 5\)") as info:
+            fit(
+                net,
+                x,
+                y,
+                steps=5,
+                batch_size=8,
+                elbo=PoisonedELBO(range(1, 100)),
+                max_bad_steps=10,
+                progress=False,
+            )
+    assert (info.value.first, info.value.last) == (1, 5) and "the loss is nan" in info.value.problem
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_a_resumed_part_with_no_finite_step_raises(tmp_path):
+    x, y = regression(24)
+    net = small_net()
+    fit(net, x, y, steps=3, batch_size=8, progress=False, checkpoint_dir=tmp_path)
+    with pytest.warns(RuntimeWarning):
+        with pytest.raises(NonFiniteError, match=r"every step of the fit \(4 to 6\)") as info:
+            fit(
+                small_net(),
+                x,
+                y,
+                steps=6,
+                batch_size=8,
+                elbo=PoisonedELBO(range(1, 100)),
+                progress=False,
+                checkpoint_dir=tmp_path,
+                resume=True,
+            )
+    assert info.value.checkpoint is None  # none written in the resumed part
+    assert load_checkpoint(tmp_path)["step"] == 3  # the last good one is kept
+
+
+def test_a_refused_resume_has_no_side_effect(tmp_path):
+    """Every check of a resume runs before any callback: a refused one calls no on_fit_start and
+    leaves the logs and the checkpoint as they were."""
+    x, y = regression(24)
+    fit(small_net(), x, y, steps=4, batch_size=8, progress=False, checkpoint_dir=tmp_path, log_dir=tmp_path)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    calls = []
+
+    class Spy:
+        def on_fit_start(self, state):
+            calls.append(state.step)
+
+    with pytest.raises(IncompatibleCheckpointError, match="constraints"):
+        fit(
+            small_net(),
+            x,
+            y,
+            steps=8,
+            batch_size=8,
+            progress=False,
+            checkpoint_dir=tmp_path,
+            log_dir=tmp_path,
+            resume=True,
+            constraints=[KLBand(0.05, 0.3)],
+            callbacks=[Spy()],
+        )
+    assert calls == []
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files

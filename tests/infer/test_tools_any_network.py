@@ -202,7 +202,7 @@ def test_user_model_report_reads_each_layers_own_prior_and_posterior():
     posts = posteriors(net, case.x)
     loc, scale = posts["memory.z"]  # (B, 4, 1, T)
     q = dist.Normal(loc, scale).to_event(2)
-    kl = kl_divergence(q, net.memory.prior_dist((B,), T)).mean(0)  # (4,)
+    kl = kl_divergence(q, net.memory.prior_dist((B,), T)).mean(0) / T  # (4,) nats per step
     assert_close(report[report.site == "memory.z"].kl.to_numpy(copy=True), kl, rtol=1e-5)
     loc, scale = posts["summary.z"]  # (B, 3, 1)
     kl = kl_divergence(

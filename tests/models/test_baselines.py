@@ -3,6 +3,7 @@
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -14,6 +15,13 @@ from vdn_pyro import LocalELBO, fit
 from vdn_pyro.forecasting import score_prediction
 from vdn_pyro.metrics import forecast_metrics
 from vdn_pyro.models import DLinear, ForecastPrediction, RepeatLast
+from vdn_pyro.models.baselines import (
+    StudentTControl,
+    StudentTPrediction,
+    crps_student_t,
+    student_t_cdf,
+    student_t_quantile,
+)
 
 L, H, B = 24, 6, 5
 
@@ -146,10 +154,121 @@ def test_closed_form_fit_recovers_a_linear_map_and_ridge_shrinks_it():
     assert_close(model.net.trend.weight, weight, atol=1e-4, rtol=1e-4)
     assert_close(model.net.trend.bias, bias, atol=1e-4, rtol=1e-4)
     assert model.scale.max() < 1e-3  # calibrated on the (zero) residuals
-    norms = [DLinear(L, H, kernel_size=5).fit_least_squares(x, y, ridge=r).net.trend.weight.norm() for r in
-             (0.0, 0.1, 1.0, 10.0)]
+    norms = [
+        DLinear(L, H, kernel_size=5).fit_least_squares(x, y, ridge=r).net.trend.weight.norm()
+        for r in (0.0, 0.1, 1.0, 10.0)
+    ]
     assert all(a > b for a, b in zip(norms, norms[1:]))
     with pytest.raises(ValueError, match="ridge"):
         model.fit_least_squares(x, y, ridge=-0.1)
     with pytest.raises(ValueError, match="ridge"):
         model.fit_least_squares(x, y, ridge=float("nan"))
+
+
+# ----------------------------------------------------------------------------- Student-t controls
+class _GaussianBase:
+    """A deterministic stand-in: one Gaussian per element, mean and scale read from x."""
+
+    def predict(self, x, num_samples=1):
+        loc, scale = 0.5 * x[:, :H], 0.5 + x[:, H : 2 * H].abs()  # (B, H) each
+        noise = torch.randn((num_samples,) + loc.shape)
+        return ForecastPrediction(loc + scale * noise, loc[None], scale[None])
+
+
+def _t_data(n, df, factor, joint, seed=0):
+    """Windows of the stand-in and targets drawn from its Student-t control."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, L, generator=gen)
+    pred = _GaussianBase().predict(x)
+    shape = (n, 1) if joint else (n, H)
+    mixing = 2 * torch._standard_gamma(torch.full(shape, df / 2))  # chi-square(df)
+    noise = torch.randn(n, H, generator=gen) * torch.sqrt(df / mixing)
+    return x, pred.loc[0] + factor * pred.scale[0] * noise
+
+
+@pytest.mark.parametrize("df", [1.2, 3.0, 30.0, 900.0])
+def test_student_t_cdf_quantile_and_crps_are_exact(df):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    sr = pytest.importorskip("scoringrules")
+    z = torch.cat([torch.linspace(-40, 40, 801, dtype=torch.float64), torch.tensor([0.0, 1e-7, -3e-6])])
+    assert_close(student_t_cdf(z, df), torch.from_numpy(scipy_stats.t.cdf(z.numpy(), df)), atol=1e-12)
+    for level in (0.05, 0.75, 0.95):
+        assert student_t_quantile(level, df) == pytest.approx(scipy_stats.t.ppf(level, df), abs=1e-9)
+    y = z.numpy()
+    reference = torch.from_numpy(sr.crps_t(y, df, 0.3, 1.7))
+    assert_close(crps_student_t(0.3, 1.7, df, z), reference, rtol=1e-10, atol=1e-12)
+
+
+def test_student_t_prediction_scores_are_the_t_ones():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    torch.manual_seed(0)
+    loc, scale, df = torch.randn(50, H), 0.5 + torch.rand(50, H), 3.5
+    y = loc + scale * torch.distributions.StudentT(df).sample((50, H))
+    pred = StudentTPrediction(torch.zeros(2, 50, H), loc, scale, df, joint=False)
+    scores = pred.scores(y)
+    expected_nll = -torch.distributions.StudentT(df, loc.double(), scale.double()).log_prob(y.double()).mean()
+    assert scores["nll"] == pytest.approx(float(expected_nll), rel=1e-10)
+    pit = scipy_stats.t.cdf(((y - loc) / scale).double().numpy(), df)
+    assert scores["coverage_90"] == pytest.approx(float(((pit >= 0.05) & (pit <= 0.95)).mean()))
+    q = scipy_stats.t.ppf(0.95, df)
+    assert scores["width_90"] == pytest.approx(float((2 * q * scale.double()).mean()), rel=1e-8)
+    assert scores["mse"] == pytest.approx(float(((loc - y) ** 2).double().mean()), rel=1e-6)
+    # the multivariate t: the joint density of scipy's, marginals those of the per-step t
+    joint = StudentTPrediction(torch.zeros(2, 50, H), loc, scale, df, joint=True)
+    reference = [
+        scipy_stats.multivariate_t.logpdf(y[i].double().numpy(), loc[i].double().numpy(), np.diag(s), df=df)
+        for i, s in enumerate((scale.double() ** 2).numpy())
+    ]
+    assert_close(joint.path_log_prob(y), torch.tensor(reference, dtype=torch.float64), rtol=1e-10)
+    assert joint.scores(y) == scores
+    assert_close(pred.path_log_prob(y), pred.log_prob(y).sum(-1))
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["per-step", "multivariate"])
+def test_student_t_control_recovers_its_parameters(joint):
+    x, y = _t_data(20000, df=4.0, factor=0.7, joint=joint)
+    control = StudentTControl(_GaussianBase(), joint=joint)
+    info = control.fit(x, y)
+    assert info["df"] == pytest.approx(4.0, rel=0.1) and info["scale_factor"] == pytest.approx(0.7, rel=0.03)
+    assert (control.df, control.scale_factor) == (info["df"], info["scale_factor"])
+    # the reported NLL is that of the fitted model (its own likelihood) on the data
+    pred = control.predict(x, num_samples=2)
+    own = -(pred.path_log_prob(y).mean() / H) if joint else -pred.log_prob(y).mean()
+    assert info["nll"] == pytest.approx(float(own), rel=1e-6)
+    # each model's likelihood prefers the data it generated
+    other = StudentTControl(_GaussianBase(), joint=not joint).fit(x, y)["nll"]
+    assert info["nll"] < other
+
+
+def test_student_t_control_paths_share_one_scale_draw_only_when_joint():
+    x = torch.randn(4, L)
+    torch.manual_seed(0)
+    for joint in (False, True):
+        control = StudentTControl(_GaussianBase(), joint=joint, df=3.0, scale_factor=0.5)
+        pred = control.predict(x, num_samples=20000)
+        base = _GaussianBase().predict(x)
+        assert pred.samples.shape == (20000, 4, H)
+        assert_close(pred.loc, base.loc[0]) and assert_close(pred.scale, 0.5 * base.scale[0])
+        z = (pred.samples - pred.loc) / pred.scale  # (S, B, H)
+        # the marginal of every step is the t with df = 3
+        inside = (z.abs() <= student_t_quantile(0.95, 3.0)).float().mean()
+        assert abs(float(inside) - 0.9) < 0.01
+        # |z| of two steps of one path are correlated through the shared mixing variable
+        a, b = z[..., 0].abs().flatten(), z[..., 1].abs().flatten()
+        corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+        assert corr > 0.2 if joint else abs(corr) < 0.03
+    assert score_prediction(pred, torch.zeros(4, H)) == pred.scores(torch.zeros(4, H))
+
+
+def test_student_t_control_refuses_a_mixture_base():
+    class Mixture(_GaussianBase):
+        def predict(self, x, num_samples=1):
+            pred = super().predict(x, num_samples)
+            return ForecastPrediction(pred.samples, pred.loc.expand(3, -1, -1), pred.scale.expand(3, -1, -1))
+
+    with pytest.raises(ValueError, match="one Gaussian per element"):
+        StudentTControl(Mixture()).predict(torch.randn(2, L), 4)
+    with pytest.raises(TypeError, match="predict"):
+        StudentTControl(object())
+    with pytest.raises(ValueError, match="df > 1"):
+        crps_student_t(0.0, 1.0, 1.0, torch.zeros(3))

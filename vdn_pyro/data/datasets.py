@@ -56,6 +56,22 @@ def _first_row(mask):
     return int(np.flatnonzero(mask.to_numpy())[0])
 
 
+def _check_increasing(index, raw_dates, date_column, path):
+    """Raise unless the time stamps strictly increase (a series read backwards, or with a
+    repeated row, would be forecast in the wrong direction)."""
+    stamps = index.asi8  # (N,) nanoseconds
+    bad = np.flatnonzero(stamps[1:] <= stamps[:-1])
+    if bad.size:
+        row = int(bad[0]) + 1
+        repeated = stamps[row] == stamps[row - 1]
+        order = "repeats the date of" if repeated else "is earlier than"
+        hint = "remove the repeated row" if repeated else "sort the file by date (oldest first)"
+        raise ValueError(
+            f"Expected dates in column {date_column!r} of {path} in increasing order but row {row} "
+            f"({raw_dates.iloc[row]}) {order} row {row - 1} ({raw_dates.iloc[row - 1]}); {hint}"
+        )
+
+
 def _fill_missing(frame, fill):
     if fill == "ffill":
         return frame.ffill().bfill()
@@ -82,8 +98,9 @@ def load_csv(path, date_column="date", target_columns=None, fill=None):
     :returns: the series, named after the file stem, with values of shape ``(N, C)``.
     :rtype: TimeSeries
     :raises FileNotFoundError: if ``path`` does not exist.
-    :raises ValueError: for an empty file, missing columns, unparsable dates,
-        non-numeric values, or missing values without ``fill``.
+    :raises ValueError: for an empty file, missing columns, unparsable dates, dates that do
+        not strictly increase, non-numeric or infinite values, or missing values without
+        ``fill``.
     """
     if fill is not None and fill not in _FILLS:
         raise ValueError(f"Expected fill to be None, 'ffill' or 'interpolate' but got {fill!r}")
@@ -123,6 +140,7 @@ def load_csv(path, date_column="date", target_columns=None, fill=None):
                 "row) or pass date_column=None"
             )
         index = pd.DatetimeIndex(dates, name=date_column)
+        _check_increasing(index, raw_dates, date_column, path)
     else:
         index = pd.RangeIndex(len(frame))
 
@@ -153,6 +171,14 @@ def load_csv(path, date_column="date", target_columns=None, fill=None):
             raise ValueError(
                 f"Expected numbers in column {column!r} of {path} but row {row} "
                 f"(line {row + 2}) holds {raw.iloc[row]!r}; fix or remove that value"
+            )
+        infinite = numeric.isin([np.inf, -np.inf])
+        if bool(infinite.any()):
+            row = _first_row(infinite)
+            raise ValueError(
+                f"Expected finite numbers in column {column!r} of {path} but row {row} "
+                f"(line {row + 2}) holds {raw.iloc[row]}, which is infinite as a float64; fix or "
+                "remove that value"
             )
         values[column] = numeric.astype("float64")
     data = pd.DataFrame(values)

@@ -2,10 +2,11 @@ r"""Amortized per-unit posteriors: the guide side of a layer of distributional n
 
 import numbers
 
-import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.nn.functional import softplus
+
+from vdn_pyro.distributions import BroadcastNormal
 
 __all__ = ["SCALE_MODES", "AmortizedNormal"]
 
@@ -63,12 +64,16 @@ class AmortizedNormal(nn.Module):
             nn.init.zeros_(self.scale_head.weight)
             nn.init.constant_(self.scale_head.bias, float(raw))
 
-    def forward(self, features, temporal=False):
+    def forward(self, features, temporal=False, *, expand=True):
         """Posterior parameters.
 
         :param torch.Tensor features: ``(..., B, F)`` (static) or ``(..., B, T, F)`` (temporal).
         :param bool temporal: whether the second-to-last dim of ``features`` is time.
-        :returns: ``(loc, scale)``, each ``(..., B, H, k)`` or ``(..., B, H, k, T)``.
+        :param bool expand: expand a per-unit scale (``scale_mode="unit"``) to ``loc``'s shape (a
+            view); ``False`` keeps it as ``(H, k)`` or, temporal, ``(H, k, 1)``, which broadcasts
+            against ``loc`` (what :meth:`dist_from` and the KLs work with best).
+        :returns: ``(loc, scale)``, each ``(..., B, H, k)`` or ``(..., B, H, k, T)`` (the scale
+            broadcastable to that with ``expand=False``).
         """
         if features.shape[-1] != self.in_features:
             raise ValueError(
@@ -77,29 +82,46 @@ class AmortizedNormal(nn.Module):
         lead = features.shape[:-1]
         shape = lead + (self.units, self.latent_dim)
         loc = self.loc(features).reshape(shape)  # (B, [T,] H, k)
-        if self.scale_mode == "unit":  # clamp the (H, k) values, then broadcast them (no copy)
-            scale = softplus(self.raw_scale).clamp(self.scale_min, self.scale_max)  # (H, k)
-            scale = scale.expand(shape)  # (B, [T,] H, k)
-        else:
-            scale = softplus(self.scale_head(features)).reshape(shape)  # (B, [T,] H, k)
-            scale = scale.clamp(self.scale_min, self.scale_max)
         if temporal:  # time goes last
             loc = torch.movedim(loc, -3, -1)  # (..., B, H, k, T)
-            scale = torch.movedim(scale, -3, -1)  # (..., B, H, k, T)
+        if self.scale_mode == "unit":  # clamp the (H, k) values, then broadcast them (no copy)
+            scale = softplus(self.raw_scale).clamp(*self._bounds(self.raw_scale))  # (H, k)
+            if temporal:
+                scale = scale.unsqueeze(-1)  # (H, k, 1)
+            if expand:
+                scale = scale.expand(loc.shape)  # (..., B, H, k[, T])
+        else:
+            scale = softplus(self.scale_head(features)).reshape(shape)  # (B, [T,] H, k)
+            scale = scale.clamp(*self._bounds(scale))
+            if temporal:
+                scale = torch.movedim(scale, -3, -1)  # (..., B, H, k, T)
         return loc, scale
+
+    def _bounds(self, like):
+        """``(scale_min, scale_max)`` as 0-dim tensors of ``like``'s dtype and device, kept:
+        clamping to tensors leaves no Python number in the graph (each is a host-to-tensor copy
+        in the clamp's backward)."""
+        key = (like.dtype, like.device, self.scale_min, self.scale_max)
+        kept = self.__dict__.get("_scale_bounds")
+        if kept is None or kept[0] != key:
+            bounds = tuple(torch.tensor(b, dtype=like.dtype, device=like.device) for b in key[2:])
+            kept = self.__dict__["_scale_bounds"] = (key, bounds)
+        return kept[1]
 
     def dist(self, features, temporal=False):
         """The posterior as a distribution: batch ``(..., B, H)``, event ``(k,)`` or
         ``(k, T)``."""
-        loc, scale = self(features, temporal)
+        loc, scale = self(features, temporal, expand=False)
         return self.dist_from(loc, scale, temporal)
 
     @staticmethod
     def moments(loc, scale):
-        """Marginal means and scales from the parameters (for a Normal, the parameters)."""
-        return loc, scale
+        """Marginal means and scales from the parameters (for a Normal, the parameters), each
+        ``(..., B, H, k[, T])``."""
+        return loc, scale.expand(loc.shape)
 
     @staticmethod
     def dist_from(loc, scale, temporal=False):
-        """The posterior from its parameters ``(..., B, H, k[, T])``: batch ``(..., B, H)``."""
-        return dist.Normal(loc, scale).to_event(2 if temporal else 1)
+        """The posterior from its parameters: ``loc (..., B, H, k[, T])`` and a ``scale``
+        broadcastable to it; batch ``(..., B, H)``."""
+        return BroadcastNormal(loc, scale).to_event(2 if temporal else 1)

@@ -36,8 +36,10 @@ groups (dims in brackets; ``chain`` and ``draw`` lead every sampled variable):
 - ``training`` (when ``history`` is given): the fit history over dim ``step``: ``loss``,
   ``loss_per_obs``, ``val_loss`` (NaN where not validated), ``epoch``, and per layer
   ``"<site>.kl"`` and ``"<site>.beta"`` with dims ``(step, <layer>.unit)`` (the mean over steps
-  for a layer called once per step); its attrs hold the best validation loss and step, the
-  number of steps and the wall time.
+  for a layer called once per step); each ``"<site>.kl"`` is in the library's one KL unit, nats
+  per time step for a temporal unit and nats per observation otherwise, as its ``units`` attr
+  says (and the group's ``kl_units`` attr); the group's attrs also hold the best validation loss
+  and step, the number of steps and the wall time.
 
 With arviz < 1 the result is an :class:`arviz.InferenceData`; with arviz >= 1 (Python >= 3.12)
 it is an :class:`xarray.DataTree` with the same groups. :func:`_from_dict` is the one place that
@@ -66,6 +68,7 @@ from pyro.poutine.util import site_is_subsample
 from vdn_pyro.guides.builder import NeuronGuide
 from vdn_pyro.models.neurons import find_neurons, neuron_sites
 from vdn_pyro.primitives import DATA_PLATE, NEURONS_INFER_KEY, capture_posteriors, module_params
+from vdn_pyro.unit_status import KL_UNITS
 
 __all__ = [
     "TWIN_JITTER",
@@ -395,7 +398,8 @@ def _history_dataset(history, layers):
                 gathered.setdefault(owner, []).append(values)
         for site, parts in gathered.items():
             values = np.mean(parts, axis=0)  # (n_logged, H)
-            data[f"{site}.{kind}"] = (("step", unit_dim(site)), values)
+            attrs = {"units": KL_UNITS} if kind == "kl" else {}
+            data[f"{site}.{kind}"] = (("step", unit_dim(site)), values, attrs)
             coords[unit_dim(site)] = np.arange(values.shape[1])
     attrs = {
         "best_val_loss": float(history.best_val_loss),
@@ -404,6 +408,7 @@ def _history_dataset(history, layers):
         "seconds": float(history.seconds),
         "interrupted": int(getattr(history, "interrupted", False)),
         "stop_reason": str(getattr(history, "stop_reason", "completed")),
+        "kl_units": KL_UNITS,
     }
     return xr.Dataset(data, coords=coords, attrs=attrs)
 

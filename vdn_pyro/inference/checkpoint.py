@@ -49,6 +49,7 @@ __all__ = [
     "check_compatible",
     "config_payload",
     "get_rng_state",
+    "incompatibilities",
     "load_checkpoint",
     "load_network",
     "network_fingerprint",
@@ -145,17 +146,17 @@ def _class_name(network):
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def check_compatible(checkpoint, network, path="checkpoint"):
-    """Raise :class:`IncompatibleCheckpointError` unless ``checkpoint`` was written for a network
-    of the same architecture as ``network``.
+def incompatibilities(checkpoint, network):
+    """What differs between the network a checkpoint was written for and ``network``.
 
     :param dict checkpoint: as returned by :func:`load_checkpoint`.
     :param network: the module to load it into.
-    :param str path: the file name, for messages.
+    :returns: a list of short descriptions (``"config.units: checkpoint 4, network 5"``), empty
+        when the architectures agree (or the checkpoint has no fingerprint).
     """
     saved, current = checkpoint.get("fingerprint"), network_fingerprint(network)
     if saved is None:
-        return
+        return []
     problems = []
     if _CLASS_ALIASES.get(saved.get("class"), saved.get("class")) != current["class"]:
         problems.append(f"class {saved.get('class')} != {current['class']}")
@@ -170,6 +171,18 @@ def check_compatible(checkpoint, network, path="checkpoint"):
             a = "missing" if a is None else f"shape {tuple(a[0])} {a[1]}"
             b = "missing" if b is None else f"shape {tuple(b[0])} {b[1]}"
             problems.append(f"{name}: checkpoint {a}, network {b}")
+    return problems
+
+
+def check_compatible(checkpoint, network, path="checkpoint"):
+    """Raise :class:`IncompatibleCheckpointError` unless ``checkpoint`` was written for a network
+    of the same architecture as ``network`` (see :func:`incompatibilities`).
+
+    :param dict checkpoint: as returned by :func:`load_checkpoint`.
+    :param network: the module to load it into.
+    :param str path: the file name, for messages.
+    """
+    problems = incompatibilities(checkpoint, network)
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise IncompatibleCheckpointError(
@@ -279,6 +292,8 @@ def save_checkpoint(path, payload, *, network=None, check_finite=("network", "op
     :returns: the :class:`pathlib.Path` written.
     :raises CheckpointError: if a checked entry holds NaN or inf (nothing is written, and an
         existing checkpoint at ``path`` is left as it was).
+    :raises OSError: if the file cannot be written (a full disk, a read-only directory), with
+        ``filename`` set to ``path``; an existing checkpoint is left as it was.
     """
     path = Path(path)
     if not isinstance(payload, dict):
@@ -304,9 +319,11 @@ def save_checkpoint(path, payload, *, network=None, check_finite=("network", "op
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name it
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     _fsync_dir(path.parent)
     return path

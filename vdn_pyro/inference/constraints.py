@@ -4,8 +4,8 @@ Each constraint is a small object handed to :func:`~vdn_pyro.inference.fit` in
 ``constraints=[...]``. ``fit`` adds it both to the :class:`~vdn_pyro.inference.LocalELBO`'s hooks
 and to its callbacks, so a constraint acts through whichever of these it defines:
 
-- ``transform_kl(site, kl)``: rewrite the unscaled per-element KL ``(..., B, H)`` inside the loss
-  (:class:`FreeBits`);
+- ``transform_kl(site, kl)``: rewrite the unscaled per-element KL ``(..., B, H)``, in nats per
+  step, inside the loss (:class:`FreeBits`);
 - ``penalty(site, guide_site, stats)``: a differentiable scalar added to the loss
   (:class:`LocBand`);
 - ``on_fit_start(state)`` / ``on_step_end(state)``: act on the network outside the gradient,
@@ -22,6 +22,14 @@ Site names are checked against the network when the fit starts (or on :meth:`Con
 and a name that does not exist is a ``ValueError``. Constraints that keep state (such as
 :class:`KLBand`'s KL moving averages) expose it through ``state_dict()``/``load_state_dict()`` so
 that checkpoints can hold it.
+
+**One KL unit.** Every KL a constraint reads, bounds or steers is in the library's one unit
+(:class:`~vdn_pyro.inference.UnitStats`): nats per time step for a temporal unit (its KL over the
+T steps of a sequence, or of a chunk of T windows, divided by T), nats per observation for a
+static one. So :class:`KLBand`'s band and moving average, :class:`FreeBits`' floor, the
+diagnostics' ``kl``, ``kl_ema`` and status thresholds, and the fit's logs and progress bar all
+give the same unit the same number, whatever T. The loss still charges the KL summed over the
+steps; only what is measured and steered is per step.
 
 A layer called once per time step (sites ``"<site>.<t>"``, see
 :meth:`~vdn_pyro.models.Neurons.owns`) is one layer here: its site is ``"<site>"``, what acts on
@@ -291,7 +299,8 @@ class KLBand(Constraint):
     r"""Homeostatic thermostat on each unit's KL coefficient :math:`\beta_i`.
 
     After every optimisation step it updates an exponential moving average of each unit's
-    unscaled KL (nats per observation, from the ELBO's statistics)
+    unscaled KL (from the ELBO's statistics, in nats per time step for a temporal unit and nats
+    per observation otherwise, the unit of :class:`~vdn_pyro.inference.UnitStats`)
     :math:`\bar k_i \leftarrow \gamma \bar k_i + (1 - \gamma) \mathrm{KL}_i` and, outside the
     gradient, moves :math:`\log \beta_i` by ``rate`` times the log-distance :math:`d_i` of
     :math:`\bar k_i` from the band:
@@ -320,7 +329,8 @@ class KLBand(Constraint):
     The new :math:`\beta_i` is written in place into the layer's ``beta`` buffer, so the network's
     ``state_dict`` holds it; the moving averages and integrals are in :meth:`state_dict`.
 
-    :param float low: lower edge :math:`l` of the band, nats, ``>= 0``.
+    :param float low: lower edge :math:`l` of the band, nats per step (per observation for a
+        static unit), ``>= 0``.
     :param float high: upper edge :math:`h`, ``> low``.
     :param float rate: integral step :math:`r > 0` of :math:`\log\beta` per unit of
         log-distance.
@@ -396,7 +406,8 @@ class KLBand(Constraint):
         """Fold one step's per-unit KL into the moving average and move the layer's beta.
 
         :param layer: a neuron layer with ``site`` and a ``beta`` buffer ``(H,)``.
-        :param torch.Tensor kl: the unscaled KL per unit ``(H,)`` in nats.
+        :param torch.Tensor kl: the unscaled KL per unit ``(H,)`` in nats per step (per
+            observation for a static unit), as :attr:`~vdn_pyro.inference.UnitStats.kl`.
         :param bool update_beta: also move beta (else only the average).
         :returns: the layer's beta ``(H,)`` after the update.
         """
@@ -455,35 +466,59 @@ class KLBand(Constraint):
 
 class FreeBits(Constraint):
     r"""Free bits per unit: the KL term of unit i in the loss is :math:`\max(\mathrm{KL}_i,
-    \lambda)`, where :math:`\mathrm{KL}_i` is the unit's KL averaged over the batch (and
-    particles).
+    \lambda)` nats per step, where :math:`\mathrm{KL}_i` is the unit's KL averaged over the batch
+    (and particles), in nats per time step for a temporal unit and per observation otherwise (the
+    unit of :class:`~vdn_pyro.inference.UnitStats`).
 
-    Below :math:`\lambda` the term is the constant :math:`\lambda` and sends no gradient, so
-    nothing pushes a unit's rate under :math:`\lambda` nats; above it the term is the unit's KL
-    unchanged. Acts through ``transform_kl``: the per-element KL ``(..., B, H)`` of a unit under
-    the floor is replaced by :math:`\lambda` (still scaled by the unit's :math:`\beta_i` and the
-    subsample factor).
+    Acts through ``transform_kl`` on the per-element, per-step KL ``(..., B, H)``: the elements of a
+    unit under the floor are replaced by :math:`\lambda`, so the loss charges that unit
+    :math:`\lambda` per step, :math:`T \lambda` per sequence of T steps (still scaled by its
+    :math:`\beta_i` and the subsample factor); above the floor the term is the unit's KL unchanged.
+    The floor is per step, so the same per-step information is floored the same way whatever T.
 
-    Note that the ELBO's recorded ``UnitStats.kl`` is the transformed term.
+    **The default is a soft objective, not a floor on the KL.** Below :math:`\lambda` the term is
+    a constant and sends no gradient, so nothing *in the KL term* pushes a unit's rate further
+    down; but nothing pushes it back up either. An optimiser with momentum (Adam) carries a unit
+    whose KL is being pushed down past :math:`\lambda`, and a unit the likelihood has no use for
+    then stays wherever it stopped: at a large :math:`\beta` units end below :math:`\lambda`.
 
-    :param float lam: the floor :math:`\lambda \ge 0`, nats per unit.
+    With ``hard=True`` the floor holds: below :math:`\lambda` the term becomes
+    :math:`2\lambda - \mathrm{KL}_i` (charged at least :math:`\lambda`), whose gradient pushes the
+    unit's KL back up with the same force :math:`\beta_i` that pushes it down above the floor.
+    A unit can dip below :math:`\lambda` by what the optimiser's momentum carries for a few steps
+    and comes back, so at the end of a fit every unit's KL is at :math:`\lambda` or above, up to
+    that step noise. The price: a unit is made to spend :math:`\lambda` nats per step even where
+    it carries nothing useful (it may then show as ``dead`` by its mutual information, see
+    :func:`~vdn_pyro.inference.unit_report`).
+
+    The ELBO's recorded :attr:`~vdn_pyro.inference.UnitStats.kl` is always the unit's real KL, not
+    this term.
+
+    :param float lam: the floor :math:`\lambda \ge 0`, nats per step (per observation for a
+        static unit).
+    :param bool hard: hold the floor (see above) instead of only removing the gradient below it.
     :param sites: see :class:`Constraint`.
     """
 
-    def __init__(self, lam=0.1, *, sites=None):
+    def __init__(self, lam=0.1, *, hard=False, sites=None):
         super().__init__(sites)
         self.lam = _check_real("FreeBits", "lam", lam, low=0.0)
+        if not isinstance(hard, bool):
+            raise TypeError(f"FreeBits: expected hard to be True or False, but got {hard!r}.")
+        self.hard = hard
 
     def transform_kl(self, site, kl):
-        """:param str site: site name. :param torch.Tensor kl: unscaled KL ``(..., B, H)``.
-        :returns: the free-bits term, same shape."""
+        """:param str site: site name. :param torch.Tensor kl: unscaled KL ``(..., B, H)`` in nats
+        per step. :returns: the free-bits term, same shape."""
         if not self.covers(site):
             return kl
         unit_kl = kl.reshape(-1, kl.shape[-1]).mean(0)  # (H,)
-        return torch.where(unit_kl >= self.lam, kl, torch.full_like(kl, self.lam))  # (..., B, H)
+        below = 2 * self.lam - kl if self.hard else torch.full_like(kl, self.lam)  # (..., B, H)
+        return torch.where(unit_kl >= self.lam, kl, below)  # (..., B, H)
 
     def __repr__(self):
-        return f"FreeBits(lam={self.lam}{self._scope_repr()})"
+        hard = ", hard=True" if self.hard else ""
+        return f"FreeBits(lam={self.lam}{hard}{self._scope_repr()})"
 
 
 class LocBand(Constraint):

@@ -5,15 +5,22 @@ that contains them (found by walking its module tree), on a data set ``x`` (trai
 out), along the network's mean path (each layer reads the previous layer's posterior mean, as
 :func:`~vdn_pyro.models.base.posteriors` computes it):
 
-- ``kl``: :math:`\mathbb{E}_x\, \mathrm{KL}(q(z_i \mid x) \,\|\, p(z_i))` in nats per
-  observation (summed over the unit's k latent dims and T steps), analytic, from the posterior
-  and the prior modules with :func:`torch.distributions.kl_divergence`; ``kl_ema``: its moving
-  average over training steps when a :class:`~vdn_pyro.inference.KLBand` or a
+- ``kl``: :math:`\mathbb{E}_x\, \mathrm{KL}(q(z_i \mid x) \,\|\, p(z_i))` in the library's one
+  KL unit: **nats per time step** for a temporal unit (its KL over the T steps of the input's
+  time axis divided by T) and **nats per observation** for a static one (summed over the unit's k
+  latent dims), analytic, from the posterior and the prior modules with
+  :func:`torch.distributions.kl_divergence`. It is the unit of the ELBO's
+  :attr:`~vdn_pyro.inference.UnitStats.kl`, of :class:`~vdn_pyro.inference.KLBand`'s band and
+  of the fit's logs, so the same unit gets the same number in each, whatever T (give the report
+  inputs shaped as in training, e.g. chunks of T windows, to compare with them). ``kl_ema``: its
+  moving average over training steps when a :class:`~vdn_pyro.inference.KLBand` or a
   :class:`UnitMonitor` keeps one;
 - ``var_mean``: :math:`\mathrm{Var}_x\, \mathbb{E}_q[z_i]` (mean over latent dims and steps);
   ``active`` is ``var_mean > 0.01`` (the active-unit measure of Burda et al., 2016);
 - ``mi``: the mutual information :math:`I(x; z_i)` under the aggregate posterior, see
-  :func:`mutual_information`;
+  :func:`mutual_information`; for a temporal unit the mean over steps of
+  :math:`I(x; z_{i,t})`, nats per step like ``kl`` (the information of the whole path would grow
+  with T, and saturate at :math:`\log N`);
 - ``loc_sq`` and ``scale``: the mean over inputs (and dims, steps) of the posterior loc squared
   and of the posterior scale, with ``kl_in_band``, ``loc_in_band``, ``scale_in_band`` (and
   ``in_band`` for all of them); ``prior_scale`` is the prior's marginal scale;
@@ -30,10 +37,14 @@ out), along the network's mean path (each layer reads the previous layer's poste
   2. ``deterministic`` (variance collapse): ``scale < deterministic_scale * prior_scale``
      (default 5% of the prior's scale), or the scale sits at the posterior's lower clamp
      (within ``floor_tolerance``, 1%), while the KL is above ``dead_kl``;
-  3. ``dead`` (posterior collapse): ``kl < dead_kl`` (0.01 nats, q is the prior) or
+  3. ``dead`` (posterior collapse): ``kl < dead_kl`` (0.01 nats per step, q is the prior) or
      ``mi < dead_mi`` (0.01 nats, q does not depend on the input);
   4. ``drifting``: ``drift > drift`` (0.5: a statistic moved by more than half over the window);
   5. ``living``: none of the above.
+
+With a single input there is no variance over inputs and no mutual information:
+:func:`unit_report` then warns, and ``mi`` and ``var_mean`` are ``NaN`` (``active`` is false), so
+the status rests on the KL, loc^2 and scale alone instead of calling every unit dead.
 
 :func:`unit_report` returns these as a tidy :class:`pandas.DataFrame` (one row per site and
 unit) and :func:`layer_summary` aggregates it per layer. :class:`UnitMonitor` records them every
@@ -50,6 +61,7 @@ over steps of each step's KL against that step's (conditional) prior, in nats pe
 import dataclasses
 import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -170,7 +182,8 @@ def _mean_path(network, args, layers):
             loc, scale = posts[site]  # (N, H, k[, T])
             q = torch.distributions.Independent(torch.distributions.Normal(loc, scale), loc.dim() - 2)
             p = trace.nodes[site]["fn"]
-            kls.append(_per_unit(kl_divergence(q, p), layer.units))  # (H,)
+            steps = math.prod(loc.shape[3:])  # T of a temporal site, else 1
+            kls.append(_per_unit(kl_divergence(q, p), layer.units) / steps)  # (H,) nats per step
             base = _base_normal(p)
             if isinstance(base, torch.distributions.Normal):
                 prior_scale = base.scale.expand(base.batch_shape)  # (..., N, H[, k[, T]])
@@ -192,6 +205,22 @@ def _mean_path(network, args, layers):
     return out
 
 
+def _mutual_information_per_step(loc, scale, num_samples, max_points, generator):
+    """:func:`mutual_information` per unit, for a temporal unit the mean over its T steps of each
+    step's information: ``loc``/``scale`` ``(N, H, k[, T]) -> (H,)`` nats (per step)."""
+    if loc.dim() < 4:
+        return mutual_information(loc, scale, num_samples, max_points, generator)  # (H,)
+    n, units = loc.shape[:2]
+    steps = math.prod(loc.shape[3:])
+
+    def per_step(value):  # (N, H, k, T...) -> (N, H * T, k): each (unit, step) a column
+        value = value.expand_as(loc).reshape(n, units, loc.shape[2], steps)  # (N, H, k, T)
+        return value.movedim(2, -1).reshape(n, units * steps, loc.shape[2])  # (N, H * T, k)
+
+    mi = mutual_information(per_step(loc), per_step(scale), num_samples, max_points, generator)
+    return mi.reshape(units, steps).mean(-1)  # (H,)
+
+
 def _memory(prior, units):
     """Lag-1 coefficient and half-life per unit ``(H,)`` each, or ``None`` if the prior has none."""
     phi, half_life = getattr(prior, "phi", None), getattr(prior, "half_life", None)
@@ -208,8 +237,10 @@ def unit_kl(network, x):
         :class:`~pyro.nn.PyroModule`, :class:`~vdn_pyro.VDN`, ...), not the deterministic twin.
     :param x: the model's input, a tensor ``(N, ...)`` (``model(x)``), or a tuple of its
         positional arguments.
-    :returns: dict ``site -> (H,)`` tensor of KL in nats, averaged over the N inputs (and over
-        the steps of a layer called once per step), one entry per distributional layer.
+    :returns: dict ``site -> (H,)`` tensor of KL in nats per time step for a temporal layer (its
+        KL over the T steps divided by T, or the mean over the steps of a layer called once per
+        step) and nats per observation for a static one, averaged over the N inputs, one entry
+        per distributional layer.
     """
     layers = distributional_layers(network, "unit_kl")
     return {p.layer.site: p.kl for p in _mean_path(network, _as_args(x, "unit_kl"), layers)}
@@ -258,7 +289,9 @@ def unit_report(
     Columns: ``site``, ``layer``, ``unit``, ``beta``, ``kl``, ``kl_ema``, ``mi``, ``var_mean``,
     ``active``, ``loc_sq``, ``scale``, ``prior_scale``, ``phi``, ``half_life``, ``kl_in_band``,
     ``loc_in_band``, ``scale_in_band``, ``half_life_in_band`` (``True`` where no band is set),
-    ``in_band``, ``drift``, ``status``. Definitions and thresholds are in the module docstring.
+    ``in_band``, ``drift``, ``status``. ``kl`` and ``kl_ema`` are in nats per time step for a
+    temporal unit, per observation otherwise. Definitions and thresholds are in the module
+    docstring.
 
     :param network: any module that contains :class:`~vdn_pyro.models.Neurons` layers (a user's
         :class:`~pyro.nn.PyroModule`, :class:`~vdn_pyro.VDN`,
@@ -266,7 +299,7 @@ def unit_report(
         of each distributional layer; ``layer`` is its index among them (module-tree order).
     :param x: the model's input, a tensor ``(N, ...)`` such as ``(N, D)`` or ``(N, T, D)``
         (``model(x)``), or a tuple of its positional arguments.
-    :param tuple kl_band: default KL band (nats per unit).
+    :param tuple kl_band: default KL band (nats per step, per observation for a static unit).
     :param tuple loc_band: default loc^2 band.
     :param tuple scale_band: default scale band.
     :param tuple half_life_band: default half-life band (``None``: no band).
@@ -280,6 +313,7 @@ def unit_report(
     :param int max_points: inputs used by the mutual-information estimate.
     :param int seed: seed of the mutual-information draws (the global RNG is not touched).
     :returns: a :class:`pandas.DataFrame`.
+    :warns UserWarning: with a single input (``mi``, ``var_mean`` are then ``NaN``).
 
     >>> from vdn_pyro import VDN
     >>> report = unit_report(VDN(4, 1, units=(3,)), torch.randn(32, 4))
@@ -300,13 +334,24 @@ def unit_report(
             c.bind(network)
     thresholds = thresholds or StatusThresholds()
     generator = torch.Generator().manual_seed(int(seed))
+    posts = _mean_path(network, args, layers)
+    if any(post.loc.shape[0] < 2 for post in posts):
+        warnings.warn(
+            "unit_report: got a single input; the variance over inputs and the mutual information "
+            "need at least 2, so var_mean and mi are NaN and each unit's status rests on its KL, "
+            "loc^2 and scale alone. Pass more inputs for a full report.",
+            UserWarning,
+            stacklevel=2,
+        )
     frames = []
-    for index, post in enumerate(_mean_path(network, args, layers)):
+    for index, post in enumerate(posts):
         layer, site, kl = post.layer, post.layer.site, post.kl  # kl: (H,)
         loc, scale = post.loc, post.scale  # (N, H, k[, T])
         flat_loc, flat_scale = _flat(loc), _flat(scale.expand_as(loc))  # (N, H, D)
         var_mean = flat_loc.var(0, unbiased=False).mean(-1)  # (H,)
-        mi = mutual_information(loc, scale, num_samples, max_points, generator)  # (H,)
+        mi = _mutual_information_per_step(loc, scale, num_samples, max_points, generator)  # (H,)
+        if loc.shape[0] < 2:  # no spread over one input: unknown, not zero
+            var_mean, mi = torch.full_like(var_mean, math.nan), torch.full_like(mi, math.nan)
         loc_sq = (flat_loc**2).mean((0, 2))  # (H,)
         scale_u = flat_scale.mean((0, 2))  # (H,)
         nan = torch.full_like(kl, math.nan)  # (H,)
@@ -386,8 +431,9 @@ def layer_summary(report):
     Columns (per ``site``, and per ``step`` when the report has one): ``units``,
     ``fraction_living``, ``fraction_dead``, ``fraction_deterministic``, ``fraction_exploding``,
     ``fraction_drifting``, ``fraction_active``, ``fraction_out_of_band`` (any of the unit's bands
-    missed), ``fraction_kl_out_of_band`` (the KL band missed), ``total_kl`` (the layer's rate,
-    nats per observation), ``total_mi`` and ``mean_beta``.
+    missed), ``fraction_kl_out_of_band`` (the KL band missed), ``total_kl`` (the layer's rate:
+    the sum of its units' ``kl``, nats per time step for a temporal layer and per observation
+    otherwise), ``total_mi`` and ``mean_beta``.
 
     :param pandas.DataFrame report: the per-unit table.
     :returns: a :class:`pandas.DataFrame`, one row per layer (and step).

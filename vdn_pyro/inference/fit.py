@@ -13,8 +13,10 @@ Around the loop, :func:`fit` provides what a long run needs:
 - SIGINT/SIGTERM handling, when asked (``handle_signals=True``, as the CLI does): the current step
   finishes, a final checkpoint is written and the fit returns with ``interrupted=True``;
 - a NaN/inf guard: a step whose loss or gradient is not finite is skipped with a warning, and
-  :class:`NonFiniteError` is raised after ``max_bad_steps`` such steps in a row. Parameters never
-  take a non-finite update, and a checkpoint with NaN or inf is never written.
+  :class:`NonFiniteError` is raised after ``max_bad_steps`` such steps in a row, or at the end of
+  a fit none of whose steps was finite (it never reports a completed run with the parameters it
+  started with). Parameters never take a non-finite update, and a checkpoint with NaN or inf is
+  never written.
 
 :func:`fit` behaves as a library function: it trains ``network.parameters()`` with a torch
 optimiser, with Pyro's global param store left untouched
@@ -60,7 +62,7 @@ from vdn_pyro.inference.elbo import LocalELBO
 from vdn_pyro.models.neurons import find_neurons
 from vdn_pyro.primitives import module_params
 
-__all__ = ["LOG_COLUMNS", "FitResult", "FitState", "NonFiniteError", "evaluate_loss", "fit"]
+__all__ = ["LOG_COLUMNS", "FitResult", "FitState", "NonFiniteError", "data_digest", "evaluate_loss", "fit"]
 
 _OPTIMS = {"adam": torch.optim.Adam, "clipped_adam": ClippedAdam, "adamw": torch.optim.AdamW}
 _EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
@@ -83,7 +85,18 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(FloatingPointError):
-    """Raised by :func:`fit` after ``max_bad_steps`` steps in a row with a NaN/inf loss or gradient."""
+    """Raised by :func:`fit` after ``max_bad_steps`` steps in a row with a NaN/inf loss or
+    gradient, or at the end of a fit none of whose steps was finite.
+
+    :ivar int first: the first step of the non-finite streak.
+    :ivar int last: its last step.
+    :ivar str problem: what was not finite at the last one.
+    :ivar checkpoint: the path (str) of the last checkpoint written, or ``None``.
+    """
+
+    def __init__(self, message, *, first=None, last=None, problem=None, checkpoint=None):
+        super().__init__(message)
+        self.first, self.last, self.problem, self.checkpoint = first, last, problem, checkpoint
 
 
 @dataclasses.dataclass
@@ -101,6 +114,10 @@ class FitState:
     :ivar dict stats: this step's per-unit :class:`~vdn_pyro.inference.UnitStats` by site.
     :ivar history: the :class:`FitResult` being filled.
     :ivar bool stop: set to ``True`` to stop after this step.
+    :ivar float living: the fraction of living units as a callback measured it (e.g. from a
+        per-unit table, :func:`~vdn_pyro.inference.unit_report`), or ``None``. When set, the
+        progress bar shows it instead of the step's own count (units whose KL on the minibatch
+        exceeds ``living_kl``); a value set in ``on_fit_end`` is the bar's last word.
     """
 
     network: object
@@ -112,6 +129,7 @@ class FitState:
     stats: dict = dataclasses.field(default_factory=dict)
     history: object = None
     stop: bool = False
+    living: float = None
 
 
 @dataclasses.dataclass
@@ -327,7 +345,12 @@ def _first_nonfinite_grad(named_params):
     return None  # finite entries whose sum overflowed: not a bad gradient
 
 
-def _data_digest(*tensors):
+def data_digest(*tensors):
+    """The digest of the training data a checkpoint records (``checkpoint["data"]["digest"]``):
+    a BLAKE2b hash of the shapes, dtypes and bytes of the tensors, as a hex string.
+
+    :param tensors: e.g. ``x, y`` as passed to :func:`fit`.
+    """
     h = hashlib.blake2b(digest_size=16)
     for t in tensors:
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
@@ -585,7 +608,8 @@ def fit(
     :param bool restore_best: load the best-validation state into the network at the end.
     :param device: move the network and data to this device (default: where the network is).
     :param bool progress: show a :mod:`tqdm` bar on stderr with the loss, the ELBO per
-        observation and the fraction of living units. It never changes the logs.
+        observation, the fraction of living units and, when there are any, the number of skipped
+        (non-finite) steps. It never changes the logs.
     :param log_dir: if given, write ``log.csv`` (columns :data:`LOG_COLUMNS`) and ``log.jsonl``
         (the same plus per-unit ``kl`` and ``beta`` by site) there, one row per logged step,
         flushed as written. ``living`` is the fraction of units whose KL exceeds ``living_kl``.
@@ -608,7 +632,8 @@ def fit(
         disposition (also over ``SIG_IGN``) and the previous ones are restored on return.
     :param float living_kl: KL threshold (nats) above which a unit counts as living.
     :returns: a :class:`FitResult`.
-    :raises NonFiniteError: after ``max_bad_steps`` non-finite steps in a row.
+    :raises NonFiniteError: after ``max_bad_steps`` non-finite steps in a row, or at the end of
+        a fit (or of a resumed part) none of whose steps was finite.
     :raises ~vdn_pyro.inference.checkpoint.CheckpointError: if the checkpoint to resume from is
         unreadable, foreign or incompatible.
     """
@@ -652,7 +677,7 @@ def fit(
     total = steps if steps is not None else epochs * per_epoch
     val_every = val_every or per_epoch
     checkpoint_every = checkpoint_every or per_epoch
-    digest = _data_digest(x, y) if (checkpoint_dir is not None or checkpoint is not None) else None
+    digest = data_digest(x, y) if (checkpoint_dir is not None or checkpoint is not None) else None
     elbo = elbo or LocalELBO()
     constraints = list(constraints)
     callbacks = constraints + list(callbacks)
@@ -670,7 +695,7 @@ def fit(
     order, cursor, start = None, 0, 0
     if checkpoint is not None:
         start, order, cursor = _restore(
-            checkpoint, resume_path, optimizer, result, state, n, batch_size, total, digest
+            checkpoint, resume_path, optimizer, constraints, result, state, n, batch_size, total, digest
         )
         order = order.to(device)
         state.step = result.resumed_from = start
@@ -723,7 +748,7 @@ def fit(
             tqdm(total=total, initial=start, disable=not progress, desc="fit", unit="step", file=sys.stderr)
         )
         catcher = stack.enter_context(_SignalCatcher(handle_signals))
-        session_start, bad_in_row = time.perf_counter(), 0
+        session_start, bad_in_row, problem, postfix = time.perf_counter(), 0, None, {}
         network.train()
         for step in range(start + 1, total + 1):
             if cursor >= n:
@@ -752,11 +777,6 @@ def fit(
                 bad_in_row = 0
                 state.loss, state.stats = float(loss.detach()), stats
                 living = _living_fraction(stats, living_kl) if (progress or run_log) else math.nan
-                if progress:
-                    postfix = {"loss": f"{state.loss:.4g}", "elbo/obs": f"{-state.loss / n:.4g}"}
-                    if not math.isnan(living):
-                        postfix["living"] = f"{living:.0%}"
-                    bar.set_postfix(postfix, refresh=False)
                 if step % log_every == 0 or step == total:
                     last = step == total
                     row = _log_step(network, elbo, result, state, stats, n, last, val_every, val, device)
@@ -766,6 +786,10 @@ def fit(
                         run_log.write(_log_row(row, stats, network, living, skipped, seconds))
                 for cb in callbacks:
                     getattr(cb, "on_step_end", lambda s: None)(state)
+                if progress:
+                    postfix = {"loss": f"{state.loss:.4g}", "elbo/obs": f"{-state.loss / n:.4g}"}
+                    _show_living(postfix, state, living, result)
+                    bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if state.stop:
                 result.stop_reason = "callback"
@@ -778,11 +802,10 @@ def fit(
                 write_checkpoint(final=False)
         network.eval()
         result.seconds = previous_seconds + time.perf_counter() - session_start
+        if bad_in_row and bad_in_row == state.step - start and not result.interrupted:
+            _no_finite_step(start + 1, state.step, problem, result)
         if checkpoint_dir is not None:
             write_checkpoint(final=True)
-        bar.close()
-        if result.interrupted:
-            _report_interruption(result, state.step, total, checkpoint_dir)
         result.unit_kl = {k: np.stack(v) for k, v in result.unit_kl.items()}
         result.unit_beta = {k: np.stack(v) for k, v in result.unit_beta.items()}
         result.steps = state.step
@@ -791,7 +814,23 @@ def fit(
             network.load_state_dict(result.best_state)
         for cb in callbacks:
             getattr(cb, "on_fit_end", lambda s: None)(state)
+        if progress and state.living is not None:  # a final table measured by a callback
+            _show_living(postfix, state, math.nan, result)
+            bar.set_postfix(postfix, refresh=True)
+        bar.close()
+        if result.interrupted:
+            _report_interruption(result, state.step, total, checkpoint_dir)
     return result
+
+
+def _show_living(postfix, state, living, result):
+    """The bar's ``living`` (a callback's measure when it gave one, else the step's KL count)
+    and ``skipped`` entries."""
+    living = state.living if state.living is not None else living
+    if not math.isnan(living):
+        postfix["living"] = f"{living:.0%}"
+    if result.skipped_steps:
+        postfix["skipped"] = len(result.skipped_steps)
 
 
 def _report_interruption(result, step, total, checkpoint_dir):
@@ -805,6 +844,22 @@ def _report_interruption(result, step, total, checkpoint_dir):
     )
 
 
+def _no_finite_step(first, last, problem, result):
+    """Every step of this fit (or of this resumed part) was skipped: its parameters are the ones
+    it started from, so it must not report a completed run."""
+    saved = f" The last checkpoint is {result.checkpoint_path}." if result.checkpoint_path else ""
+    raise NonFiniteError(
+        f"Expected at least one finite step, but every step of the fit ({first} to {last}) had a "
+        f"non-finite loss or gradient (last: {problem}), so the network keeps the parameters it "
+        f"started with.{saved} Try a smaller lr, optim='clipped_adam', a larger beta or scale_min, "
+        "or check the data for extreme values.",
+        first=first,
+        last=last,
+        problem=problem,
+        checkpoint=result.checkpoint_path,
+    )
+
+
 def _on_bad_step(step, problem, bad_in_row, max_bad_steps, result):
     if bad_in_row >= max_bad_steps:
         first = step - bad_in_row + 1
@@ -813,7 +868,11 @@ def _on_bad_step(step, problem, bad_in_row, max_bad_steps, result):
             f"Expected a finite loss and gradient, but {bad_in_row} steps in a row ({first} to "
             f"{step}) were not finite (last: {problem}). The network keeps its last finite "
             f"parameters.{saved} Try a smaller lr, optim='clipped_adam', a larger beta or "
-            "scale_min, or check the data for extreme values."
+            "scale_min, or check the data for extreme values.",
+            first=first,
+            last=step,
+            problem=problem,
+            checkpoint=result.checkpoint_path,
         )
     warnings.warn(
         f"Step {step}: {problem}; skipped the update ({bad_in_row} in a row, stopping at {max_bad_steps}).",
@@ -862,10 +921,11 @@ def _log_row(row, stats, network, living, skipped, seconds):
     return out
 
 
-def _restore(checkpoint, path, optimizer, result, state, n, batch_size, total, digest):
+def _restore(checkpoint, path, optimizer, constraints, result, state, n, batch_size, total, digest):
     """Check that a checkpoint can continue this fit and load its history (the network,
     optimizer, constraint and random states are loaded after ``on_fit_start``); returns
-    ``(step, order, cursor)``."""
+    ``(step, order, cursor)``. Every check comes before any callback runs, so a refused resume
+    has no side effect."""
     data = checkpoint["data"]
     if data["num_data"] != n or data["batch_size"] != batch_size:
         raise IncompatibleCheckpointError(
@@ -892,19 +952,25 @@ def _restore(checkpoint, path, optimizer, result, state, n, batch_size, total, d
             f"Checkpoint {path} holds the state of a {checkpoint['optimizer_class']} optimizer, "
             f"but this fit uses {_optimizer_name(optimizer)}. Resume with the same optim."
         )
+    _check_constraint_types(checkpoint, path, constraints)
     _restore_history(result, checkpoint["history"])
     state.epoch = checkpoint["epoch"]
     return step, checkpoint["order"], checkpoint["cursor"]
 
 
-def _restore_constraints(checkpoint, path, constraints):
-    saved = checkpoint["constraints"]
+def _check_constraint_types(checkpoint, path, constraints):
+    saved = [s["type"] for s in checkpoint["constraints"]]
     names = [type(c).__name__ for c in constraints]
-    if [s["type"] for s in saved] != names:
+    if saved != names:
         raise IncompatibleCheckpointError(
-            f"Checkpoint {path} was written with constraints {[s['type'] for s in saved]}, but this "
-            f"fit has {names}. Resume with the same constraints, in the same order."
+            f"Checkpoint {path} was written with constraints {saved}, but this fit has {names}. "
+            "Resume with the same constraints, in the same order."
         )
+
+
+def _restore_constraints(checkpoint, path, constraints):
+    _check_constraint_types(checkpoint, path, constraints)
+    saved = checkpoint["constraints"]
     for c, s in zip(constraints, saved):
         if s["state"] is not None and hasattr(c, "load_state_dict"):
             c.load_state_dict(s["state"])

@@ -50,7 +50,8 @@ import torch
 from torch import nn
 
 from vdn_pyro.guides.builder import NeuronGuide
-from vdn_pyro.inference.elbo import LocalELBO, UnitStats
+from vdn_pyro.inference.elbo import LocalELBO, UnitStats, _single_pass_verdict
+from vdn_pyro.models.priors import no_prior_cache
 
 __all__ = ["JitLocalELBO"]
 
@@ -289,8 +290,9 @@ class JitLocalELBO(LocalELBO):
 
         start = time.perf_counter()
         devices = sorted({t.device.index or 0 for t in state + tensors if t.device.type == "cuda"})
-        if pyro.infer.is_validation_enabled():
-            # Pyro's and our checks once, eagerly, before they are left out of the graph
+        if pyro.infer.is_validation_enabled() or _single_pass_verdict(model, guide) is None:
+            # Pyro's and our checks once, eagerly, before they are left out of the graph; this
+            # run also settles whether model and guide may run as one pass (what is captured)
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 LocalELBO._loss_and_stats(self, model, guide, args, kwargs)
         sites = []
@@ -315,7 +317,8 @@ class JitLocalELBO(LocalELBO):
 
         # the capture run draws random numbers: restore the state so the first real call draws
         # exactly what an eager step would
-        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+        # priors are built from the buffers inside the graph, never taken from a cache
+        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False), no_prior_cache():
             try:
                 graph = make_fx(flat_fn, tracing_mode="real")(*state, *tensors)
             except RuntimeError as e:
@@ -329,6 +332,10 @@ class JitLocalELBO(LocalELBO):
                     "Use the eager LocalELBO for this model, or move such checks behind "
                     "pyro.infer.is_validation_enabled() (the capture runs without validation)."
                 ) from None
+        # drop what no output reads (e.g. the guide's or model's values nothing downstream uses);
+        # random and in-place operations count as used, so the draws stay those of eager code
+        if graph.graph.eliminate_dead_code():
+            graph.recompile()
         if self.backend is not None:
             graph = torch.compile(graph, backend=self.backend, dynamic=False)
         self.num_compilations += 1

@@ -22,6 +22,7 @@ from vdn_pyro.models.recurrent import (
     evaluate_sequences,
     negative_elbo,
 )
+from vdn_pyro.models.rollout import PathMixture, RolloutConfig, RolloutForecaster
 from vdn_pyro.models.vdn import VDN, Prediction, VDNConfig
 
 __all__ = [
@@ -38,12 +39,15 @@ __all__ = [
     "NeuronNetwork",
     "Neurons",
     "NormalPrior",
+    "PathMixture",
     "PointForecaster",
     "Prediction",
     "RecurrentARPrior",
     "RecurrentVDN",
     "RecurrentVDNConfig",
     "RepeatLast",
+    "RolloutConfig",
+    "RolloutForecaster",
     "SequenceEvaluation",
     "StudentTLikelihood",
     "TemporalNeurons",

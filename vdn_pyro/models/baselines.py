@@ -12,6 +12,12 @@ which is the maximum-likelihood scale of a Gaussian with that mean.
   horizon by one linear layer shared across channels; trained on the mean squared error (a
   Gaussian likelihood with unit scale).
 - :class:`RepeatLast`: repeat the last observed value over the horizon; nothing to train.
+- :class:`StudentTControl`: a Student-t on top of a trained model with one Gaussian per element
+  (the deterministic twin): its mean, its scale times c, and nu degrees of freedom, with one
+  chi-square mixing variable per step or one per path (a multivariate t over the horizon, whose
+  paths move their whole scale together); nu and c fitted by maximum likelihood. Its
+  :class:`StudentTPrediction` is scored exactly (:func:`crps_student_t`, the t log density and
+  quantiles, :func:`student_t_cdf`).
 
 DLinear is linear in the (instance-normalised) window: since
 :math:`W_t\,\mathrm{MA}_k(x) + W_s\,(x - \mathrm{MA}_k(x)) = W x` when :math:`W_t = W_s = W`,
@@ -30,7 +36,19 @@ from pyro.nn import PyroModule
 from vdn_pyro.guides.trunks import DLinearTrunk
 from vdn_pyro.models.forecaster import ForecastPrediction, _is_int, check_forecast_inputs
 
-__all__ = ["DLinear", "PointForecaster", "RepeatLast", "normal_equations", "solve_ridge"]
+__all__ = [
+    "DF_RANGE",
+    "DLinear",
+    "PointForecaster",
+    "RepeatLast",
+    "StudentTControl",
+    "StudentTPrediction",
+    "crps_student_t",
+    "normal_equations",
+    "solve_ridge",
+    "student_t_cdf",
+    "student_t_quantile",
+]
 
 
 class PointForecaster(PyroModule):
@@ -138,7 +156,6 @@ class DLinear(PointForecaster):
         offset = self.net.offset(x)  # (B, [T,] 1) or None
         return out if offset is None else out + offset
 
-
     def normalise(self, x):
         """The window the linear maps see: ``x`` minus its instance-normalisation offset.
 
@@ -240,3 +257,349 @@ class RepeatLast(PointForecaster):
 
     def point(self, x):
         return x[..., -1:].expand(x.shape[:-1] + (self.horizon,))  # (B, [T,] H)
+
+
+# ----------------------------------------------------------------------------- Student-t controls
+def _continued_fraction(a, b, x, iterations):
+    """The continued fraction of :math:`I_x(a, b)` (modified Lentz), for ``x < (a + 1) / (a + b +
+    2)``, where it converges fast and no denominator vanishes; each element stops changing once
+    its relative step is below 1e-14."""
+    c = torch.ones_like(x)
+    d = 1 / (1 - (a + b) * x / (a + 1))
+    fraction = d.clone()  # (n,)
+    alive = torch.ones_like(x, dtype=torch.bool)
+    for m in range(1, iterations + 1):
+        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1 / (1 + even * d)
+        c = 1 + even / c
+        step = d * c
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 / (1 + odd * d)
+        c = 1 + odd / c
+        step = step * d * c
+        fraction = torch.where(alive, fraction * step, fraction)
+        alive = alive & ((d * c - 1).abs() > 1e-14)
+        if not bool(alive.any()):
+            break
+    return fraction
+
+
+def _betainc(a, b, x, x1m=None, iterations=500, chunk=1 << 16):
+    r"""Regularised incomplete beta :math:`I_x(a, b)`, elementwise, in float64; ``x`` in [0, 1]
+    and ``x1m`` = 1 - x (pass it when it is known more accurately than ``1 - x``). By the
+    continued fraction, on :math:`I_x(a, b) = 1 - I_{1-x}(b, a)` above ``(a + 1) / (a + b +
+    2)``, in chunks of ``chunk`` elements (some 15 terms for a t with 4 degrees of freedom, 65
+    for 1000)."""
+    x1m = 1 - torch.as_tensor(x, dtype=torch.float64) if x1m is None else x1m
+    tensors = torch.broadcast_tensors(*(torch.as_tensor(t, dtype=torch.float64) for t in (a, b, x, x1m)))
+    shape = tensors[0].shape
+    a, b, x, x1m = (t.reshape(-1) for t in tensors)  # (n,) each
+    flip = x > (a + 1) / (a + b + 2)
+    a, b, x = torch.where(flip, b, a), torch.where(flip, a, b), torch.where(flip, x1m, x)
+    log_front = a * torch.log(x) + b * torch.log1p(-x) - torch.log(a)
+    log_front = log_front - (torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b))  # (n,)
+    parts = zip(a.split(chunk), b.split(chunk), x.split(chunk))
+    fraction = torch.cat([x[:0]] + [_continued_fraction(*part, iterations) for part in parts])  # (n,)
+    out = torch.where(x > 0, torch.exp(log_front) * fraction, torch.zeros_like(x))
+    return torch.where(flip, 1 - out, out).reshape(shape)
+
+
+def student_t_cdf(z, df):
+    r"""CDF of the standard Student-t with ``df`` degrees of freedom,
+    :math:`F_\nu(z) = 1 - \tfrac12 I_{\nu / (\nu + z^2)}(\nu/2, 1/2)` for :math:`z \ge 0`, in
+    float64.
+
+    :param z: standardised values, any shape. :param df: :math:`\nu > 0`, broadcasting.
+    :returns: float64 tensor of the broadcast shape.
+    """
+    z = torch.as_tensor(z, dtype=torch.float64)
+    df = torch.as_tensor(df, dtype=torch.float64)
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + z * z), z * z / (df + z * z))  # P(|T| > |z|) / 2
+    return torch.where(z >= 0, 1 - tail, tail)
+
+
+def student_t_quantile(level, df):
+    r"""Quantile of the standard Student-t at ``level`` (one number, by bisection on
+    :func:`student_t_cdf` to 1e-12).
+
+    :param float level: in (0, 1). :param float df: :math:`\nu > 0`.
+    :rtype: float
+    """
+    level, df = float(level), float(df)
+    if not 0 < level < 1 or not df > 0:
+        raise ValueError(f"Expected 0 < level < 1 and df > 0, but got level={level}, df={df}.")
+    if level < 0.5:
+        return -student_t_quantile(1 - level, df)
+    lo, hi = 0.0, 1.0
+    while float(student_t_cdf(hi, df)) < level:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if float(student_t_cdf(mid, df)) < level else (lo, mid)
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def _t_log_density(z, df):
+    """Log density of the standard Student-t at ``z`` (float64)."""
+    half = (df + 1) / 2
+    norm = torch.lgamma(half) - torch.lgamma(df / 2) - 0.5 * torch.log(df * math.pi)
+    return norm - half * torch.log1p(z * z / df)
+
+
+def crps_student_t(loc, scale, df, y):
+    r"""CRPS of a location-scale Student-t, in closed form (:math:`\nu > 1`):
+
+    .. math:: \mathrm{CRPS} = \sigma\Big[z\,(2F_\nu(z) - 1) + 2 f_\nu(z)\,\frac{\nu + z^2}{\nu - 1}
+              - \frac{2\sqrt\nu\,B(\frac12, \nu - \frac12)}{(\nu - 1)\,B(\frac12, \frac\nu2)^2}\Big],
+              \qquad z = \frac{y - \mu}{\sigma}.
+
+    :param loc: :math:`\mu`. :param scale: :math:`\sigma > 0`. :param df: :math:`\nu > 1`.
+    :param y: observations; all four broadcast.
+    :returns: float64 tensor of the broadcast shape.
+    """
+    loc, scale, y = (torch.as_tensor(t, dtype=torch.float64) for t in (loc, scale, y))
+    df = torch.as_tensor(df, dtype=torch.float64)
+    if not bool((df > 1).all()):
+        raise ValueError(f"Expected df > 1 for a finite CRPS, but got {df}.")
+    z = (y - loc) / scale
+    density = torch.exp(_t_log_density(z, df))
+    half = torch.tensor(0.5, dtype=torch.float64)
+    log_b1 = torch.lgamma(half) + torch.lgamma(df - 0.5) - torch.lgamma(df)  # log B(1/2, nu - 1/2)
+    log_b2 = torch.lgamma(half) + torch.lgamma(df / 2) - torch.lgamma(df / 2 + 0.5)  # log B(1/2, nu/2)
+    const = 2 * torch.sqrt(df) * torch.exp(log_b1 - 2 * log_b2) / (df - 1)
+    cdf = student_t_cdf(z, df)
+    return scale * (z * (2 * cdf - 1) + 2 * density * (df + z * z) / (df - 1) - const)
+
+
+class StudentTPrediction:
+    r"""A predictive with a location-scale Student-t marginal per element,
+    :math:`y_h = \mu_h + \sigma_h\, \varepsilon_h \sqrt{\nu / W}`, :math:`\varepsilon_h \sim
+    \mathcal N(0, 1)`, :math:`W \sim \chi^2_\nu`, and its joint sample paths: one mixing
+    variable W per element (``joint=False``: independent steps) or one per path
+    (``joint=True``: the multivariate t over the horizon, whose marginals are the same
+    univariate t).
+
+    :ivar torch.Tensor samples: sample paths ``(S, B, H)``.
+    :ivar torch.Tensor loc: :math:`\mu` ``(B, H)``.
+    :ivar torch.Tensor scale: :math:`\sigma` ``(B, H)``.
+    :ivar float df: :math:`\nu > 1`.
+    :ivar bool joint: one mixing variable per path.
+    """
+
+    def __init__(self, samples, loc, scale, df, joint):
+        self.samples, self.loc, self.scale = samples, loc, scale
+        self.df, self.joint = float(df), bool(joint)
+
+    @property
+    def mean(self):
+        """Predictive mean ``(B, H)``."""
+        return self.loc
+
+    @property
+    def stddev(self):
+        r"""Predictive standard deviation ``(B, H)``: :math:`\sigma \sqrt{\nu / (\nu - 2)}`
+        (infinite for :math:`\nu \le 2`)."""
+        if self.df <= 2:
+            return torch.full_like(self.scale, math.inf)
+        return self.scale * math.sqrt(self.df / (self.df - 2))
+
+    def _z(self, y):
+        return (y.to(torch.float64) - self.loc.to(torch.float64)) / self.scale.to(torch.float64)
+
+    def log_prob(self, y):
+        """Exact marginal log density of each element of ``y`` ``(B, H)`` (float64)."""
+        df = torch.tensor(self.df, dtype=torch.float64)
+        return _t_log_density(self._z(y), df) - torch.log(self.scale.to(torch.float64))
+
+    def path_log_prob(self, y):
+        r"""Exact joint log density of each path ``y`` ``(B, H)``: the sum of the marginals
+        (``joint=False``) or the multivariate t,
+
+        .. math:: \log\Gamma(\tfrac{\nu + H}2) - \log\Gamma(\tfrac\nu2) - \tfrac H2 \log(\nu\pi)
+                  - \sum_h \log\sigma_h
+                  - \tfrac{\nu + H}2 \log\big(1 + \tfrac1\nu \textstyle\sum_h z_h^2\big).
+
+        :returns: ``(B,)`` float64.
+        """
+        if not self.joint:
+            return self.log_prob(y).sum(-1)
+        df = torch.tensor(self.df, dtype=torch.float64)
+        return _mvt_log_density(self._z(y), df) - torch.log(self.scale.to(torch.float64)).sum(-1)
+
+    def cdf(self, y):
+        """Marginal CDF at ``y`` (the PIT) ``(B, H)``."""
+        return student_t_cdf(self._z(y), self.df).to(self.loc.dtype)
+
+    def quantile(self, level):
+        """Marginal quantile at ``level`` ``(B, H)`` (exact)."""
+        return self.loc + student_t_quantile(level, self.df) * self.scale
+
+    def affine(self, shift, factor):
+        """The prediction of ``shift + factor * y`` (``factor > 0``; both broadcast to ``(B, 1)``
+        or ``(B, H)``)."""
+        return StudentTPrediction(
+            self.samples * factor + shift, self.loc * factor + shift, self.scale * factor, self.df, self.joint
+        )
+
+    def scores(self, y):
+        """The marginal metrics of the forecasting harness, exact for the t: MSE and MAE of the
+        mean, closed-form CRPS (:func:`crps_student_t`), NLL (exact t log density), coverage
+        and width of the central 50% and 90% intervals from the t quantiles.
+
+        :param y: ``(B, H)``. :returns: dict of floats.
+        """
+        y64, loc = y.to(torch.float64), self.loc.to(torch.float64)
+        scale = self.scale.to(torch.float64)
+        out = {
+            "mse": ((loc - y64) ** 2).mean().item(),
+            "mae": (loc - y64).abs().mean().item(),
+            "crps": crps_student_t(loc, scale, self.df, y64).mean().item(),
+            "nll": -self.log_prob(y).mean().item(),
+        }
+        z = self._z(y).abs()
+        for level in (0.5, 0.9):
+            q = student_t_quantile((1 + level) / 2, self.df)
+            pct = round(100 * level)
+            out[f"coverage_{pct}"] = (z <= q).double().mean().item()
+            out[f"width_{pct}"] = (2 * q * scale).mean().item()
+        return out
+
+
+def _mvt_log_density(z, df):
+    """Log density of the standard multivariate t (identity scale) at paths ``z`` ``(..., H)``."""
+    horizon = z.shape[-1]
+    norm = torch.lgamma((df + horizon) / 2) - torch.lgamma(df / 2) - horizon / 2 * torch.log(df * math.pi)
+    return norm - (df + horizon) / 2 * torch.log1p((z * z).sum(-1) / df)  # (...,)
+
+
+#: Bounds of the degrees of freedom fitted by :meth:`StudentTControl.fit`.
+DF_RANGE = (1.05, 1000.0)
+
+
+class StudentTControl:
+    r"""A Student-t control on top of a trained model whose predictive is one Gaussian per
+    element (the deterministic twin, a point baseline): the same mean :math:`\mu(x)` and the
+    scale :math:`c\,\sigma(x)` of that Gaussian, with :math:`\nu` degrees of freedom,
+
+    .. math:: y_h = \mu_h(x) + c\,\sigma_h(x)\, \varepsilon_h \sqrt{\nu / W},
+
+    with one :math:`W \sim \chi^2_\nu` per element (``joint=False``: a Student-t per step) or
+    one per path (``joint=True``: a multivariate t over the horizon, every step of a path sharing
+    one scale draw; its per-step marginal is the same univariate t). :math:`\nu` and :math:`c`
+    are two numbers fitted by maximum likelihood (:meth:`fit`; the harness fits them on the
+    validation windows): of the per-step t, or of the multivariate t's joint density of the
+    paths.
+
+    The base model is left as it is; it must answer ``predict(x, num_samples)`` with a
+    one-component prediction (``loc``, ``scale`` of shape ``(1, B, H)``).
+
+    :param base: the trained model.
+    :param bool joint: one mixing variable per path.
+    :param float df: :math:`\nu` until :meth:`fit`.
+    :param float scale_factor: :math:`c` until :meth:`fit`.
+    """
+
+    def __init__(self, base, joint=False, df=10.0, scale_factor=1.0):
+        if not hasattr(base, "predict"):
+            raise TypeError(
+                f"Expected a base model with predict(x, num_samples), but got {type(base).__name__}."
+            )
+        self.base, self.joint = base, bool(joint)
+        self.df, self.scale_factor = float(df), float(scale_factor)
+
+    def eval(self):
+        if hasattr(self.base, "eval"):
+            self.base.eval()
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    @torch.no_grad()
+    def base_gaussian(self, x):
+        """The base model's Gaussian ``(loc, scale)``, each ``(B, H)``, drawn on a fork of the
+        random state (the caller's stream is left as it was)."""
+        with torch.random.fork_rng(devices=[]):
+            pred = self.base.predict(x, 1)
+        if pred.loc.shape[0] != 1:
+            raise ValueError(
+                f"Expected a base model with one Gaussian per element (a deterministic model), but its "
+                f"prediction has {pred.loc.shape[0]} components; use the deterministic twin or a point "
+                "baseline."
+            )
+        return pred.loc[0], pred.scale[0]  # (B, H) each
+
+    def _nll(self, params, residuals):
+        r"""Mean negative log-likelihood per element of the standardised residuals ``(N, H)`` at
+        ``params = (a, log c)``, :math:`\nu` = ``DF_RANGE`` mapped through a sigmoid of a."""
+        lo, hi = DF_RANGE
+        df = lo + (hi - lo) * torch.sigmoid(params[0])
+        log_c = params[1]
+        z = residuals / torch.exp(log_c)
+        if self.joint:
+            return -_mvt_log_density(z, df).mean() / residuals.shape[-1] + log_c
+        return -_t_log_density(z, df).mean() + log_c
+
+    @torch.no_grad()
+    def fit(self, x, y, batch_size=4096):
+        r"""Fit :math:`\nu` and :math:`c` by maximum likelihood on the windows ``(x, y)`` (L-BFGS
+        on two numbers, float64, :math:`\nu` kept in :data:`DF_RANGE`).
+
+        :param x: windows ``(N, L)``. :param y: targets ``(N, H)``.
+        :param int batch_size: windows per base prediction.
+        :returns: dict with ``df``, ``scale_factor`` and ``nll`` (mean negative log-likelihood per
+            element of the fitted model: of the marginals, or of the joint density divided by H).
+        """
+        parts, log_base = [], 0.0
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            loc, scale = self.base_gaussian(xb)  # (b, H) each
+            parts.append(((yb - loc) / scale).to(torch.float64))  # (b, H)
+            log_base += torch.log(scale.to(torch.float64)).sum().item()
+        residuals = torch.cat(parts)  # (N, H)
+        log_base /= residuals.numel()
+        lo, hi = DF_RANGE
+        start = (10.0 - lo) / (hi - lo)
+        params = torch.tensor(
+            [math.log(start / (1 - start)), math.log(residuals.pow(2).mean().sqrt().item() * math.sqrt(0.8))],
+            dtype=torch.float64,
+            requires_grad=True,
+        )
+        optimizer = torch.optim.LBFGS(
+            [params], lr=1, max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe"
+        )
+
+        def closure():
+            optimizer.zero_grad()
+            with torch.enable_grad():
+                loss = self._nll(params, residuals)
+                loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        params = params.detach()
+        self.df = float(lo + (hi - lo) * torch.sigmoid(params[0]))
+        self.scale_factor = float(torch.exp(params[1]))
+        nll = float(self._nll(params, residuals)) + log_base
+        return {"df": self.df, "scale_factor": self.scale_factor, "nll": nll}
+
+    @torch.no_grad()
+    def predict(self, x, num_samples=100, batch_size=None):
+        r"""The t predictive with ``num_samples`` joint sample paths.
+
+        :param x: ``(B, L)``. :param int num_samples: S.
+        :param int batch_size: windows per base prediction (default all).
+        :returns: a :class:`StudentTPrediction` with samples ``(S, B, H)``.
+        """
+        if not _is_int(num_samples) or num_samples < 1:
+            raise ValueError(f"Expected num_samples to be an int >= 1, but got {num_samples!r}.")
+        parts = [self.base_gaussian(xb) for xb in (x.split(batch_size) if batch_size else (x,))]
+        loc = torch.cat([p[0] for p in parts])  # (B, H)
+        scale = torch.cat([p[1] for p in parts]) * self.scale_factor  # (B, H)
+        mixing_shape = (num_samples,) + (loc.shape[:-1] + (1,) if self.joint else loc.shape)  # (S, B, 1|H)
+        df = torch.tensor(self.df, dtype=loc.dtype, device=loc.device)
+        mixing = torch.distributions.Chi2(df).sample(mixing_shape)  # (S, B, 1|H)
+        noise = torch.randn((num_samples,) + loc.shape, dtype=loc.dtype, device=loc.device)  # (S, B, H)
+        samples = loc + scale * noise * torch.sqrt(df / mixing)  # (S, B, H)
+        return StudentTPrediction(samples, loc, scale, self.df, self.joint)

@@ -65,6 +65,7 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import constraints
 
+from vdn_pyro.distributions import normal_mixture_log_prob
 from vdn_pyro.guides.amortized import SCALE_MODES
 from vdn_pyro.guides.trunks import DLinearTrunk, make_activation
 from vdn_pyro.models.base import NeuronNetwork
@@ -83,7 +84,7 @@ def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_forecast_inputs(x, y, lookback, horizon, check_finite=True):
+def check_forecast_inputs(x, y, lookback, horizon, check_finite=True, dtype=None):
     """Raise a clear ``TypeError``/``ValueError`` if ``x``/``y`` are not forecasting windows.
 
     :param torch.Tensor x: look-back windows ``(B, L)`` or chunks ``(B, T, L)``.
@@ -92,11 +93,18 @@ def check_forecast_inputs(x, y, lookback, horizon, check_finite=True):
     :param int horizon: expected H.
     :param bool check_finite: also scan ``x`` and ``y`` for NaN/inf (reads every value; the
         model asks for it only while Pyro's validation is enabled).
+    :param torch.dtype dtype: the dtype ``x`` and ``y`` must have (the network's parameters');
+        ``None`` accepts any floating dtype. Inputs are never cast silently.
     """
     if not torch.is_tensor(x):
         raise TypeError(f"Expected x to be a torch.Tensor, but got {type(x).__name__}.")
     if not x.dtype.is_floating_point:
         raise TypeError(f"Expected x to have a floating dtype, but got {x.dtype}; use x.float().")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(
+            f"Expected x of dtype {dtype} (the network's parameters), but got {x.dtype}; "
+            f"convert it with x.to({dtype}), or the network with net.to({x.dtype})."
+        )
     if x.dim() not in (2, 3) or x.shape[-1] != lookback:
         raise ValueError(
             f"Expected x of shape (B, {lookback}) or (B, T, {lookback}) (look-back windows or "
@@ -111,6 +119,11 @@ def check_forecast_inputs(x, y, lookback, horizon, check_finite=True):
         return
     if not torch.is_tensor(y):
         raise TypeError(f"Expected y to be a torch.Tensor, but got {type(y).__name__}.")
+    if dtype is not None and y.dtype != dtype:
+        raise TypeError(
+            f"Expected y of dtype {dtype} (the network's parameters), but got {y.dtype}; "
+            f"convert it with y.to({dtype})."
+        )
     expected = tuple(x.shape[:-1]) + (horizon,)
     if tuple(y.shape) != expected:
         raise ValueError(
@@ -174,10 +187,8 @@ class DrawMixture(dist.TorchDistribution):
         if value.dim() < dims:
             value = value.reshape((1,) * (dims - value.dim()) + value.shape)
         value = value.unsqueeze(-dims - 1)  # (*sample, 1, *batch)
-        z = (value - self.loc) / self.scale  # (*sample, K, *batch)
-        log_scale = torch.log(self.scale)  # broadcasts
-        lp = torch.logsumexp(-0.5 * z * z - log_scale, -dims - 1)  # (*sample, *batch)
-        return lp - math.log(self.num_draws) - 0.5 * math.log(2 * math.pi)
+        # logsumexp over the K draws of N(value; loc_k, scale_k), with a fused backward
+        return normal_mixture_log_prob(value, self.loc, self.scale, -dims - 1)  # (*sample, *batch)
 
     def sample(self, sample_shape=()):
         """Draw a component per element, then a Gaussian draw from it."""
@@ -431,8 +442,17 @@ class Forecaster(NeuronNetwork):
         :param y: ``None`` or ``(B, H)`` / ``(B, T, H)``.
         :param bool check_finite: also scan for NaN/inf (the model asks for it only while Pyro's
             validation is enabled).
+        :raises TypeError: if ``x``/``y`` do not have the dtype of the network's parameters: the
+            network never casts its inputs (only :func:`~vdn_pyro.inference.fit` casts float64
+            data to the default dtype), so ``predict`` and the diagnostics refuse float64 inputs
+            to a float32 network up front.
         """
-        check_forecast_inputs(x, y, self.config.lookback, self.config.horizon, check_finite)
+        dtype, stack = None, [self]  # the first parameter's dtype (a plain walk: cheap per call)
+        while stack and dtype is None:
+            module = stack.pop()
+            dtype = next((p.dtype for p in module._parameters.values() if p is not None), None)
+            stack.extend(m for m in reversed(module._modules.values()) if m is not None)
+        check_forecast_inputs(x, y, self.config.lookback, self.config.horizon, check_finite, dtype)
 
     def _draws(self, y, draws):
         if self.deterministic:

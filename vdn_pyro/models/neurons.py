@@ -13,6 +13,9 @@ The user writes the forward pass once. Inside a model, ``z = self.layer(h)``
   (:class:`~vdn_pyro.guides.NeuronGuide` sets :func:`~vdn_pyro.primitives.neuron_mode`),
 - passes on the posterior **mean** without a sample site in ``"mean"`` mode (diagnostics), and
   always in the deterministic twin (``deterministic=True``: z = loc, no KL),
+- samples its posterior **and** hands over its prior when :class:`~vdn_pyro.inference.LocalELBO`
+  evaluates model and guide in one pass (a model whose guide is its own
+  :class:`~vdn_pyro.guides.NeuronGuide`),
 
 as one sample site with the units as a plate (dim -1) and per-unit ``poutine.scale(beta)`` on
 both sides (:func:`~vdn_pyro.primitives.neurons`). The layer returns what its units pass on,
@@ -34,7 +37,15 @@ from pyro.nn import PyroModule
 from vdn_pyro.guides.amortized import AmortizedNormal
 from vdn_pyro.guides.path import PathPosterior
 from vdn_pyro.models.priors import ARPrior, NormalPrior
-from vdn_pyro.primitives import as_beta, current_neuron_mode, neurons, record_posterior
+from vdn_pyro.primitives import (
+    _SINGLE,
+    _layer_mode,
+    _module_params_active,
+    _record_prior,
+    as_beta,
+    neurons,
+    record_posterior,
+)
 
 __all__ = ["POOLINGS", "Neurons", "TemporalNeurons", "find_neurons", "neuron_sites"]
 
@@ -244,34 +255,50 @@ class Neurons(PyroModule):
         :returns: ``(..., B, H)`` or ``(..., B, T, H)`` (``(K, 1, ...)`` in front with draws).
         """
         temporal = self.temporal if temporal is None else bool(temporal)
-        mode = current_neuron_mode()
-        if posterior is None and (prior is None or self.deterministic or mode != "model"):
+        mode = _layer_mode()
+        deterministic = self.deterministic
+        if posterior is None and (prior is None or deterministic or mode != "model"):
             self._check_features(h, temporal)  # checked where the layer reads h
         site = self.site if step is None else f"{self.site}.{step}"
-        if self.deterministic or mode != "model":
-            head = self.posterior  # one attribute read: each one is a Pyro param statement
-            params = head(h, temporal) if posterior is None else posterior  # each (.., B, H, k[, T])
+        # under module_params() parameter statements are no-ops: read the head without them
+        quiet = _module_params_active()
+        if deterministic or mode != "model":
+            head = self._modules["posterior"] if quiet else self.posterior  # statements if not quiet
+            if posterior is not None:
+                params = posterior  # each (..., B, H, k[, T])
+            elif isinstance(head, AmortizedNormal):  # a per-unit scale stays (H, k[, 1])
+                params = head(h, temporal, expand=False)
+            else:
+                params = head(h, temporal)
             loc, scale = head.moments(*params)  # marginal, (..., B, H, k[, T]) each
             record_posterior(site, loc, scale, self)
-            if self.deterministic or mode == "mean":
+            if deterministic or mode == "mean":
                 return self.pool(loc, temporal)
             fn = head.dist_from(*params, temporal=temporal)  # batch (..., B, H)
             if draws > 1:
                 fn = fn.expand((draws, 1) + tuple(fn.batch_shape))  # batch (K, 1, ..., B, H)
-        elif prior is not None:
-            fn = prior if draws == 1 else prior.expand((draws, 1) + tuple(prior.batch_shape))
+            if mode == _SINGLE:  # model and guide in one pass: the model side's prior, too
+                _record_prior(site, self._model_prior(h, temporal, draws, prior))
         else:
-            lead = h.shape[:-2] if temporal else h.shape[:-1]  # (..., B)
-            steps = h.shape[-2] if temporal else None
-            if draws > 1:
-                lead = (draws, 1) + tuple(lead)  # (K, 1, ..., B)
-            fn = self.prior_dist(lead, steps)  # batch (..., B, H)
+            fn = self._model_prior(h, temporal, draws, prior)  # batch (..., B, H)
+        beta = self._buffers["beta"] if quiet else self.beta  # (H,)
         if draws == 1:
-            return self.pool(neurons(site, fn, self.beta), temporal)
+            return self.pool(neurons(site, fn, beta), temporal)
         # the K draws are a plate two dims left of the observations' (a size-1 dim between them
         # keeps room for vectorised particles), so any Pyro ELBO sees a well-shaped site
         with pyro.plate(f"{site}.draws", draws, dim=-len(fn.batch_shape)):
-            return self.pool(neurons(site, fn, self.beta / draws), temporal)
+            return self.pool(neurons(site, fn, beta / draws), temporal)
+
+    def _model_prior(self, h, temporal, draws, prior):
+        """The model side's distribution: the call's ``prior`` or the layer's prior module,
+        batch ``(..., B, H)`` (``(K, 1, ..., B, H)`` with K draws)."""
+        if prior is not None:
+            return prior if draws == 1 else prior.expand((draws, 1) + tuple(prior.batch_shape))
+        lead = h.shape[:-2] if temporal else h.shape[:-1]  # (..., B)
+        steps = h.shape[-2] if temporal else None
+        if draws > 1:
+            lead = (draws, 1) + tuple(lead)  # (K, 1, ..., B)
+        return self.prior_dist(lead, steps)  # batch (..., B, H)
 
     def extra_repr(self):
         kind = "deterministic" if self.deterministic else "distributional"

@@ -5,6 +5,7 @@ distribution with batch shape ``batch_shape + (H,)`` and event shape ``(k,)`` (s
 ``num_steps=None``) or ``(k, T)`` (temporal latents).
 """
 
+import contextlib
 import math
 import numbers
 
@@ -16,7 +17,64 @@ from torch.nn.functional import softplus
 
 from vdn_pyro.distributions import ARProcess, coeffs_to_pacf, pacf_to_coeffs
 
-__all__ = ["ARPrior", "NormalPrior"]
+__all__ = ["ARPrior", "NormalPrior", "no_prior_cache"]
+
+
+#: Whether priors whose parameters are constants (buffers, or parameters that need no gradient)
+#: may hand out the distribution they built on an earlier call (see :class:`_Cached`).
+_CACHE = [True]
+
+
+@contextlib.contextmanager
+def no_prior_cache():
+    """Build every prior afresh inside the block (a graph capture must see the prior computed
+    from the module's buffers, not a tensor kept from an earlier call)."""
+    _CACHE.append(False)
+    try:
+        yield
+    finally:
+        _CACHE.pop()
+
+
+class _Cached:
+    """Mixin: keep the distribution a prior built last, and hand it out again while nothing it
+    was built from has changed.
+
+    A prior with fixed parameters builds the same distribution every step (an
+    :class:`~vdn_pyro.distributions.ARProcess` solves its stationary start and the KL's
+    constants once per instance). The cache key holds the call's arguments and the identity and
+    in-place version counter of every parameter and buffer, so ``set_phi``, ``load_state_dict``,
+    ``.to()`` or a replaced tensor all rebuild. Nothing is kept while a parameter requires a
+    gradient (the distribution is then part of the step's graph).
+    """
+
+    def _cached(self, key, build):
+        if not _CACHE[-1]:
+            return build()
+        state = tuple(
+            t for t in list(self._parameters.values()) + list(self._buffers.values()) if t is not None
+        )
+        if any(t.requires_grad for t in state):
+            return build()
+        key = (key, self.__dict__.get("phi_range"))
+        versions = tuple(t._version for t in state)
+        hit = self.__dict__.get("_prior_cache")  # (key, tensors, versions, distribution)
+        if (
+            hit is not None
+            and hit[0] == key
+            and len(hit[1]) == len(state)
+            and all(a is b for a, b in zip(hit[1], state))  # held, so an id cannot be reused
+            and hit[2] == versions
+        ):
+            return hit[3]
+        fn = build()
+        self.__dict__["_prior_cache"] = (key, state, versions, fn)
+        return fn
+
+    def __getstate__(self):
+        state = super().__getstate__()  # a copy of __dict__ (torch.nn.Module)
+        state.pop("_prior_cache", None)  # pickles and deep copies rebuild it
+        return state
 
 
 def _check_units(units, latent_dim):
@@ -53,7 +111,7 @@ def _per_unit(value, units, name):
     return value
 
 
-class NormalPrior(PyroModule):
+class NormalPrior(_Cached, PyroModule):
     r"""Independent :math:`\mathcal{N}(\mu_i, \sigma_i^2)` prior per unit, shared over latent dims
     and time steps.
 
@@ -97,6 +155,9 @@ class NormalPrior(PyroModule):
         :returns: distribution with batch ``batch_shape + (H,)``, event ``(k,)`` or ``(k, T)``.
         """
         _check_steps(num_steps)
+        return self._cached((tuple(batch_shape), num_steps), lambda: self._build(batch_shape, num_steps))
+
+    def _build(self, batch_shape, num_steps):
         shape = (self.units, self.latent_dim) + (() if num_steps is None else (num_steps,))
         extra = len(shape) - 1
         loc = self.loc.reshape((self.units,) + (1,) * extra).expand(shape)  # (H, k[, T])
@@ -105,7 +166,7 @@ class NormalPrior(PyroModule):
         return fn.expand(torch.Size(batch_shape) + (self.units,))
 
 
-class ARPrior(PyroModule):
+class ARPrior(_Cached, PyroModule):
     r"""A learnable stationary AR(p) prior per unit over the time steps of its latent.
 
     .. math:: z_{i,t} = c_i + \sum_{j=1}^p \phi_{i,j} z_{i,t-j} + s_i \epsilon_t,
@@ -177,9 +238,7 @@ class ARPrior(PyroModule):
         else:
             pacf = coeffs_to_pacf(coeffs)  # (H, p)
             if not bool((pacf.abs() < 1).all()):
-                raise ValueError(
-                    f"Expected stationary initial AR coefficients, but got {coeffs.tolist()}."
-                )
+                raise ValueError(f"Expected stationary initial AR coefficients, but got {coeffs.tolist()}.")
             raw = torch.atanh(pacf.clamp(-1 + 1e-6, 1 - 1e-6))  # (H, p)
             self.phi_range = None
         if scale is None:
@@ -243,6 +302,9 @@ class ARPrior(PyroModule):
         :returns: distribution with batch ``batch_shape + (H,)``, event ``(k,)`` or ``(k, T)``.
         """
         _check_steps(num_steps)
+        return self._cached((tuple(batch_shape), num_steps), lambda: self._build(batch_shape, num_steps))
+
+    def _build(self, batch_shape, num_steps):
         if num_steps is None:
             proc = self.process((), 1)
             loc = proc.stationary_mean  # (H, k)

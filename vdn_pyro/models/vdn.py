@@ -239,11 +239,25 @@ class VDN(NeuronNetwork):
         :param bool check_finite: also scan ``x`` and ``y`` for NaN/inf. This reads every value
             (and syncs with an accelerator), so :meth:`model` and :meth:`guide` only ask for it
             while Pyro's validation is enabled.
+        :raises TypeError: if ``x`` (or a floating ``y``) does not have the dtype of the network's
+            parameters: the network never casts its inputs (only :func:`~vdn_pyro.inference.fit`
+            casts float64 data to the default dtype), so ``predict``, the diagnostics and the
+            model refuse float64 inputs to a float32 network up front.
         """
         if not torch.is_tensor(x):
             raise TypeError(f"Expected x to be a torch.Tensor, but got {type(x).__name__}.")
         if not x.dtype.is_floating_point:
             raise TypeError(f"Expected x to have a floating dtype, but got {x.dtype}; use x.float().")
+        dtype, stack = None, [self]  # the first parameter's dtype (a plain walk: cheap per call)
+        while stack and dtype is None:
+            module = stack.pop()
+            dtype = next((p.dtype for p in module._parameters.values() if p is not None), None)
+            stack.extend(m for m in reversed(module._modules.values()) if m is not None)
+        if dtype is not None and x.dtype != dtype:  # never cast silently (fit casts float64 data)
+            raise TypeError(
+                f"Expected x of dtype {dtype} (the network's parameters), but got {x.dtype}; "
+                f"convert it with x.to({dtype}), or the network with net.to({x.dtype})."
+            )
         d = self.config.in_features
         if x.dim() not in (2, 3) or x.shape[-1] != d:
             raise ValueError(
@@ -264,6 +278,11 @@ class VDN(NeuronNetwork):
                 "clean or impute them first."
             )
         if y is not None:
+            if dtype is not None and torch.is_tensor(y) and y.dtype.is_floating_point and y.dtype != dtype:
+                raise TypeError(
+                    f"Expected y of dtype {dtype} (the network's parameters), but got {y.dtype}; "
+                    f"convert it with y.to({dtype})."
+                )
             self.likelihood.check_target(y, x.shape[:-1])
             if check_finite and y.dtype.is_floating_point and not bool(torch.isfinite(y).all()):
                 bad = int((~torch.isfinite(y)).sum())

@@ -1,0 +1,473 @@
+"""Tests for :class:`vdn_pyro.models.RolloutForecaster`: sites and shapes, the roll-out of each
+unit's latent by its own AR(1) conditional (exactly, in the guide), the ELBO under every stock
+estimator, joint sample paths whose correlation across the horizon comes from the units' memory,
+the deterministic twin, stock SVI and the training recipe, and input validation."""
+
+import math
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+
+from tests.common import assert_close
+from vdn_pyro import LocalELBO
+from vdn_pyro.data import ratio_splits
+from vdn_pyro.forecasting import TrainConfig, evaluate_forecaster, train_forecaster
+from vdn_pyro.models import DLinear, PathMixture, RolloutConfig, RolloutForecaster
+
+L, H, PATCH, U, B = 24, 10, 4, 3, 5  # P = 6 look-back patches, Q = 3 horizon patches (12 >= 10 steps)
+SMALL = dict(lookback=L, horizon=H, patch=PATCH, units=U, features=8, kernel_size=5)
+
+
+def make(**options):
+    return RolloutForecaster(**{**SMALL, **options})
+
+
+def latent_sites(trace):
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not isinstance(site["fn"], poutine.subsample_messenger._Subsample)
+    }
+
+
+def traces(net, x, y, **kwargs):
+    guide_tr = poutine.trace(net.guide).get_trace(x, y, **kwargs)
+    model_tr = poutine.trace(poutine.replay(net.model, trace=guide_tr)).get_trace(x, y, **kwargs)
+    return guide_tr, model_tr
+
+
+def set_prior(net, phi, constant, scale):
+    """Give the units known AR(1) parameters, each ``(U,)``."""
+    prior = net.prior
+    with torch.no_grad():
+        prior.set_phi(torch.as_tensor(phi, dtype=prior.raw_phi.dtype))
+        prior.constant.copy_(torch.as_tensor(constant))
+        prior.raw_scale.copy_(torch.as_tensor(scale).expm1().log())
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and input validation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"units": 0}, ValueError, "units >= 1"),
+        ({"patch": 2.5}, TypeError, "patch to be an int"),
+        ({"patch": 25}, ValueError, "patch <= lookback"),
+        ({"prior": "laplace"}, ValueError, "prior in"),
+        ({"posterior": "full"}, ValueError, "posterior in"),
+        ({"mixture": "sum"}, ValueError, "mixture in"),
+        ({"likelihood_scale": 0.5}, ValueError, "likelihood_scale in"),
+        ({"mean": "skip", "likelihood_scale": "learned"}, ValueError, "heteroscedastic"),
+        ({"mean": "skip", "skip": False}, ValueError, "skip=True"),
+        ({"train_draws": 0}, ValueError, "train_draws >= 1"),
+        ({"beta": -1.0}, ValueError, "beta > 0"),
+        ({"beta": [1.0, 2.0]}, ValueError, r"shape \(3,\)"),
+    ],
+)
+def test_bad_config_is_refused(options, error, match):
+    with pytest.raises(error, match=match):
+        make(**options)
+
+
+def test_config_object_and_overrides():
+    config = RolloutConfig(**SMALL)
+    assert (config.num_patches, config.num_future) == (6, 3)
+    net = RolloutForecaster(config, units=4)
+    assert net.config.units == 4 and config.units == U
+    with pytest.raises(TypeError, match="RolloutConfig"):
+        RolloutForecaster(dict(SMALL))
+
+
+@pytest.mark.parametrize(
+    "x, y, error, match",
+    [
+        ([0.0] * L, None, TypeError, "torch.Tensor"),
+        (torch.zeros(B, L, dtype=torch.long), None, TypeError, "floating dtype"),
+        (torch.zeros(B, L, dtype=torch.float64), None, TypeError, "dtype torch.float32"),
+        (torch.zeros(B, L + 1), None, ValueError, r"\(B, 24\)"),
+        (torch.zeros(B, L), torch.zeros(B, H + 1), ValueError, r"Expected y of shape \(5, 10\)"),
+        (torch.full((B, L), math.nan), None, ValueError, "finite x"),
+    ],
+)
+def test_bad_input_is_refused(x, y, error, match):
+    net = make()
+    with pytest.raises(error, match=match):
+        net(x, y)
+    with pytest.raises(error, match=match):
+        net.predict(x) if y is None else net.check_inputs(x, y)
+
+
+def test_bad_call_options_are_refused():
+    net, x = make(), torch.randn(B, L)
+    with pytest.raises(ValueError, match="num_samples"):
+        net.predict(x, num_samples=0)
+    with pytest.raises(ValueError, match="draws"):
+        net(x, torch.randn(B, H), draws=0)
+    with pytest.raises(ValueError, match="skip path"):
+        make(skip=False).init_skip(DLinear(L, H, 5))
+    with pytest.raises(ValueError, match="lookback, horizon"):
+        make().init_skip(DLinear(L, H + 1, 5))
+    with pytest.raises(TypeError, match="DLinear"):
+        make().init_skip(torch.nn.Linear(L, H))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites and shapes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("draws", [1, 3])
+@pytest.mark.parametrize("posterior", ["path", "diagonal"])
+def test_sites_and_shapes(draws, posterior):
+    net = make(posterior=posterior)
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    guide_tr, model_tr = traces(net, x, y, draws=draws)
+    sites = latent_sites(guide_tr)
+    assert list(sites) == ["layers.0.z", "rollout.z"] == net.site_names + [net.rollout_site]
+    lead = (B, U) if draws == 1 else (draws, 1, B, U)
+    assert sites["layers.0.z"]["fn"].batch_shape == lead
+    assert sites["layers.0.z"]["fn"].event_shape == (1, 6)
+    assert sites["rollout.z"]["fn"].batch_shape == lead
+    assert sites["rollout.z"]["fn"].event_shape == (1, 3)
+    assert model_tr.nodes["obs"]["value"].shape == (B, 1, H)
+    assert set(latent_sites(model_tr)) == set(sites)
+    # per-unit beta (over K draws) on both sides of both sites
+    for name in sites:
+        for trace in (guide_tr, model_tr):
+            assert_close(trace.nodes[name]["scale"], net.layers[0].beta / draws)
+
+
+def test_forward_and_predict_shapes_and_chunks():
+    net = make()
+    x = torch.randn(B, L)
+    assert net(x).shape == (B, H)
+    pred = net.predict(x, num_samples=7)
+    assert pred.samples.shape == pred.loc.shape == pred.scale.shape == (7, B, H)
+    assert net.predict(x, num_samples=7, batch_size=2).samples.shape == (7, B, H)
+    chunks = torch.randn(2, 3, L)  # (B, T, L): read as 6 windows
+    assert net(chunks).shape == (2, 3, H)
+    assert net.predict(chunks, num_samples=4).samples.shape == (4, 2, 3, H)
+    loss = LocalELBO().differentiable_loss(net.model, net.guide, chunks, torch.randn(2, 3, H), num_data=10)
+    assert math.isfinite(loss.item())
+    last, future = net.sample_latents(x, 6)
+    assert last.shape == (6, B, U) and future.shape == (6, B, 3, U)
+
+
+def test_chunks_are_windows():
+    """A chunk of T windows is the same ELBO as its T windows, and num_data counts items."""
+    torch.set_default_dtype(torch.float64)
+    net = make(likelihood_scale="learned")
+    x, y = torch.randn(2, 3, L), torch.randn(2, 3, H)
+    pyro.set_rng_seed(1)
+    chunked = LocalELBO().loss(net.model, net.guide, x, y, num_data=8, draws=2)
+    pyro.set_rng_seed(1)
+    flat = LocalELBO().loss(net.model, net.guide, x.flatten(0, 1), y.flatten(0, 1), num_data=24, draws=2)
+    assert_close(chunked, flat, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The roll-out: each unit's own AR(1) conditional, in the model and (exactly) in the guide
+# ---------------------------------------------------------------------------------------------
+
+PHI, CONST, SCALE = [0.9, 0.5, -0.6], [0.3, -0.2, 0.0], [0.5, 1.0, 0.2]
+
+
+@pytest.mark.parametrize("posterior", ["path", "diagonal"])
+def test_guide_rolls_each_unit_by_its_ar_conditional(posterior):
+    """Many guide draws of one window: the rolled latents' residuals are N(0, s^2) innovations,
+    and their mean and covariance are the AR(1) formulas from the posterior of z_P."""
+    torch.set_default_dtype(torch.float64)
+    net = make(posterior=posterior, init_scale=0.7)
+    set_prior(net, PHI, CONST, SCALE)
+    n = 40000
+    x = torch.randn(1, L).expand(n, L)
+    trace = poutine.trace(net.guide).get_trace(x, torch.zeros(n, H), draws=1)
+    last = trace.nodes["layers.0.z"]["value"][..., 0, -1]  # (n, U)
+    future = trace.nodes["rollout.z"]["value"][..., 0, :]  # (n, U, Q)
+    phi, const, s = (torch.tensor(v) for v in (PHI, CONST, SCALE))
+    steps = future.shape[-1]
+
+    # 1. conditional: z_{P+j} - c - phi z_{P+j-1} are i.i.d. N(0, s^2), independent of z_P
+    prev = torch.cat([last[..., None], future[..., :-1]], -1)  # (n, U, Q)
+    resid = (future - const[:, None] - phi[:, None] * prev) / s[:, None]  # (n, U, Q)
+    se = 1 / math.sqrt(n)
+    assert resid.mean(0).abs().max() < 5 * se
+    assert (resid.var(0) - 1).abs().max() < 5 * math.sqrt(2) * se
+    flat = torch.cat([resid, last[..., None]], -1)  # (n, U, Q + 1)
+    for u in range(U):
+        corr = torch.corrcoef(flat[:, u].T)  # (Q + 1, Q + 1)
+        assert (corr - torch.eye(steps + 1)).abs().max() < 5 * se
+
+    # 2. marginal: mean and covariance by the AR(1) formulas from q(z_P) = N(m, v)
+    loc, scale = net.posterior(x[:1])  # (1, U, 1, P)
+    m, v = loc[0, :, 0, -1], scale[0, :, 0, -1] ** 2  # (U,)
+    for u in range(U):
+        j = torch.arange(1, steps + 1, dtype=torch.float64)  # (Q,)
+        power = phi[u] ** j
+        mean = power * m[u] + const[u] * (1 - power) / (1 - phi[u])  # (Q,)
+        var = power**2 * v[u] + s[u] ** 2 * (1 - power**2) / (1 - phi[u] ** 2)  # (Q,)
+        lag = (j[:, None] - j[None, :]).abs()  # (Q, Q)
+        cov = phi[u] ** lag * var[torch.minimum(j[:, None], j[None, :]).long() - 1]  # (Q, Q)
+        sample = future[:, u]  # (n, Q)
+        assert ((sample.mean(0) - mean).abs() / var.sqrt()).max() < 5 * se
+        emp = torch.cov(sample.T)  # (Q, Q)
+        norm = (var[:, None] * var[None, :]).sqrt()  # (Q, Q)
+        assert ((emp - cov).abs() / norm).max() < 0.03
+
+    # 3. the mean path (diagnostics, median) is the conditional mean from the posterior mean
+    post = net.posteriors(x[:1])
+    assert set(post) == {"layers.0.z", "rollout.z"}
+    rolled = post["rollout.z"][0][0, :, 0]  # (U, Q)
+    j = torch.arange(1, steps + 1, dtype=torch.float64)
+    power = phi[:, None] ** j  # (U, Q)
+    expected = power * m[:, None] + const[:, None] * (1 - power) / (1 - phi[:, None])
+    assert_close(rolled, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("draws", [1, 4])
+def test_rollout_site_contributes_exactly_no_kl(draws):
+    """Model and guide give the roll-out site the same density at the same value, so its
+    log q - log p is 0 for every draw, in value and (up to rounding) in gradient."""
+    torch.set_default_dtype(torch.float64)
+    net = make(beta=0.3)
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    guide_tr, model_tr = traces(net, x, y, draws=draws)
+    lq = guide_tr.nodes["rollout.z"]["fn"].log_prob(guide_tr.nodes["rollout.z"]["value"])
+    lp = model_tr.nodes["rollout.z"]["fn"].log_prob(model_tr.nodes["rollout.z"]["value"])
+    assert lq.shape == guide_tr.nodes["rollout.z"]["fn"].batch_shape
+    assert torch.equal(lq, lp)
+    params = [p for p in net.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((lq - lp).sum(), params, allow_unused=True, retain_graph=True)
+    assert all(g is None or g.abs().max() < 1e-12 for g in grads)  # float64 rounding at most
+    # the AR parameters do reach the likelihood through the roll-out
+    log_lik = model_tr.nodes["obs"]["fn"].log_prob(model_tr.nodes["obs"]["value"]).sum()
+    grads = torch.autograd.grad(log_lik, [net.prior.raw_phi, net.prior.raw_scale, net.prior.constant])
+    assert all(g.abs().sum() > 0 for g in grads)
+    # LocalELBO reports the roll-out units' KL as exactly 0 and the look-back units' as positive
+    elbo = LocalELBO()
+    elbo.loss_and_stats(net.model, net.guide, x, y, draws=draws)
+    assert torch.equal(elbo.last_stats["rollout.z"].kl, torch.zeros(U))
+    assert (elbo.last_stats["layers.0.z"].kl > 0).all()
+
+
+@pytest.mark.parametrize("draws, particles", [(1, 4000), (3, 300)], ids=["K1", "K3"])
+def test_local_elbo_equals_trace_elbo_in_expectation(draws, particles):
+    """With the same guide draws (common random numbers) the estimators differ only by the
+    look-back KL: Monte Carlo in Trace_ELBO, closed form in LocalELBO and TraceMeanField_ELBO."""
+    torch.set_default_dtype(torch.float64)
+    net = make(beta=1.0, likelihood_scale="learned")
+    x, y = torch.randn(4, L), torch.randn(4, H)
+    losses = {}
+    for name, elbo in [
+        ("local", LocalELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=4)),
+        ("trace", Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=4)),
+        (
+            "mean_field",
+            TraceMeanField_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=4),
+        ),
+    ]:
+        pyro.set_rng_seed(3)
+        losses[name] = elbo.loss(net.model, net.guide, x, y, draws=draws)
+    # the look-back KL by hand: its closed form, and its Monte Carlo spread per particle
+    guide_tr, model_tr = traces(net, x, y, draws=1)
+    q, p = guide_tr.nodes["layers.0.z"]["fn"], model_tr.nodes["layers.0.z"]["fn"]
+    z = q.sample((2000,))  # (2000, B, U, 1, P)
+    mc = (q.log_prob(z) - p.log_prob(z)).sum((-1, -2))  # (2000,)
+    assert_close(
+        mc.mean(), torch.distributions.kl_divergence(q, p).sum(), atol=5 * mc.std() / math.sqrt(2000)
+    )
+    tolerance = 5 * mc.std().item() / math.sqrt(particles)
+    assert abs(losses["local"] - losses["trace"]) < tolerance
+    assert_close(losses["local"], losses["mean_field"], rtol=1e-10)  # both closed form, same draws
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint sample paths
+# ---------------------------------------------------------------------------------------------
+
+
+def path_net(prior, phi=0.99):
+    """Decoder that adds each unit's rolled latent to every step it reads, with small step noise."""
+    net = make(prior=prior, likelihood_scale="learned", mean="head", init_scale=0.5, units=U)
+    with torch.no_grad():
+        if prior == "ar":
+            set_prior(net, [phi] * U, [0.0] * U, [math.sqrt(1 - phi**2)] * U)
+        net.loc_weight.fill_(1.0 / U)
+        net.scale_bias.fill_(math.log(math.expm1(0.05)))
+    return net
+
+
+def horizon_correlation(samples):
+    """Correlation matrix of the steps of the sample paths ``(S, 1, H)``: ``(H, H)``."""
+    return torch.corrcoef(samples[:, 0].T)
+
+
+def test_paths_are_coherent_when_units_remember():
+    x = torch.randn(1, L)
+    corr = horizon_correlation(path_net("ar").predict(x, num_samples=4000).samples)
+    assert corr[0, -1] > 0.8  # first and last step move together
+    assert corr.min() > 0.8
+    # i.i.d. latents per patch (phi = 0): steps in different patches are uncorrelated
+    corr = horizon_correlation(path_net("normal").predict(x, num_samples=4000).samples)
+    assert corr[0, PATCH].abs() < 0.1 and corr[0, -1].abs() < 0.1
+    assert corr[0, 1] > 0.8  # within a patch, one latent
+
+
+def test_predict_matches_pyro_predictive():
+    """predict draws the model/guide process: the sum over the horizon has the same mean and
+    variance as pyro.infer.Predictive's draws of the obs site."""
+    net = path_net("ar", phi=0.8)
+    x = torch.randn(2, L)
+    ours = net.predict(x, num_samples=4000).samples.sum(-1)  # (S, 2)
+    theirs = net._predictive(["obs"], 4000, x)["obs"].reshape(4000, 2, H).sum(-1)  # (S, 2)
+    se = ours.std(0) / math.sqrt(4000)
+    assert ((ours.mean(0) - theirs.mean(0)).abs() < 6 * se).all()
+    assert ((ours.var(0) / theirs.var(0) - 1).abs() < 0.1).all()
+
+
+def test_path_mixture():
+    torch.set_default_dtype(torch.float64)
+    loc, scale = torch.randn(4, 3, 2, 5), 0.5 + torch.rand(4, 3, 2, 5)  # (K, 3, 2, H)
+    fn = PathMixture(loc, scale)
+    assert fn.batch_shape == (3, 2) and fn.event_shape == (5,)
+    y = torch.randn(3, 2, 5)
+    comps = torch.distributions.Normal(loc, scale).log_prob(y).sum(-1)  # (K, 3, 2)
+    assert_close(fn.log_prob(y), torch.logsumexp(comps, 0) - math.log(4), rtol=1e-12)
+    mix = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=torch.zeros(3, 2, 4)),
+        torch.distributions.Independent(
+            torch.distributions.Normal(loc.movedim(0, -2), scale.movedim(0, -2)), 1
+        ),
+    )
+    assert_close(fn.log_prob(y), mix.log_prob(y), rtol=1e-12)
+    wide = fn.expand((7, 3, 2))
+    assert wide.batch_shape == (7, 3, 2) and wide.log_prob(y).shape == (7, 3, 2)
+    draws = fn.sample((20000,))  # (S, 3, 2, H)
+    assert draws.shape == (20000, 3, 2, 5)
+    assert_close(draws.mean(0), fn.mean, atol=0.05)
+    # a path draws one component: its steps share it, unlike a per-element mixture
+    one = PathMixture(torch.tensor([[-3.0, -3.0], [3.0, 3.0]]), torch.tensor(0.1)).sample((2000,))
+    assert (one[:, 0].sign() == one[:, 1].sign()).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The deterministic twin and the skip path
+# ---------------------------------------------------------------------------------------------
+
+
+def test_twin_is_the_conditional_mean_network():
+    torch.set_default_dtype(torch.float64)
+    twin = make(deterministic=True, likelihood_scale="learned")
+    set_prior(twin, PHI, CONST, SCALE)
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    guide_tr, model_tr = traces(twin, x, y)
+    assert latent_sites(guide_tr) == {} and latent_sites(model_tr) == {}
+    pred = twin.predict(x, num_samples=6)
+    assert pred.num_components == 1 and pred.samples.shape == (6, B, H)
+    # by hand: z_P = posterior mean, rolled by the conditional mean, read by each step's patch
+    loc, _ = twin.posterior(x)  # (B, U, 1, P)
+    m = loc[:, :, 0, -1]  # (B, U)
+    phi, const = torch.tensor(PHI), torch.tensor(CONST)
+    j = torch.arange(1, 4, dtype=torch.float64)  # (Q,)
+    z = phi[:, None] ** j * m[..., None] + const[:, None] * (1 - phi[:, None] ** j) / (1 - phi[:, None])
+    z = z.transpose(-1, -2)  # (B, Q, U)
+    patch = torch.arange(H) // PATCH  # (H,)
+    w = twin.loc_weight.reshape(-1, U)[:H]  # (H, U)
+    expected = (z[:, patch] * w).sum(-1) + twin.loc_bias[:H] + twin.skip(x)  # skip_norm=None: no offset
+    assert_close(pred.loc[0], expected, rtol=1e-10, atol=1e-12)
+    # its loss is minus the Gaussian log-likelihood: no KL
+    nll = -torch.distributions.Normal(pred.loc[0], pred.scale[0]).log_prob(y).sum()
+    assert_close(LocalELBO().loss(twin.model, twin.guide, x, y), nll, rtol=1e-10)
+    assert_close(Trace_ELBO().loss(twin.model, twin.guide, x, y), nll, rtol=1e-10)
+
+
+def test_start_at_source_is_the_dlinear_predictive():
+    net = make()
+    source = DLinear(L, H, 5)
+    with torch.no_grad():
+        source.scale = torch.linspace(0.3, 0.8, H)
+    net.init_skip(source, freeze=True, start_at_source=True)
+    assert not any(p.requires_grad for p in net.skip.parameters())
+    x = torch.randn(B, L)
+    pred = net.predict(x, num_samples=5)
+    assert_close(pred.loc, source.point(x).expand(5, B, H), atol=1e-5)
+    assert_close(pred.scale, source.scale.expand(5, B, H), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stock Pyro and the training recipe
+# ---------------------------------------------------------------------------------------------
+
+
+def snapshot(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def unmoved(module, before):
+    return [name for name, p in module.named_parameters() if torch.equal(p.detach(), before[name])]
+
+
+BUILDS = {
+    "path-K1": dict(train_draws=1),
+    "path-K3": dict(train_draws=3),
+    "diagonal-step-K3": dict(train_draws=3, posterior="diagonal", mixture="step"),
+    "skip-mean": dict(train_draws=2, mean="skip"),
+}
+
+
+@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO, LocalELBO], ids=lambda e: e.__name__)
+@pytest.mark.parametrize("options", list(BUILDS.values()), ids=list(BUILDS))
+def test_stock_svi_trains_every_parameter(options, elbo):
+    assert pyro.settings.get("module_local_params") is False
+    net = make(**options)
+    x, y = torch.randn(B, 2, L), torch.randn(B, 2, H)
+    before = snapshot(net)
+    svi = SVI(net.model, net.guide, pyro.optim.Adam({"lr": 0.01}), elbo())
+    losses = [svi.step(x, y) for _ in range(3)]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert unmoved(net, before) == []
+    stored = {id(p) for _, p in pyro.get_param_store().named_parameters()}
+    assert {id(p) for p in net.parameters()} <= stored
+
+
+def test_module_local_params_trains_every_parameter(module_local_params):
+    net = make(train_draws=3)
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    before = snapshot(net)
+    elbo = Trace_ELBO()(net.model, net.guide)
+    optimizer = torch.optim.Adam(elbo.parameters(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = elbo(x, y)
+        loss.backward()
+        optimizer.step()
+    assert math.isfinite(loss.item())
+    assert unmoved(net, before) == []
+    assert len(pyro.get_param_store()) == 0
+
+
+def test_trains_with_the_shared_recipe():
+    """train_forecaster (two-stage ridge skip path, chunks, validation selection) runs unchanged
+    and the selected model is scored by evaluate_forecaster."""
+    t = np.arange(700)[:, None]
+    rng = np.random.default_rng(0)
+    values = np.sin(2 * np.pi * t / 12 + np.arange(2)) + 0.2 * rng.standard_normal((700, 2))
+    splits = ratio_splits(values, L, H, train=0.6, val=0.2)
+    net = make(train_draws=4)
+    config = TrainConfig(epochs=2, batch_size=64, chunk=2, skip_fit="ridge", num_samples=16, patience=0)
+    result = train_forecaster(net, splits, config, seed=0)
+    assert result is not None and result.steps > 0
+    assert not any(p.requires_grad for p in net.skip.parameters())
+    x_val, y_val = splits.windows("val")
+    scores = evaluate_forecaster(net, x_val, y_val, num_samples=16)
+    assert math.isfinite(scores["crps"]) and math.isfinite(scores["nll"])
+    assert net.half_life().shape == (U,)
