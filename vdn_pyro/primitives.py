@@ -16,6 +16,7 @@ __all__ = [
     "BETA_FLOOR",
     "DATA_PLATE",
     "NEURONS_INFER_KEY",
+    "NEURONS_REPORT_KEY",
     "NEURON_MODES",
     "as_beta",
     "capture_posteriors",
@@ -34,6 +35,12 @@ BETA_FLOOR = 1e-8
 #: Key set in a neuron site's ``infer`` dict; :class:`~vdn_pyro.inference.LocalELBO` uses it to find
 #: the sites whose per-unit statistics it reports.
 NEURONS_INFER_KEY = "vdn_neurons"
+
+#: Key set to ``False`` in the ``infer`` dict of a neuron site whose units carry no information
+#: budget of their own (e.g. latents rolled forward by the prior's own dynamics, KL 0 by
+#: construction): :class:`~vdn_pyro.inference.LocalELBO` then neither records their statistics nor
+#: applies constraint hooks to them.
+NEURONS_REPORT_KEY = "vdn_report"
 
 #: Name of the plate over observations (dim -2; the units of a layer are dim -1).
 DATA_PLATE = "data"
@@ -264,7 +271,11 @@ def as_beta(beta, units, *, name="beta", allow_zero=False):
     return beta
 
 
-def neurons(name, fn, beta=None, *, dim=-1):
+def _neuron_infer(report):
+    return {NEURONS_INFER_KEY: True} if report else {NEURONS_INFER_KEY: True, NEURONS_REPORT_KEY: False}
+
+
+def neurons(name, fn, beta=None, *, dim=-1, report=True):
     r"""Sample a layer of distributional neurons as one site, with the units as a plate.
 
     Call it with the same ``name`` in the model (``fn`` is each unit's prior) and in the guide
@@ -283,6 +294,9 @@ def neurons(name, fn, beta=None, *, dim=-1):
     :param beta: KL coefficient per unit, a number or a tensor of shape ``(H,)``. Zeros are
         floored at :data:`BETA_FLOOR`. ``None`` means 1.
     :param int dim: the batch dim of the unit plate (default -1).
+    :param bool report: record the site's per-unit statistics and apply constraint hooks in
+        :class:`~vdn_pyro.inference.LocalELBO` (``False`` for latents without an information budget
+        of their own, see :data:`NEURONS_REPORT_KEY`).
     :returns: the sample, shaped like ``fn.batch_shape + fn.event_shape``.
     :raises ValueError: if ``fn`` has no batch dims or ``beta`` does not fit the units.
 
@@ -307,7 +321,7 @@ def neurons(name, fn, beta=None, *, dim=-1):
     units = fn.batch_shape[dim]
     if beta is None:
         with pyro.plate(f"{name}.units", units, dim=dim):
-            return pyro.sample(name, fn, infer={NEURONS_INFER_KEY: True})
+            return pyro.sample(name, fn, infer=_neuron_infer(report))
     if (
         not torch.is_tensor(beta)
         or beta.shape != (units,)
@@ -318,4 +332,4 @@ def neurons(name, fn, beta=None, *, dim=-1):
     if dim != -1:
         beta = beta.reshape((units,) + (1,) * (-dim - 1))  # (H, 1, ..., 1)
     with pyro.plate(f"{name}.units", units, dim=dim), poutine.scale(scale=beta):
-        return pyro.sample(name, fn, infer={NEURONS_INFER_KEY: True})
+        return pyro.sample(name, fn, infer=_neuron_infer(report))

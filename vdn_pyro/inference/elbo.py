@@ -34,7 +34,13 @@ from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions import kl_divergence
 
 from vdn_pyro.guides.builder import NeuronGuide
-from vdn_pyro.primitives import NEURONS_INFER_KEY, _mode_reads, _single_pass, capture_posteriors
+from vdn_pyro.primitives import (
+    NEURONS_INFER_KEY,
+    NEURONS_REPORT_KEY,
+    _mode_reads,
+    _single_pass,
+    capture_posteriors,
+)
 
 __all__ = ["ESTIMATORS", "LocalELBO", "UnitStats"]
 
@@ -321,16 +327,17 @@ class LocalELBO(ELBO):
                 continue
             guide_site = guide_trace.nodes[name]
             is_neuron = guide_site["infer"].get(NEURONS_INFER_KEY, False)
+            reported = is_neuron and guide_site["infer"].get(NEURONS_REPORT_KEY, True)
             if not is_neuron and self.estimator == "trace":
                 elbo = _minus(_plus(elbo, model_site["log_prob_sum"]), guide_site["log_prob_sum"])
                 continue
             kl, _ = self._site_kl(name, model_site, guide_site)  # (..., B, H)
             raw_kl = kl  # statistics report the real KL, not a hook's transform of it
-            if is_neuron:
+            if reported:
                 kl = self._transform_kl(name, kl, guide_site["fn"])
             scaled = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
             elbo = _minus(elbo, scaled.sum())
-            if is_neuron:
+            if reported:
                 self._record(name, raw_kl, guide_site, stats)
         for name, guide_site in guide_trace.nodes.items():
             if guide_site["type"] == "sample" and name not in model_trace.nodes:

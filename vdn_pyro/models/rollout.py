@@ -511,9 +511,10 @@ class RolloutForecaster(NeuronNetwork):
         # model and guide: the same conditional, so log q - log p = 0 for every draw
         beta = layer.beta
         if draws == 1:
-            return layer.pool(neurons(self.rollout_site, fn, beta), True)  # (..., B, Q, U)
+            return layer.pool(neurons(self.rollout_site, fn, beta, report=False), True)  # (..., B, Q, U)
         with pyro.plate(f"{self.rollout_site}.draws", draws, dim=-4):
-            return layer.pool(neurons(self.rollout_site, fn, beta / draws), True)  # (K, 1, B, Q, U)
+            site = neurons(self.rollout_site, fn, beta / draws, report=False)  # (K, 1, B, U, 1, Q)
+            return layer.pool(site, True)  # (K, 1, B, Q, U)
 
     def components(self, x, z, expand=True):
         """Per-draw Gaussian parameters of each horizon step.
