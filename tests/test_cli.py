@@ -415,3 +415,41 @@ def test_sigint_to_the_process_exits_130(tmp_path):
     step = checkpoint["step"]
     assert main(["fit", "--resume", str(run), "--quiet", "--set", f"fit.steps={step + 2}", *NO_EXTRAS]) == 0
     assert load_checkpoint(run / "checkpoints")["step"] == step + 2
+
+
+def test_protocol_norm_and_path_scores_reach_fit_and_evaluate(tmp_path, capsys):
+    """A CSV split by ``data.protocol`` (auto: long_horizon for a non-ETT series), trained under
+    ``fit.norm``: ``vdn fit`` and ``vdn evaluate`` write the path scores of the normalised
+    forecaster, the same as scoring it directly; ``evaluate.paths=false`` leaves them out."""
+    import numpy as np
+
+    from vdn_pyro.cli import load_run
+    from vdn_pyro.data.protocol import long_horizon_splits
+    from vdn_pyro.forecasting import PATH_METRICS, evaluate_forecaster, normalised
+
+    rows = 400
+    dates = pd.date_range("2021-01-01", periods=rows, freq="D")
+    values = np.sin(np.arange(rows) / 4.0) + 0.05 * np.random.default_rng(0).normal(size=rows)
+    pd.DataFrame({"date": dates, "y": values}).to_csv(tmp_path / "series.csv", index=False)
+    run = tmp_path / "run"
+    options = ["data.source=csv", f"data.path={tmp_path / 'series.csv'}", "data.split=protocol"]
+    options += ["fit.norm=last", "evaluate.num_samples=16"]
+    argv = ["fit", "--preset", "quick", "--quiet", "--run-dir", str(run), *NO_EXTRAS]
+    assert main([*argv, *[a for o in options for a in ("--set", o)]]) == 0
+    frame = pd.read_csv(run / "metrics_test.csv")
+    assert set(PATH_METRICS) <= set(frame.columns)
+    assert np.isfinite(frame[list(PATH_METRICS)].to_numpy()).all()
+
+    loaded = load_run(run)
+    assert loaded.config.fit.norm == "last" and loaded.config.data.split == "protocol"
+    assert loaded.splits.borders == long_horizon_splits(loaded.series, 24, 8).borders
+    x, y = loaded.splits.windows("test", stride=loaded.config.data.test_stride)
+    direct = evaluate_forecaster(normalised(loaded.network, "last"), x, y, 16, seed=0, paths=True)
+    assert main(["evaluate", str(run)]) == 0
+    scores = json.loads((run / "metrics_test.json").read_text())["models"]["vdn"]
+    for name in ("crps", *PATH_METRICS):
+        assert scores[name] == pytest.approx(direct[name], rel=1e-5), name
+
+    assert main(["evaluate", str(run), "--set", "evaluate.paths=false"]) == 0
+    assert not set(PATH_METRICS) & set(pd.read_csv(run / "metrics_test.csv").columns)
+    assert "energy" not in json.loads((run / "metrics_test.json").read_text())["models"]["vdn"]

@@ -101,6 +101,28 @@ def test_the_run_config_is_the_recipe_of_train_forecaster():
     assert info.value.path == "neurons"
 
 
+@pytest.mark.parametrize("norm", ["none", "last", "mean_scale"])
+def test_fit_norm_is_the_recipe_norm(norm):
+    """``fit.norm`` reaches :class:`TrainConfig` ``norm``; ``none`` is the default."""
+    assert load_config().train_config().norm == "none"
+    assert load_config(overrides=[f"fit.norm={norm}"]).train_config().norm == norm
+
+
+def test_protocol_and_paths_keys():
+    """``data.protocol`` takes effect with ``data.split: protocol``; ``evaluate.paths`` is on by
+    default and can be turned off."""
+    config = load_config()
+    assert (config.data.split, config.data.protocol, config.evaluate.paths) == ("ratio", "auto", True)
+    config = load_config(
+        overrides=["data.split=protocol", "data.protocol=long_horizon", "evaluate.paths=false"]
+    )
+    assert (config.data.split, config.data.protocol, config.evaluate.paths) == (
+        "protocol",
+        "long_horizon",
+        False,
+    )
+
+
 def test_ett_preset_is_the_benchmark_recipe():
     """The H = 96 recipe of the README's ETTh1 table: the closed-form skip path as the mean, the
     neurons on the scale, selection on the validation CRPS, no constraint."""
@@ -181,6 +203,15 @@ def test_parse_overrides_types():
         ({"fit": {"skip_fit": "closed"}}, "fit.skip_fit", "expected one of 'joint', 'ridge', 'sgd'"),
         ({"fit": {"ridges": []}}, "fit.ridges", "expected a non-empty list of numbers >= 0, got []"),
         ({"fit": {"ridges": [0.1, -1]}}, "fit.ridges[1]", "expected number >= 0, got -1"),
+        ({"fit": {"norm": "z"}}, "fit.norm", "expected one of 'none', 'last', 'mean_scale', got 'z'"),
+        (
+            {"data": {"split": "protocol", "protocol": "etth"}},
+            "data.protocol",
+            "expected one of 'auto', 'ett', 'long_horizon', got 'etth'",
+        ),
+        ({"data": {"protocol": "ett"}}, "data.protocol", "expected split 'protocol' for protocol 'ett'"),
+        ({"data": {"split": "months"}}, "data.split", "expected one of 'ratio', 'ett_hourly', 'protocol'"),
+        ({"evaluate": {"paths": "often"}}, "evaluate.paths", "expected true or false, got 'often'"),
     ],
     ids=[
         "ill-typed-int",
@@ -200,6 +231,11 @@ def test_parse_overrides_types():
         "skip-fit",
         "no-ridges",
         "negative-ridge",
+        "norm",
+        "protocol",
+        "protocol-without-split",
+        "split",
+        "paths",
     ],
 )
 def test_errors_name_the_dotted_path(data, path, message):

@@ -21,7 +21,8 @@ directory (``runs/<timestamp>`` unless ``--run-dir`` is given)::
     monitor.csv             the per-unit table every ``diagnostics.monitor_every`` steps
     units.csv, layers.csv   final per-unit diagnostics table and its per-layer summary (a
                             ``split`` column names the windows: ``diagnostics.split``)
-    metrics_test.json/.csv  test metrics: MSE, MAE, CRPS, NLL, coverage and width
+    metrics_test.json/.csv  test metrics: MSE, MAE, CRPS, NLL, coverage and width, and with
+                            ``evaluate.paths`` the path scores (energy, crps_sum, ...)
                             (``vdn evaluate --split val`` writes ``metrics_val.json/.csv``)
     idata.nc                ArviZ InferenceData (netCDF) of the first test windows
     arviz_summary.csv       az.summary of the unit posteriors
@@ -99,8 +100,16 @@ from vdn_pyro.data import (
     ratio_splits,
 )
 from vdn_pyro.data.datasets import _default_ett_path
-from vdn_pyro.data.protocol import DataRangeError
-from vdn_pyro.forecasting import METRICS, evaluate_forecaster, train_forecaster, training_windows
+from vdn_pyro.data.protocol import DataRangeError, protocol_splits
+from vdn_pyro.forecasting import (
+    METRICS,
+    PATH_METRICS,
+    evaluate_forecaster,
+    normalise_windows,
+    normalised,
+    train_forecaster,
+    training_windows,
+)
 from vdn_pyro.inference import (
     CheckpointError,
     FitResult,
@@ -484,6 +493,8 @@ def load_data(config):
     try:
         if data.split == "ett_hourly":
             splits = ett_hourly_splits(series, data.lookback, data.horizon)
+        elif data.split == "protocol":
+            splits = protocol_splits(series, data.lookback, data.horizon, data.protocol)
         else:
             splits = ratio_splits(series, data.lookback, data.horizon, data.train, data.val)
     except DataRangeError as e:
@@ -924,8 +935,9 @@ def _check_data(run_dir, checkpoint, config, digests):
             )
 
 
-def _digests(series, x, y):
-    return {"series": series_digest(series), "train": data_digest(x, y)}
+def _digests(config, series, x, y):
+    """Digests of the series and of the training items as the fit sees them (``fit.norm``)."""
+    return {"series": series_digest(series), "train": data_digest(*normalise_windows(x, y, config.fit.norm))}
 
 
 # ----------------------------------------------------------------------------- fit
@@ -1019,13 +1031,13 @@ def fit_run(config, run_dir=None, *, resume=False, progress=True, echo=print, su
         recipe = config.train_config()
         x, y = _training_items(recipe, splits)  # (N, T, L), (N, T, H)
         _check_memory(config, x.shape[0])
-        x_val, _ = _windows(config, splits, "val")  # (V, L)
+        x_val = _normalised_windows(config, *_windows(config, splits, "val"))[0]  # (V, L)
         pyro.set_rng_seed(config.fit.seed)  # the initial weights; the fit draws from its own seed
         network = build_network(config)
         constraints = build_constraints(config)
         _check_constraints(constraints, network)
         total = _total_steps(config, x.shape[0])
-        digests = _digests(series, x, y)
+        digests = _digests(config, series, x, y)
         created = False
         if resume:  # refuse before touching the directory
             checkpoint = load_checkpoint(run_dir.checkpoint)
@@ -1188,7 +1200,7 @@ def load_run(run_dir, overrides=()):
     problems = incompatibilities(checkpoint, network)
     if problems:
         raise RunError(_different_network(run_dir, problems))
-    _check_data(run_dir, checkpoint, config, _digests(series, x, y))
+    _check_data(run_dir, checkpoint, config, _digests(config, series, x, y))
     result = FitResult.from_checkpoint(run_dir.checkpoint, network=network)
     state = result.best_state if config.fit.restore_best and result.best_state else checkpoint["network"]
     network.load_state_dict(state)
@@ -1226,7 +1238,7 @@ def evaluate_run(run, split="test", num_samples=None, echo=print):
     num_samples = num_samples or options.num_samples
     x, y = _windows(config, run.splits, split)  # (W * C, L), (W * C, H)
     name = "twin" if config.neurons.deterministic else "vdn"
-    models = {name: run.network}
+    models = {name: normalised(run.network, config.fit.norm)}
     if options.baseline:
         baseline = RepeatLast(config.data.lookback, config.data.horizon)
         baseline.calibrate(*_windows(config, run.splits, "train"))
@@ -1234,11 +1246,19 @@ def evaluate_run(run, split="test", num_samples=None, echo=print):
     with _torch_settings(config):
         scores = {
             key: evaluate_forecaster(
-                model, x, y, num_samples, options.batch_size, seed=config.fit.seed, exact=options.exact
+                model,
+                x,
+                y,
+                num_samples,
+                options.batch_size,
+                seed=config.fit.seed,
+                exact=options.exact,
+                paths=options.paths,
             )
             for key, model in models.items()
         }
-    rows = [{"split": split, "model": key, **{m: s[m] for m in METRICS}} for key, s in scores.items()]
+    names = METRICS + (PATH_METRICS if options.paths else ())
+    rows = [{"split": split, "model": key, **{m: s[m] for m in names}} for key, s in scores.items()]
     frame = pd.DataFrame(rows)
     payload = {
         "split": split,
@@ -1246,7 +1266,8 @@ def evaluate_run(run, split="test", num_samples=None, echo=print):
         "num_samples": num_samples,
         "exact": options.exact,
         "units": "standardised (scaler fitted on the training rows)",
-        "models": {key: {m: float(s[m]) for m in METRICS} for key, s in scores.items()},
+        "paths": options.paths,
+        "models": {key: {m: float(s[m]) for m in names} for key, s in scores.items()},
     }
     with _Outputs(run.dir.root) as outputs:
         frame.to_csv(outputs.path(run.dir.metrics_csv(split)), index=False)
@@ -1255,7 +1276,7 @@ def evaluate_run(run, split="test", num_samples=None, echo=print):
     table = frame.drop(columns="split").to_string(index=False, float_format=lambda v: f"{v:.4f}")
     for line in table.splitlines():
         echo("  " + line)
-    return {key: {m: float(s[m]) for m in METRICS} for key, s in scores.items()}
+    return {key: {m: float(s[m]) for m in names} for key, s in scores.items()}
 
 
 # ----------------------------------------------------------------------------- report
@@ -1277,7 +1298,9 @@ def _fan_chart(run, path):
     window, channel = divmod(index, channels)
     loc, scale = float(splits.scaler.loc[channel]), float(splits.scaler.scale[channel])
     pyro.set_rng_seed(config.fit.seed)
-    pred = run.network.predict(x[index : index + 1], num_samples=max(config.evaluate.num_samples, 200))
+    pred = normalised(run.network, config.fit.norm).predict(
+        x[index : index + 1], num_samples=max(config.evaluate.num_samples, 200)
+    )
     quantiles = {q: pred.quantile(q)[0].numpy() * scale + loc for q in QUANTILE_LEVELS}  # (H,)
     history = x[index].numpy() * scale + loc  # (L,)
     truth = y[index].numpy() * scale + loc  # (H,)
@@ -1336,8 +1359,15 @@ def _dashboard(run, report, path):
 def _diagnostic_x(config, splits):
     """The windows of the final per-unit table: at most ``diagnostics.max_points`` of
     ``diagnostics.split``."""
-    x, _ = _windows(config, splits, config.diagnostics.split)  # (W * C, L)
+    x, _ = _normalised_windows(config, *_windows(config, splits, config.diagnostics.split))  # (W * C, L)
     return _diagnostic_windows(x, config.diagnostics.max_points)
+
+
+def _normalised_windows(config, x, y):
+    """Windows ``(W, L)`` and targets ``(W, H)`` in the units the network was trained in
+    (``fit.norm``, :func:`~vdn_pyro.forecasting.normalise_windows`): what its per-unit tables
+    and InferenceData are computed on."""
+    return normalise_windows(x, y, config.fit.norm)
 
 
 def report_run(run, plots=True, echo=print, report=None):
@@ -1357,7 +1387,9 @@ def report_run(run, plots=True, echo=print, report=None):
     :returns: dict name -> path of every file written.
     """
     config, files = run.config, {}
-    x_test, y_test = _windows(config, run.splits, "test")
+    x_test, y_test = _normalised_windows(
+        config, *_windows(config, run.splits, "test")
+    )  # (W * C, L), (W * C, H)
     lines = []
     with _torch_settings(config), _Outputs(run.dir.root) as outputs:
 

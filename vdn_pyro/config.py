@@ -127,8 +127,12 @@ class DataConfig(_Section):
     :ivar columns: channels to keep (default all); forecasting is channel-independent.
     :ivar fill: missing values of a ``csv`` source: ``null`` (refuse), ``ffill``,
         ``interpolate``.
-    :ivar split: ``ratio`` (fractions ``train``/``val``, the rest test) or ``ett_hourly``
-        (12/4/4 months).
+    :ivar split: ``ratio`` (fractions ``train``/``val``, the rest test), ``ett_hourly``
+        (12/4/4 months) or ``protocol`` (the benchmark protocol ``protocol`` of
+        :func:`~vdn_pyro.data.protocol.protocol_splits`).
+    :ivar protocol: with ``split: protocol``: ``ett`` (ETT's 12/4/4 months at any sampling
+        rate), ``long_horizon`` (7:1:2, the other long-horizon sets) or ``auto`` (``ett`` for a
+        series with ETT columns and time stamps, else ``long_horizon``).
     :ivar lookback: look-back length L of a window.
     :ivar horizon: forecast horizon H.
     :ivar chunk: windows per training item T; with T > 1 each unit's latent over the chunk is
@@ -143,7 +147,8 @@ class DataConfig(_Section):
     date_column: str | None = "date"
     columns: list[str] | None = None
     fill: Literal["ffill", "interpolate"] | None = None
-    split: Literal["ratio", "ett_hourly"] = "ratio"
+    split: Literal["ratio", "ett_hourly", "protocol"] = "ratio"
+    protocol: Literal["auto", "ett", "long_horizon"] = "auto"
     train: Annotated[Number, Field(gt=0, lt=1)] = 0.7
     val: Annotated[Number, Field(gt=0, lt=1)] = 0.1
     lookback: PositiveInt = 104
@@ -157,6 +162,11 @@ class DataConfig(_Section):
     def _check(self):
         if self.split == "ratio" and not self.train + self.val < 1:
             raise ValueError(f"val: expected train + val < 1, got {self.train} + {self.val}")
+        if self.protocol != "auto" and self.split != "protocol":
+            raise ValueError(
+                f"protocol: expected split 'protocol' for protocol {self.protocol!r} (set "
+                f"data.split=protocol), got split {self.split!r}"
+            )
         if self.source == "csv" and not self.path:
             raise ValueError("path: expected the CSV file for source 'csv', got null")
         return self
@@ -354,6 +364,10 @@ class FitConfig(_Section):
     :ivar ridges: the penalties (per observation) ``skip_fit: ridge`` chooses from.
     :ivar start_at_skip: with a fitted skip path, start from that DLinear's Gaussian predictive
         (zero head) and let the starting state compete in the selection.
+    :ivar norm: input normalisation of every window (``none``, ``last``: the window's last value,
+        ``mean_scale``: its mean and standard deviation; see
+        :func:`~vdn_pyro.forecasting.window_stats`): the forecaster is trained on normalised
+        windows and targets and evaluated in the original (standardised) units.
     :ivar restore_best: evaluate and report the best-validation weights.
     :ivar max_bad_steps: stop after this many non-finite steps in a row.
     :ivar living_kl: KL (nats) above which a unit counts as living in the logs and the bar.
@@ -381,6 +395,7 @@ class FitConfig(_Section):
         default_factory=lambda: list(RIDGES)
     )
     start_at_skip: bool = True
+    norm: Literal["none", "last", "mean_scale"] = "none"
     restore_best: bool = True
     max_bad_steps: PositiveInt = 10
     living_kl: NonNegativeFloat = 0.01
@@ -424,12 +439,16 @@ class EvaluateConfig(_Section):
         mixture of S draws).
     :ivar batch_size: windows per scoring batch.
     :ivar baseline: also score the repeat-last-value baseline (nothing to train).
+    :ivar paths: also score ``num_samples`` joint sample paths over the horizon (energy score,
+        CRPS and interval coverage of the horizon sum, ...:
+        :data:`~vdn_pyro.forecasting.PATH_METRICS`).
     """
 
     num_samples: PositiveInt = 100
     exact: bool = True
     batch_size: PositiveInt = 512
     baseline: bool = True
+    paths: bool = True
 
 
 class OutputConfig(_Section):
@@ -534,6 +553,7 @@ class RunConfig(_Section):
                 skip_fit=f.skip_fit,
                 ridges=tuple(f.ridges),
                 start_at_skip=f.start_at_skip,
+                norm=f.norm,
                 val_every=f.val_every,
                 log_every=f.log_every,
                 restore_best=f.restore_best,
