@@ -122,7 +122,8 @@ def plot_dashboard(
 
     :param path: the PNG file to write.
     :param steps: ``(S,)`` logged steps.
-    :param kl: ``(S, U)`` per-unit KL (nats) at each logged step.
+    :param kl: ``(S, U)`` per-unit KL at each logged step (nats per time step; per observation
+        for static units).
     :param beta: ``(S, U)`` per-unit :math:`\beta` at each logged step, or ``None``.
     :param report: the final per-unit table (:func:`~vdn_pyro.inference.unit_report` rows of this
         layer; columns ``unit``, ``kl``, ``loc_sq``, ``status``), or ``None``.
@@ -130,7 +131,7 @@ def plot_dashboard(
         ``step``), or ``None``.
     :param dict loss: ``{"step": (n,), "train": (n,), "val": (n,)}`` losses per observation,
         or ``None``.
-    :param tuple kl_band: the KL band (nats), or ``None``.
+    :param tuple kl_band: the KL band (nats per step), or ``None``.
     :param tuple loc_band: the loc^2 band, or ``None``.
     :param float living_kl: KL threshold of the fallback living/dead count.
     :param str title: figure title.
@@ -190,7 +191,7 @@ def plot_dashboard(
             norm=LogNorm(low, high),
             interpolation="nearest",
         )
-        bar = fig.colorbar(image, ax=ax_heat, label="KL (nats)")
+        bar = fig.colorbar(image, ax=ax_heat, label="KL (nats per step)")
         if kl_band is not None:
             for edge in kl_band:
                 if low <= edge <= high:
@@ -224,7 +225,7 @@ def plot_dashboard(
             colors=[STATUS_COLORS["living"], STATUS_COLORS["dead"]],
             alpha=0.9,
         )
-        ax_status.set_title(f"(c) units with KL > {living_kl:g} nats")
+        ax_status.set_title(f"(c) units with KL > {living_kl:g} nats per step")
     else:
         _empty(ax_status, "no unit statuses")
     ax_status.set(xlabel="step", ylabel="units", ylim=(0, max(units, 1)))
@@ -252,7 +253,7 @@ def plot_dashboard(
         _legend(ax_kl, fontsize=7)
     else:
         _empty(ax_kl, "no per-unit KL")
-    ax_kl.set(title="(e) KL per unit (nats) against the band", xlabel="unit")
+    ax_kl.set(title="(e) KL per unit (nats per step) against the band", xlabel="unit")
     _integer_ticks(ax_kl.xaxis)
 
     # (f) beta: its path over training when it moves (a KL thermostat), else the final values
