@@ -74,7 +74,14 @@ from vdn_pyro.models.neurons import Neurons
 from vdn_pyro.models.priors import ARPrior, NormalPrior
 from vdn_pyro.primitives import as_beta, data_plate
 
-__all__ = ["DrawMixture", "ForecastPrediction", "Forecaster", "ForecasterConfig", "check_forecast_inputs"]
+__all__ = [
+    "DrawMixture",
+    "ForecastPrediction",
+    "Forecaster",
+    "ForecasterConfig",
+    "SkipPathForecaster",
+    "check_forecast_inputs",
+]
 
 FORECAST_PRIORS = ("ar", "normal")
 SITE = "layers.0.z"
@@ -371,7 +378,54 @@ class ForecastPrediction:
         return ForecastPrediction(*(t.to(device) for t in (self.samples, self.loc, self.scale)))
 
 
-class Forecaster(NeuronNetwork):
+class SkipPathForecaster(NeuronNetwork):
+    """What the forecasters share: a DLinear skip path (``self.skip``, or ``None``) beside a trunk
+    (``self.trunk``), and K training draws (``config.train_draws``)."""
+
+    def _draws(self, y, draws):
+        if self.deterministic:
+            return 1
+        if draws is None:
+            return self.config.train_draws if y is not None else 1
+        if not _is_int(draws) or draws < 1:
+            raise ValueError(f"Expected draws to be None or an int >= 1, but got {draws!r}.")
+        return draws
+
+    def _load_skip(self, source, freeze):
+        """Copy a fitted DLinear into the skip path and (un)freeze it; the first half of
+        ``init_skip``."""
+        if self.skip is None:
+            raise ValueError(
+                f"init_skip needs a skip path; build the {type(self).__name__} with skip=True."
+            )
+        trunk = getattr(source, "net", source)
+        if not isinstance(trunk, DLinearTrunk):
+            raise TypeError(f"Expected a DLinear or DLinearTrunk, but got {type(source).__name__}.")
+        mine = (self.skip.in_features, self.skip.out_features, self.skip.kernel_size, self.skip.instance_norm)
+        theirs = (trunk.in_features, trunk.out_features, trunk.kernel_size, trunk.instance_norm)
+        if mine != theirs:
+            raise ValueError(
+                f"Expected a DLinear with (lookback, horizon, kernel_size, instance_norm) = {mine}, "
+                f"but got {theirs}."
+            )
+        self.skip.load_state_dict(trunk.state_dict())
+        _set_frozen(self.skip, freeze)
+
+    def offset(self, x):
+        """Deterministic part of the forecast: the skip path with its offset added back, or the
+        trunk's instance-normalisation offset without a skip path.
+
+        :param x: ``(B, [T,] L)``.
+        :returns: ``(B, [T,] H)``, ``(B, [T,] 1)`` (offset only) or ``None``.
+        """
+        if self.skip is None:
+            return self.trunk.offset(x)  # (B, [T,] 1) or None
+        out = self.skip(x)  # (B, [T,] H)
+        offset = self.skip.offset(x)  # (B, [T,] 1) or None
+        return out if offset is None else out + offset
+
+
+class Forecaster(SkipPathForecaster):
     r"""A long-horizon forecaster: DLinear skip path plus a layer of (temporal) neurons.
 
     See the module docstring for the model. Inputs are look-back windows ``x`` of shape
@@ -454,15 +508,6 @@ class Forecaster(NeuronNetwork):
             stack.extend(m for m in reversed(module._modules.values()) if m is not None)
         check_forecast_inputs(x, y, self.config.lookback, self.config.horizon, check_finite, dtype)
 
-    def _draws(self, y, draws):
-        if self.deterministic:
-            return 1
-        if draws is None:
-            return self.config.train_draws if y is not None else 1
-        if not _is_int(draws) or draws < 1:
-            raise ValueError(f"Expected draws to be None or an int >= 1, but got {draws!r}.")
-        return draws
-
     def init_skip(self, source, freeze=True, start_at_source=False):
         """Copy a fitted DLinear into the skip path (and freeze it): the two-stage recipe in
         which the skip path is the least-squares DLinear and the neurons model its residual.
@@ -476,20 +521,7 @@ class Forecaster(NeuronNetwork):
             (and validation selection) finds a gain.
         :raises ValueError: without a skip path, or if the shapes differ.
         """
-        if self.skip is None:
-            raise ValueError("init_skip needs a skip path; build the Forecaster with skip=True.")
-        trunk = getattr(source, "net", source)
-        if not isinstance(trunk, DLinearTrunk):
-            raise TypeError(f"Expected a DLinear or DLinearTrunk, but got {type(source).__name__}.")
-        mine = (self.skip.in_features, self.skip.out_features, self.skip.kernel_size, self.skip.instance_norm)
-        theirs = (trunk.in_features, trunk.out_features, trunk.kernel_size, trunk.instance_norm)
-        if mine != theirs:
-            raise ValueError(
-                f"Expected a DLinear with (lookback, horizon, kernel_size, instance_norm) = {mine}, "
-                f"but got {theirs}."
-            )
-        self.skip.load_state_dict(trunk.state_dict())
-        _set_frozen(self.skip, freeze)
+        self._load_skip(source, freeze)
         if start_at_source:
             with torch.no_grad():
                 self.head.weight.zero_()
@@ -505,19 +537,6 @@ class Forecaster(NeuronNetwork):
                         self.head.bias[self.config.horizon :].copy_(raw)
 
     # ----------------------------------------------------------------- pieces
-    def offset(self, x):
-        """Deterministic part of the forecast: the skip path with its offset added back, or the
-        trunk's instance-normalisation offset without a skip path.
-
-        :param x: ``(B, [T,] L)``.
-        :returns: ``(B, [T,] H)``, ``(B, [T,] 1)`` (offset only) or ``None``.
-        """
-        if self.skip is None:
-            return self.trunk.offset(x)  # (B, [T,] 1) or None
-        out = self.skip(x)  # (B, [T,] H)
-        offset = self.skip.offset(x)  # (B, [T,] 1) or None
-        return out if offset is None else out + offset
-
     def posterior(self, x):
         """The neurons' posterior parameters.
 

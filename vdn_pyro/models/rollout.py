@@ -83,12 +83,11 @@ from torch.nn.functional import softplus
 from vdn_pyro.distributions import GaussMarkov
 from vdn_pyro.guides.amortized import SCALE_MODES
 from vdn_pyro.guides.trunks import DLinearTrunk, make_activation
-from vdn_pyro.models.base import NeuronNetwork
 from vdn_pyro.models.forecaster import (
     DrawMixture,
     ForecastPrediction,
+    SkipPathForecaster,
     _is_int,
-    _set_frozen,
     check_forecast_inputs,
 )
 from vdn_pyro.models.likelihoods import _inv_softplus
@@ -291,7 +290,7 @@ class RolloutConfig:
         return -(-self.horizon // self.patch)
 
 
-class RolloutForecaster(NeuronNetwork):
+class RolloutForecaster(SkipPathForecaster):
     r"""A forecaster whose temporal neurons roll their latents over the horizon.
 
     See the module docstring for the model. Inputs are look-back windows ``x`` of shape
@@ -379,15 +378,6 @@ class RolloutForecaster(NeuronNetwork):
         c, dtype = self.config, self._parameters["position"].dtype
         check_forecast_inputs(x, y, c.lookback, c.horizon, check_finite, dtype=dtype)
 
-    def _draws(self, y, draws):
-        if self.deterministic:
-            return 1
-        if draws is None:
-            return self.config.train_draws if y is not None else 1
-        if not _is_int(draws) or draws < 1:
-            raise ValueError(f"Expected draws to be None or an int >= 1, but got {draws!r}.")
-        return draws
-
     @property
     def rollout_site(self):
         """The site of the horizon's latents: ``"rollout.z"``, under the network's own path."""
@@ -416,20 +406,7 @@ class RolloutForecaster(NeuronNetwork):
             then starts as exactly the source's Gaussian predictive.
         :raises ValueError: without a skip path, or if the shapes differ.
         """
-        if self.skip is None:
-            raise ValueError("init_skip needs a skip path; build the RolloutForecaster with skip=True.")
-        trunk = getattr(source, "net", source)
-        if not isinstance(trunk, DLinearTrunk):
-            raise TypeError(f"Expected a DLinear or DLinearTrunk, but got {type(source).__name__}.")
-        mine = (self.skip.in_features, self.skip.out_features, self.skip.kernel_size, self.skip.instance_norm)
-        theirs = (trunk.in_features, trunk.out_features, trunk.kernel_size, trunk.instance_norm)
-        if mine != theirs:
-            raise ValueError(
-                f"Expected a DLinear with (lookback, horizon, kernel_size, instance_norm) = {mine}, "
-                f"but got {theirs}."
-            )
-        self.skip.load_state_dict(trunk.state_dict())
-        _set_frozen(self.skip, freeze)
+        self._load_skip(source, freeze)
         if start_at_source:
             with torch.no_grad():
                 for param in (self.loc_weight, self.scale_weight):
@@ -444,18 +421,6 @@ class RolloutForecaster(NeuronNetwork):
                     self.scale_bias[:h].copy_(raw)
 
     # ----------------------------------------------------------------- pieces
-    def offset(self, x):
-        """Deterministic part of the forecast mean: the skip path with its offset added back, or
-        the trunk's instance-normalisation offset without one.
-
-        :param x: ``(B, L)``. :returns: ``(B, H)``, ``(B, 1)`` or ``None``.
-        """
-        if self.skip is None:
-            return self.trunk.offset(x)  # (B, 1) or None
-        out = self.skip(x)  # (B, H)
-        offset = self.skip.offset(x)  # (B, 1) or None
-        return out if offset is None else out + offset
-
     def features(self, x):
         """Patch features read by the posterior.
 
