@@ -254,15 +254,32 @@ def rollout_config(config, options=()):
     return RolloutConfig(**values)
 
 
+#: The harness's roll-out recipe, applied before ``--rollout``: the diagonal posterior (only the
+#: last look-back latent reaches the forecast, and with K = 16 training draws the path posterior
+#: costs about 4x more per step on a CPU for no measured gain in the ETTh1 probe).
+ROLLOUT_DEFAULTS = ("posterior=diagonal",)
+
+
 def _rollout(config, args):
     from vdn_pyro.models.rollout import RolloutForecaster
 
-    return RolloutForecaster(rollout_config(config, args.rollout))
+    return RolloutForecaster(rollout_config(config, ROLLOUT_DEFAULTS + tuple(args.rollout)))
+
+
+def _rollout_normal(config, args):
+    from vdn_pyro.models.rollout import RolloutForecaster
+
+    options = ROLLOUT_DEFAULTS + tuple(args.rollout) + ("prior=normal",)
+    return RolloutForecaster(rollout_config(config, options))
 
 
 if importlib.util.find_spec("vdn_pyro.models.rollout") is not None:
     register_model(
         "rollout", ModelSpec("roll-out VDN", "recipe", _rollout, lends_skip=True, constraints=True)
+    )
+    register_model(
+        "rollout_normal",
+        ModelSpec("roll-out VDN, Normal prior", "recipe", _rollout_normal, lends_skip=True, constraints=True),
     )
 
 
@@ -530,7 +547,24 @@ def score_row(name, fitted, splits, seed, args, val_scores, test, norm_scores=No
     row["fit_seconds"], row["score_seconds"] = fitted.fit_seconds, test_scores["seconds"]
     row["test_windows"], row["skip"] = test[0].shape[0], fitted.skip
     row.update(fitted.info)
+    row.update(half_life_columns(fitted.model))
     return row
+
+
+def half_life_columns(model):
+    """The learned memory of a model whose units roll over the horizon (one with a
+    ``half_life()`` in time steps, e.g. the roll-out forecaster), else nothing: the median and
+    quartiles of the units' half-lives, and every unit's, space-separated (``half_lives``)."""
+    if not callable(getattr(model, "half_life", None)):
+        return {}
+    steps = model.half_life().detach().double().cpu()  # (U,)
+    q = torch.quantile(steps, torch.tensor([0.25, 0.5, 0.75], dtype=steps.dtype))
+    return {
+        "half_life_q25": q[0].item(),
+        "half_life_median": q[1].item(),
+        "half_life_q75": q[2].item(),
+        "half_lives": " ".join(f"{v:.4g}" for v in steps.tolist()),
+    }
 
 
 # ----------------------------------------------------------------------------- data
@@ -621,7 +655,24 @@ def write_outputs(runs, out_dir, stem="forecast_ett", note="", published=None):
     summary.to_csv(out_dir / f"{stem}.csv", index=False)
     tables = format_tables(summary)
     (out_dir / f"{stem}.md").write_text(f"{note}\n\n{tables}\n" if note else f"{tables}\n")
+    plot_memory(runs, out_dir / f"{stem}_half_lives.png")
     return summary, tables
+
+
+def plot_memory(runs, path, model="rollout"):
+    """The half-lives of ``model``'s units (every seed) against the horizon
+    (:func:`vdn_pyro.plots.plot_half_lives`), when its rows have them; returns the path or
+    ``None``."""
+    by_horizon = {}
+    for row in runs:
+        if row["model"] == model and isinstance(row.get("half_lives"), str):
+            by_horizon.setdefault(row["horizon"], []).extend(float(v) for v in row["half_lives"].split())
+    if not by_horizon:
+        return None
+    from vdn_pyro.plots import plot_half_lives
+
+    title = f"{MODELS[model].label}: unit half-lives against the horizon"
+    return plot_half_lives(path, by_horizon, title=title)
 
 
 def format_row(row, extra=""):
@@ -650,6 +701,7 @@ def run_task(horizon, seed, args, series, cache=None):
         its own.
     """
     torch.set_num_threads(args.threads)
+    pyro.enable_validation(args.validate)  # this process only (a worker, or the script's own)
     splits = task_splits(series, args, horizon)
     test = splits.windows("test", stride=args.test_stride)
     val = splits.windows("val", stride=args.val_stride)
@@ -769,6 +821,12 @@ def build_parser(description):
     parser.add_argument("--horizons", type=int, nargs="+", default=[96, 192, 336, 720])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"among {list(MODELS)}")
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="keep Pyro's argument validation on in training and scoring (off by default: it only "
+        "checks, costs 10-20%% of a step at long horizons, and the test suite runs with it on)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: H=96, 1 seed, tiny")
     parser.add_argument(
         "--rollout",

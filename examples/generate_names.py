@@ -120,6 +120,8 @@ def train(kind, corpus, args):
     x, y = corpus.tensors("train")
     x_val, y_val = corpus.tensors("val")
     options = dict(embed_dim=args.embed, hidden=args.hidden, units=args.units, cell=args.cell, **KINDS[kind])
+    if not options.get("deterministic"):
+        options.setdefault("posterior", getattr(args, "posterior", "step"))
     pyro.set_rng_seed(args.seed)
     network = RecurrentVDN(corpus.vocabulary, **options)
     best = BestOnValidation(x_val, y_val, args.val_every)
@@ -321,6 +323,9 @@ def parse_args(argv=None):
     parser.add_argument("--hidden", type=int, default=64, help="recurrent state width")
     parser.add_argument("--units", type=int, default=16, help="distributional units per step")
     parser.add_argument("--cell", default="gru", choices=["gru", "lstm"])
+    parser.add_argument(
+        "--posterior", default="step", choices=["step", "path"], help="posterior of the latent models"
+    )
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)

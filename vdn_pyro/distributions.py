@@ -971,12 +971,70 @@ def linear_recurrence(weight, value):
 
 
 def _recurrence_loop(weight, value):
-    """:func:`linear_recurrence` as a loop over time: ``(..., T), (..., T) -> (..., T)``."""
-    weight, value = weight.movedim(-1, 0), value.movedim(-1, 0)  # (T, ...) views
-    out = [value[0]]  # T tensors (...,)
+    """:func:`linear_recurrence` as a loop over time: ``(..., T), (..., T) -> (..., T)``.
+
+    One autograd node (:class:`_LoopRecurrence`) for the whole chain: autograd's chain of T
+    per-step slices would zero-fill a full ``(T, ...)`` gradient for every step in the backward
+    pass, :math:`O(T^2)` memory traffic."""
+    shape = _broadcast_shapes(weight.shape, value.shape)
+    weight = _time_major(weight.expand(shape).movedim(-1, 0))  # (T, ...)
+    value = _time_major(value.expand(shape).movedim(-1, 0))  # (T, ...)
+    return _LoopRecurrence.apply(weight, value).movedim(0, -1)  # (..., T)
+
+
+def _loop_into(weight, value, out):
+    """``out[t] = weight[t] out[t - 1] + value[t]`` from ``out[0] = value[0]``, time-major
+    ``(T, ...)``, written in place (no autograd)."""
+    out[0] = value[0]
     for t in range(1, value.shape[0]):
-        out.append(torch.addcmul(value[t], weight[t], out[-1]))  # (...,)
-    return torch.stack(out).movedim(0, -1)  # (..., T)
+        torch.addcmul(value[t], weight[t], out[t - 1], out=out[t])  # (...,)
+    return out
+
+
+def _time_major(t):
+    """A time-major ``(T, ...)`` tensor whose steps are contiguous blocks: ``t`` itself when they
+    are (or when ``t`` is broadcast, stride 0, and small), else a contiguous copy. The loop reads
+    one step per operation, and strided steps (a time-last tensor seen time-major) cost several
+    times more than the one transposing copy."""
+    if t.is_contiguous() or 0 in t.stride():
+        return t
+    return t.contiguous()
+
+
+class _LoopRecurrence(torch.autograd.Function):
+    r"""The sequential recurrence on time-major tensors ``(T, ...)`` with its adjoint as the
+    backward pass, :math:`O(T)` both ways:
+
+    .. math:: g_{T-1} = \bar x_{T-1}, \quad g_t = \bar x_t + w_{t+1} g_{t+1}, \qquad
+              \bar u_t = g_t, \quad \bar w_t = g_t x_{t-1}\ (t \ge 1), \quad \bar w_0 = 0.
+
+    Under ``create_graph`` the backward runs the same formulas differentiably (the adjoint is the
+    recurrence itself, reversed in time), so higher derivatives are exact too.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, value):
+        out = _loop_into(weight, value, value.new_empty(value.shape))  # (T, ...), contiguous
+        ctx.save_for_backward(weight, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, out = ctx.saved_tensors  # (T, ...) each
+        grad = _time_major(grad)
+        if torch.is_grad_enabled():  # create_graph: the adjoint, differentiably
+            ahead = torch.cat([weight[1:], torch.zeros_like(weight[:1])])  # w_{t+1}, (T, ...)
+            adjoint = _LoopRecurrence.apply(ahead.flip(0), grad.flip(0)).flip(0)  # (T, ...)
+        else:
+            adjoint = grad.new_empty(out.shape)  # (T, ...)
+            adjoint[-1] = grad[-1]
+            for t in range(out.shape[0] - 2, -1, -1):
+                torch.addcmul(grad[t], weight[t + 1], adjoint[t + 1], out=adjoint[t])  # (...,)
+        grad_weight = None
+        if ctx.needs_input_grad[0]:
+            lagged = torch.cat([torch.zeros_like(out[:1]), out[:-1]])  # x_{t-1}, (T, ...)
+            grad_weight = adjoint * lagged  # (T, ...)
+        return grad_weight, adjoint if ctx.needs_input_grad[1] else None
 
 
 def _recurrence_scan(weight, value):

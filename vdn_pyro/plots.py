@@ -5,7 +5,8 @@ r"""Plots of a fitted network, written as PNG files with matplotlib's Agg backen
   :math:`\overline{\mu^2}` (loc^2) against its band, its KL against the KL band, and its
   :math:`\beta`;
 - :func:`plot_fan_chart`: a forecast fan chart (history, truth, median and central bands);
-- :func:`plot_forest`: the ArviZ forest plot of the unit posteriors of one observation.
+- :func:`plot_forest`: the ArviZ forest plot of the unit posteriors of one observation;
+- :func:`plot_half_lives`: the units' learned half-lives against the forecast horizon.
 
 matplotlib is imported inside each function (with the Agg backend, so no display is needed),
 and every function takes the output path and returns it. Axes of unit indices and unit counts
@@ -17,7 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MAX_PIXELS", "STATUS_COLORS", "plot_dashboard", "plot_fan_chart", "plot_forest"]
+__all__ = [
+    "MAX_PIXELS",
+    "STATUS_COLORS",
+    "plot_dashboard",
+    "plot_fan_chart",
+    "plot_forest",
+    "plot_half_lives",
+]
 
 #: Colour of each unit status (see :data:`vdn_pyro.inference.STATUSES`).
 STATUS_COLORS = {
@@ -383,5 +391,60 @@ def plot_forest(path, idata, site="layers.0.z", *, obs=0, hdi_prob=0.94, dpi=110
         ax.plot(values.mean(1), rows, "o", color="tab:blue", ms=3)
         ax.set_yticks(rows, [f"{site}[{i}]" for i in range(count)], fontsize=7)
         ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_half_lives(path, half_lives, *, unit="steps", title=None, dpi=110):
+    """Each unit's learned half-life against the forecast horizon: one column of points per
+    horizon (every unit of every run), its median, and the line half-life = horizon.
+
+    A unit above the line keeps more than half of its state over the whole horizon; one far below
+    it forgets the look-back within a fraction of it.
+
+    :param path: the PNG file to write.
+    :param dict half_lives: horizon (a positive number, in ``unit``) -> sequence of half-lives
+        (same unit; 0 for a unit without memory, ``inf`` allowed and drawn at the top).
+    :param str unit: the time unit of both axes.
+    :param str title: figure title.
+    :param int dpi: resolution.
+    :returns: the :class:`pathlib.Path` written.
+    :raises ValueError: for an empty ``half_lives`` or a horizon that is not positive.
+    """
+    if not half_lives:
+        raise ValueError("Expected half_lives to map at least one horizon to half-lives, but got none.")
+    horizons = sorted(float(h) for h in half_lives)
+    if horizons[0] <= 0:
+        raise ValueError(f"Expected positive horizons, but got {horizons[0]}.")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    rng = np.random.default_rng(0)  # horizontal jitter only, for legibility
+    top = max(horizons) * 100
+    for i, (horizon, values) in enumerate(sorted(half_lives.items(), key=lambda kv: float(kv[0]))):
+        values = np.minimum(_positive(np.asarray(values, dtype=float), 1e-2), top)
+        jitter = float(horizon) * np.exp(rng.uniform(-0.08, 0.08, size=values.shape))
+        ax.scatter(jitter, values, s=9, alpha=0.35, color="tab:blue", lw=0, label="units" if i == 0 else None)
+        if np.isfinite(values).any():
+            median = np.nanmedian(values)
+            ax.plot(
+                [float(horizon) / 1.15, float(horizon) * 1.15],
+                [median, median],
+                color="black",
+                lw=2,
+                label="median" if i == 0 else None,
+            )
+    span = np.array([horizons[0] / 1.5, horizons[-1] * 1.5])
+    ax.plot(span, span, color="tab:red", ls="--", lw=1, label="half-life = horizon")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(horizons)
+    ax.set_xticklabels([f"{h:g}" for h in horizons])
+    ax.minorticks_off()
+    ax.set(
+        xlabel=f"forecast horizon ({unit})",
+        ylabel=f"unit half-life ({unit})",
+        title=title or "learned memory of the units against the horizon",
+    )
+    _legend(ax, loc="upper left", fontsize=8)
     fig.tight_layout()
     return _save(fig, path, dpi)

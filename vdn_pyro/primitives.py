@@ -17,6 +17,7 @@ __all__ = [
     "DATA_PLATE",
     "NEURONS_INFER_KEY",
     "NEURONS_REPORT_KEY",
+    "NEURONS_SAME_LAW_KEY",
     "NEURON_MODES",
     "as_beta",
     "capture_posteriors",
@@ -41,6 +42,11 @@ NEURONS_INFER_KEY = "vdn_neurons"
 #: construction): :class:`~vdn_pyro.inference.LocalELBO` then neither records their statistics nor
 #: applies constraint hooks to them.
 NEURONS_REPORT_KEY = "vdn_report"
+
+#: Infer-dict key of a neuron site whose guide draws from the model's own distribution
+#: (``neurons(..., same_law=True)``): its ELBO term is identically zero and
+#: :class:`~vdn_pyro.inference.LocalELBO` skips it.
+NEURONS_SAME_LAW_KEY = "vdn_same_law"
 
 #: Name of the plate over observations (dim -2; the units of a layer are dim -1).
 DATA_PLATE = "data"
@@ -271,11 +277,16 @@ def as_beta(beta, units, *, name="beta", allow_zero=False):
     return beta
 
 
-def _neuron_infer(report):
-    return {NEURONS_INFER_KEY: True} if report else {NEURONS_INFER_KEY: True, NEURONS_REPORT_KEY: False}
+def _neuron_infer(report, same_law=False):
+    infer = {NEURONS_INFER_KEY: True}
+    if not report:
+        infer[NEURONS_REPORT_KEY] = False
+    if same_law:
+        infer[NEURONS_SAME_LAW_KEY] = True
+    return infer
 
 
-def neurons(name, fn, beta=None, *, dim=-1, report=True):
+def neurons(name, fn, beta=None, *, dim=-1, report=True, same_law=False):
     r"""Sample a layer of distributional neurons as one site, with the units as a plate.
 
     Call it with the same ``name`` in the model (``fn`` is each unit's prior) and in the guide
@@ -297,6 +308,12 @@ def neurons(name, fn, beta=None, *, dim=-1, report=True):
     :param bool report: record the site's per-unit statistics and apply constraint hooks in
         :class:`~vdn_pyro.inference.LocalELBO` (``False`` for latents without an information budget
         of their own, see :data:`NEURONS_REPORT_KEY`).
+    :param bool same_law: the guide draws this site from the model's own distribution, built by
+        the same computation from the same values on both sides (e.g. latents rolled forward by
+        the prior's dynamics), so its ELBO term :math:`\log p - \log q` is identically zero, in
+        value and gradient: :class:`~vdn_pyro.inference.LocalELBO` skips it instead of evaluating
+        two equal log densities (see :data:`NEURONS_SAME_LAW_KEY`). Pyro's own ELBOs compute the
+        zero.
     :returns: the sample, shaped like ``fn.batch_shape + fn.event_shape``.
     :raises ValueError: if ``fn`` has no batch dims or ``beta`` does not fit the units.
 
@@ -321,7 +338,7 @@ def neurons(name, fn, beta=None, *, dim=-1, report=True):
     units = fn.batch_shape[dim]
     if beta is None:
         with pyro.plate(f"{name}.units", units, dim=dim):
-            return pyro.sample(name, fn, infer=_neuron_infer(report))
+            return pyro.sample(name, fn, infer=_neuron_infer(report, same_law))
     if (
         not torch.is_tensor(beta)
         or beta.shape != (units,)
@@ -332,4 +349,4 @@ def neurons(name, fn, beta=None, *, dim=-1, report=True):
     if dim != -1:
         beta = beta.reshape((units,) + (1,) * (-dim - 1))  # (H, 1, ..., 1)
     with pyro.plate(f"{name}.units", units, dim=dim), poutine.scale(scale=beta):
-        return pyro.sample(name, fn, infer=_neuron_infer(report))
+        return pyro.sample(name, fn, infer=_neuron_infer(report, same_law))

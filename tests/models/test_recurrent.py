@@ -4,6 +4,7 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from torch.nn.functional import log_softmax
 
 from tests.common import assert_close
 from vdn_pyro.data.text import PAD, Vocabulary, encode_texts
@@ -19,6 +20,8 @@ VARIANTS = {
     "lstm": {"cell": "lstm"},
     "plain-posterior": {"residual_posterior": False},
     "deterministic": {"deterministic": True},
+    "path": {"posterior": "path", "posterior_context": 5},
+    "path-plain": {"posterior": "path", "posterior_context": 5, "residual_posterior": False},
 }
 
 
@@ -298,3 +301,274 @@ def test_tiny_overfit_reduces_loss():
     assert result.history[-1]["loss"] < 0.5 * result.history[0]["loss"]
     assert after.nll_bound < 0.5 * before.nll_bound
     assert after.nll < 0.5 * before.nll
+
+
+# ------------------------------------------------------------------ path posterior
+PATH = dict(posterior="path", posterior_context=5)
+
+
+def test_default_posterior_is_the_step_posterior():
+    from vdn_pyro.guides import RecurrentPathPosterior, RecurrentPosterior
+
+    net = make()
+    assert net.config.posterior == "step" and type(net.posterior) is RecurrentPosterior
+    path = make(**PATH)
+    assert isinstance(path.posterior, RecurrentPathPosterior) and path.posterior.context_dim == 5
+    assert path.posterior.residual and not make(**PATH, residual_posterior=False).posterior.residual
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_path_trace_sites_shapes_and_mask(residual):
+    net = make(**PATH, residual_posterior=residual)
+    x, y = batch(max_len=7)  # lengths 4, 2, 5, 3 (boundary included); 2 all-padding columns
+    guide_trace = poutine.trace(net.guide).get_trace(x, y)
+    model_trace = poutine.trace(poutine.replay(net.model, trace=guide_trace)).get_trace(x, y)
+    assert latent_sites(guide_trace) == latent_sites(model_trace) == [f"rnn.z.{t}" for t in range(5)]
+    mask = y != PAD
+    for t in range(5):
+        for trace in (guide_trace, model_trace):
+            site = trace.nodes[f"rnn.z.{t}"]
+            assert site["value"].shape == (4, 3, 1)
+            assert site["fn"].batch_shape == (4, 3) and site["fn"].event_shape == (1,)
+            assert site["mask"][:, 0].tolist() == mask[:, t].tolist()
+        # where a row has ended the guide's step is the prior's: no KL from padding
+        q, p = guide_trace.nodes[f"rnn.z.{t}"]["fn"], model_trace.nodes[f"rnn.z.{t}"]["fn"]
+        ended = ~mask[:, t]
+        assert_close(q.base_dist.loc[ended], p.base_dist.loc[ended])
+        assert_close(q.base_dist.scale.expand(4, 3, 1)[ended], p.base_dist.scale.expand(4, 3, 1)[ended])
+    assert model_trace.nodes["obs"]["fn"].event_shape == (5,)
+
+
+@pytest.mark.parametrize("variant", ["path", "path-plain"])
+def test_path_padding_contributes_nothing(variant):
+    test_padding_contributes_nothing(variant)  # the backward context skips each row's padding
+
+
+def test_path_context_reads_the_row_from_t_to_its_end():
+    net = make(**PATH)
+    post = net.posterior
+    x, y = batch(max_len=7)
+    y0, mask = y.clamp_min(0), y != PAD
+    g = post.context(y0, mask)  # (B, T, C)
+    assert g.shape == (4, 7, 5)
+    for row, text in enumerate(TEXTS):
+        _, yr = batch([text])  # (1, L), no padding
+        single = post.context(yr, torch.ones_like(yr, dtype=torch.bool))[0]  # (L, C)
+        assert_close(g[row, : yr.shape[1]], single, atol=1e-6, rtol=1e-6)
+    # g_t changes with y_t' for t' >= t and not with y_t' for t' < t
+    changed = y0.clone()
+    changed[2, 2] = (changed[2, 2] + 1) % VOCAB.size  # row 2 has length 5
+    g2 = post.context(changed, mask)
+    assert torch.equal(g2[2, 3:5], g[2, 3:5]) and not torch.allclose(g2[2, :3], g[2, :3])
+    assert torch.equal(g2[[0, 1, 3]], g[[0, 1, 3]])
+
+
+@pytest.fixture
+def float64():
+    """Build and run in float64 (the network's zero states follow the default dtype)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _double_net(**options):
+    assert torch.get_default_dtype() == torch.float64
+    return make(**PATH, **options)
+
+
+def _randomise_path_heads(net, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    post = net.posterior
+    with torch.no_grad():
+        for param in (post.transition.weight, post.transition.bias, post.loc.weight, post.scale_head.weight):
+            param.copy_(0.5 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+
+
+def _hand_path(net, x, y, draws):
+    """Run the recurrence by hand along the guide's draws {site: (B, H, 1)}: the chain's
+    coefficients (a, b, s), the prior's (loc, scale), each (B, H, T), and the log-likelihood (B, T)."""
+    x, y, mask = net._prepare(x, y)
+    post, prior = net.posterior, net.prior
+    context = post.context(y, mask)  # (B, T, C)
+    state, z = net.initial_state(x.shape[0]), torch.zeros(x.shape[0], net.units, dtype=torch.float64)
+    out = {k: [] for k in ("a", "b", "s", "p_loc", "p_scale", "log_lik")}
+    for t in range(x.shape[1]):
+        state = net.advance(state, x[:, t], z)
+        h = net.readout(state)
+        p_loc, p_scale = prior.step(z, h)  # (B, H)
+        a, b, s = post.coefficients(h, context[:, t], prior.phi[:, 0], prior.input(h))  # (B, H)
+        z = draws[f"rnn.z.{t}"].squeeze(-1)  # (B, H)
+        log_lik = log_softmax(net.logits(h, z), -1).gather(-1, y[:, t, None]).squeeze(-1)  # (B,)
+        for key, value in zip(out, (a, b, s, p_loc, p_scale, log_lik)):
+            out[key].append(value)
+    return {k: torch.stack(v, -1) for k, v in out.items()}, mask
+
+
+def test_path_guide_is_the_gauss_markov_chain_of_its_coefficients(float64):
+    """float64: the guide's per-step log densities along a drawn path sum to the log density of
+    the GaussMarkov chain built from the same (a_t, b_t, s_t)."""
+    from vdn_pyro.distributions import GaussMarkov
+
+    net = _double_net()
+    _randomise_path_heads(net)
+    x, y = batch([t for t in TEXTS if len(t) == 4 or len(t) == 3][:1] * 2)  # two rows, no padding
+    pyro.set_rng_seed(3)
+    trace = poutine.trace(net.guide).get_trace(x, y)
+    draws = {n: trace.nodes[n]["value"] for n in latent_sites(trace)}
+    hand, _ = _hand_path(net, x, y, draws)
+    z = torch.stack([v.squeeze(-1) for v in draws.values()], -1)  # (B, H, T)
+    chain = GaussMarkov(hand["a"], hand["b"], hand["s"])  # batch (B, H), event (T,)
+    guide_log_q = sum(trace.nodes[n]["fn"].log_prob(trace.nodes[n]["value"]) for n in draws)  # (B, H)
+    assert z.dtype == torch.float64
+    assert_close(chain.log_prob(z), guide_log_q, atol=1e-10, rtol=1e-12)
+    assert float(hand["a"].detach().abs().min()) > 1e-3  # the steps are really chained
+
+
+def test_path_guide_draws_have_the_chains_moments(float64):
+    """With the latents kept out of the recurrence the chain's coefficients are fixed by the
+    tokens: many draws of one name have the GaussMarkov chain's means, variances and lag-1
+    covariances Cov(z_t, z_{t-1}) = a_t Var(z_{t-1})."""
+    from vdn_pyro.distributions import GaussMarkov
+
+    net = _double_net()
+    _randomise_path_heads(net, seed=1)
+    with torch.no_grad():
+        net.cell.weight_ih[:, net.config.embed_dim :] = 0.0  # h_t no longer reads z_{t-1}
+    num = 20000
+    x, y = batch(["edcb"] * num)  # (N, 5)
+    pyro.set_rng_seed(0)
+    draws = net.guide(x, y)
+    z = torch.stack([v.squeeze(-1) for v in draws.values()], -1).detach()  # (N, H, T)
+    with torch.no_grad():
+        hand, _ = _hand_path(net, x[:1], y[:1], {k: v[:1] for k, v in draws.items()})
+    chain = GaussMarkov(hand["a"][0], hand["b"][0], hand["s"][0])  # batch (H,), event (T,)
+    var = chain.variance.detach()  # (H, T)
+    assert_close(z.mean(0), chain.mean.detach(), atol=float(5 * (var / num).sqrt().max()))
+    assert_close(z.var(0), var, rtol=0.05)
+    centred = z - z.mean(0)
+    lag1 = (centred[..., 1:] * centred[..., :-1]).mean(0)  # (H, T - 1)
+    expected = hand["a"][0, :, 1:] * var[:, :-1]  # (H, T - 1)
+    assert_close(lag1, expected, atol=float(5 * (var[:, 1:] * var[:, :-1] / num).sqrt().max()))
+    assert float(expected.abs().max()) > 0.1  # a correlation the test could miss
+
+
+def test_path_local_elbo_equals_the_hand_per_step_kls(float64):
+    """float64: given the guide's draws, LocalELBO is exactly -sum log p(y_t | .) + sum of the
+    per-step Gaussian KL(q(z_t | z_{t-1}) || p(z_t | z_{t-1})) over real positions, and
+    Trace_ELBO is exactly -sum log p(y) - log p(z) + log q(z)."""
+    net = _double_net()
+    _randomise_path_heads(net, seed=2)
+    net.beta.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    x, y = batch(max_len=6)  # padded rows
+    pyro.set_rng_seed(5)
+    guide_trace = poutine.trace(net.guide).get_trace(x, y)
+    draws = {n: guide_trace.nodes[n]["value"] for n in latent_sites(guide_trace)}
+    replayed = poutine.replay(net.guide, trace=guide_trace)
+    local = LocalELBO().loss(net.model, replayed, x, y)
+    trace_loss = pyro.infer.Trace_ELBO().loss(net.model, replayed, x, y)
+    with torch.no_grad():
+        hand, mask = _hand_path(net, x, y, draws)
+    draws = {name: value.detach() for name, value in draws.items()}
+    m = mask.to(torch.float64)  # (B, T)
+    q = torch.distributions.Normal(hand["a"] * _prev(draws) + hand["b"], hand["s"])  # (B, H, T)
+    p = torch.distributions.Normal(hand["p_loc"], hand["p_scale"])
+    kl = torch.distributions.kl_divergence(q, p)  # (B, H, T)
+    z = torch.stack([v.squeeze(-1) for v in draws.values()], -1)  # (B, H, T)
+    beta = net.beta[:, None]  # (H, 1)
+    nll = -(hand["log_lik"] * m).sum()
+    assert_close(local, float(nll + (beta * kl * m[:, None]).sum()), atol=1e-9, rtol=1e-12)
+    log_ratio = q.log_prob(z) - p.log_prob(z)  # (B, H, T)
+    assert_close(trace_loss, float(nll + (beta * log_ratio * m[:, None]).sum()), atol=1e-9, rtol=1e-12)
+
+
+def _prev(draws):
+    """z_{t-1} along the draws (0 at t = 0), (B, H, T)."""
+    z = torch.stack([v.squeeze(-1) for v in draws.values()], -1)  # (B, H, T)
+    return torch.cat([torch.zeros_like(z[..., :1]), z[..., :-1]], -1)
+
+
+def test_path_elbo_agrees_with_evaluation_bound():
+    pyro.set_rng_seed(1)
+    net = make(**PATH)
+    _randomise_path_heads(net)
+    x, y = batch()
+    loss = LocalELBO(num_particles=400, vectorize_particles=True).loss(net.model, net.guide, x, y)
+    ev = evaluate_sequences(net, x, y, num_samples=400, replace_samples=4)
+    assert_close(loss / ev.num_chars, ev.nll_bound, rtol=0.01)
+    assert ev.nll < ev.nll_bound
+    # the posterior mean path: each step's loc is a_t times the previous loc plus b_t
+    posts = net.posteriors(x, y)
+    assert list(posts) == [f"rnn.z.{t}" for t in range(5)]
+    assert all(loc.shape == scale.shape == (4, 3, 1) for loc, scale in posts.values())
+
+
+def test_path_tiny_overfit_reduces_loss():
+    net = make(**PATH, hidden=16, units=4)
+    x, y = batch()
+    before = evaluate_sequences(net, x, y, num_samples=16)
+    result = fit(net, x, y, steps=150, batch_size=4, lr=0.03, seed=0, progress=False)
+    after = evaluate_sequences(net, x, y, num_samples=16)
+    assert result.history[-1]["loss"] < 0.5 * result.history[0]["loss"]
+    assert after.nll_bound < 0.5 * before.nll_bound
+
+
+def test_path_checkpoint_round_trip(tmp_path):
+    from vdn_pyro.inference.checkpoint import IncompatibleCheckpointError, load_network, save_checkpoint
+
+    net = make(**PATH)
+    _randomise_path_heads(net)
+    path = save_checkpoint(tmp_path / "last.pt", {"network": net.state_dict()}, network=net)
+    rebuilt = load_network(path)
+    assert rebuilt.config.posterior == "path" and rebuilt.config.posterior_context == 5
+    x, y = batch()
+    a, b = net.score(x, y, "posterior_mean"), rebuilt.score(x, y, "posterior_mean")
+    assert torch.equal(a.log_lik, b.log_lik) and torch.equal(a.kl, b.kl)
+    with pytest.raises(IncompatibleCheckpointError, match="config.posterior"):
+        load_network(path, make())  # a step-posterior network is not this architecture
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        ({"posterior": "paths"}, ValueError, "posterior in"),
+        ({"posterior": None}, ValueError, "posterior in"),
+        ({"posterior": "path", "posterior_context": 0}, ValueError, "posterior_context >= 1"),
+        ({"posterior": "path", "posterior_context": 2.5}, TypeError, "posterior_context"),
+    ],
+)
+def test_path_bad_config_refused(options, error, match):
+    with pytest.raises(error, match=match):
+        make(**options)
+
+
+def test_path_head_refuses_bad_arguments():
+    from vdn_pyro.guides import RecurrentPathPosterior
+
+    with pytest.raises(ValueError, match="context_dim"):
+        RecurrentPathPosterior(8, 6, 3, context_dim=0)
+    head = RecurrentPathPosterior(8, 6, 3, context_dim=4)
+    with pytest.raises(ValueError, match="phi and drive"):
+        head.coefficients(torch.zeros(2, 8), torch.zeros(2, 4))
+    a, b, s = RecurrentPathPosterior(8, 6, 3, context_dim=4, residual=False).coefficients(
+        torch.zeros(2, 8), torch.zeros(2, 4)
+    )
+    assert a.shape == b.shape == s.shape == (2, 3) and torch.equal(a, torch.zeros(2, 3))  # starts at 0
+
+
+def test_recurrent_ar_benchmark_quick(tmp_path):
+    """``benchmarks/recurrent_ar.py --quick`` runs every variant and writes its tables."""
+    from tests.common import ROOT, load_script
+
+    bench = load_script(ROOT / "benchmarks" / "recurrent_ar.py", "bench_recurrent_ar")
+    argv = ["--quick", "--seeds", "0", "1", "--out-dir", str(tmp_path)]
+    runs, out = bench.main(argv)
+    assert out == tmp_path
+    assert sorted(runs["variant"]) == sorted(list(bench.VARIANTS) * 2)
+    assert runs["test_bound_bits"].notna().all() and (runs["test_is_bits"] > 0).all()
+    gru = runs[runs["kind"] == "gru"]
+    assert (gru["test_is_bits"] == gru["test_bound_bits"]).all()  # the GRU's NLL is exact
+    assert (runs.loc[runs["kind"] == "vdn-no-ar", "phi_max"] == 0).all()
+    text = (tmp_path / "recurrent_ar.md").read_text()
+    assert "AR - no-AR, step posterior" in text and "AR - no-AR, path posterior" in text
+    assert (tmp_path / "recurrent_ar.csv").exists()

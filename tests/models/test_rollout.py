@@ -271,6 +271,33 @@ def test_rollout_site_contributes_exactly_no_kl(draws):
     assert spy.sites == ["layers.0.z"]
 
 
+@pytest.mark.parametrize("draws", [1, 3])
+def test_skipping_the_same_law_site_changes_nothing(draws, monkeypatch):
+    """LocalELBO skips the roll-out site (``same_law=True``) instead of evaluating its two equal
+    log densities: loss and gradients are those of the evaluated version (float64)."""
+    import vdn_pyro.inference.elbo as elbo_module
+
+    torch.set_default_dtype(torch.float64)
+    net = make(beta=0.3)
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        with pyro.poutine.seed(rng_seed=3):
+            loss = LocalELBO().differentiable_loss(net.model, net.guide, x, y, draws=draws)
+        return loss, torch.autograd.grad(loss, params, allow_unused=True)
+
+    skipped, skipped_grads = loss_and_grads()
+    monkeypatch.setattr(elbo_module, "NEURONS_SAME_LAW_KEY", "not a key")  # evaluate the site
+    evaluated, evaluated_grads = loss_and_grads()
+    assert_close(skipped, evaluated, atol=1e-12, rtol=0)
+    for a, b in zip(skipped_grads, evaluated_grads):
+        if a is None or b is None:
+            assert (a if b is None else b) is None or (a if b is None else b).abs().max() < 1e-12
+        else:
+            assert_close(a, b, atol=1e-12, rtol=0)
+
+
 
 @pytest.mark.parametrize("draws, particles", [(1, 4000), (3, 300)], ids=["K1", "K3"])
 def test_local_elbo_equals_trace_elbo_in_expectation(draws, particles):

@@ -3,7 +3,7 @@
 from vdn_pyro.guides.amortized import SCALE_MODES, AmortizedNormal
 from vdn_pyro.guides.builder import NeuronGuide, run_as_guide
 from vdn_pyro.guides.path import PathPosterior
-from vdn_pyro.guides.recurrent import RecurrentPosterior
+from vdn_pyro.guides.recurrent import RecurrentPathPosterior, RecurrentPosterior
 from vdn_pyro.guides.trunks import DLinearTrunk, MLPTrunk, instance_offset, make_activation
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "MLPTrunk",
     "NeuronGuide",
     "PathPosterior",
+    "RecurrentPathPosterior",
     "RecurrentPosterior",
     "instance_offset",
     "make_activation",

@@ -37,6 +37,7 @@ from vdn_pyro.guides.builder import NeuronGuide
 from vdn_pyro.primitives import (
     NEURONS_INFER_KEY,
     NEURONS_REPORT_KEY,
+    NEURONS_SAME_LAW_KEY,
     _mode_reads,
     _single_pass,
     capture_posteriors,
@@ -326,6 +327,8 @@ class LocalELBO(ELBO):
                 elbo = _plus(elbo, model_site["log_prob_sum"])
                 continue
             guide_site = guide_trace.nodes[name]
+            if guide_site["infer"].get(NEURONS_SAME_LAW_KEY, False):
+                continue  # q is p: log p - log q is identically zero (value and gradient)
             is_neuron = guide_site["infer"].get(NEURONS_INFER_KEY, False)
             reported = is_neuron and guide_site["infer"].get(NEURONS_REPORT_KEY, True)
             if not is_neuron and self.estimator == "trace":

@@ -10,7 +10,10 @@ At every step t = 0, ..., T-1 the network reads the input token :math:`x_t` (the
         s_i^2\big), \qquad \phi_i = \tanh(\mathrm{raw}_i) \in (-1, 1),\\
     p(y_t \mid h_t, z_t) &= \mathrm{Categorical}\big(\mathrm{softmax}(V [h_t, z_t] + b)\big),\\
     q(z_{i,t} \mid h_t, y_t) &= \mathcal{N}\big(\mu_i(h_t, y_t), \sigma_i(h_t, y_t)^2\big)
-        \quad\text{(see :class:`~vdn_pyro.guides.RecurrentPosterior`)}.
+        \quad\text{(see :class:`~vdn_pyro.guides.RecurrentPosterior`)}, \quad\text{or, with
+        ``posterior="path"``,}\\
+    q(z_{i,t} \mid z_{i,t-1}, h_t, y) &= \mathcal{N}\big(a_{i,t} z_{i,t-1} + b_{i,t},\
+        s_{i,t}^2\big) \quad\text{(see :class:`~vdn_pyro.guides.RecurrentPathPosterior`)}.
 
 :math:`h_t` is the deterministic state that has read every earlier token and latent, so this is
 the variational RNN (VRNN) of Chung et al. (2015) with a per-unit AR(1) part in each unit's prior.
@@ -30,6 +33,13 @@ layer's prior, :class:`RecurrentARPrior`), so the AR constraints and diagnostics
 tokens are one observed site ``"obs"`` (batch ``(B, 1)``, event ``(T,)``, padding masked). The
 guide (:class:`~vdn_pyro.guides.NeuronGuide`) runs the same pass with the layer sampling its
 posterior.
+
+``posterior="path"`` replaces the per-step posterior by a Gauss-Markov chain over the whole
+sequence: its coefficients :math:`(a_t, b_t, s_t)` read the forward state :math:`h_t` and a backward
+GRU state over the targets :math:`y_t, \dots, y_{L-1}` of the row, and the guide samples step t at
+the same site ``"<name>.z.<t>"``, so the per-step analytic KL, masking, every ELBO and every tool
+work unchanged (the sum of the per-step KLs given the drawn past is an unbiased estimate of the
+path KL).
 
 ``deterministic=True`` builds the plain GRU (or LSTM) language model of the same width:
 :math:`h_t = \mathrm{GRU}(e(x_t), h_{t-1})`, :math:`p(y_t \mid h_t)`, no latents and an empty guide.
@@ -51,7 +61,7 @@ from torch.distributions import kl_divergence
 from torch.nn.functional import log_softmax
 
 from vdn_pyro.data.text import BOUNDARY_ID, PAD, trim_padding
-from vdn_pyro.guides.recurrent import RecurrentPosterior
+from vdn_pyro.guides.recurrent import RecurrentPathPosterior, RecurrentPosterior
 from vdn_pyro.models.base import NeuronNetwork
 from vdn_pyro.models.neurons import Neurons
 from vdn_pyro.models.priors import ARPrior
@@ -61,6 +71,7 @@ from vdn_pyro.unit_status import StatusThresholds, classify_units, mutual_inform
 __all__ = [
     "CELLS",
     "LATENT_MODES",
+    "POSTERIORS",
     "RecurrentARPrior",
     "RecurrentVDN",
     "RecurrentVDNConfig",
@@ -71,6 +82,9 @@ __all__ = [
 ]
 
 CELLS = ("gru", "lstm")
+#: The posterior families of :class:`RecurrentVDN`: per step (:class:`~vdn_pyro.guides.RecurrentPosterior`)
+#: or a Gauss-Markov chain over the path (:class:`~vdn_pyro.guides.RecurrentPathPosterior`).
+POSTERIORS = ("step", "path")
 #: How :meth:`RecurrentVDN.score` draws the latents: from the posterior, the posterior mean path,
 #: the prior (ancestral samples along the observed tokens), the prior mean path, or zeros.
 LATENT_MODES = ("posterior", "posterior_mean", "prior", "prior_mean", "zeros")
@@ -93,7 +107,11 @@ class RecurrentVDNConfig:
     :ivar float init_phi: initial phi of every unit, in (-1, 1).
     :ivar float prior_scale: initial innovation scale s of every unit.
     :ivar float prior_scale_min: lower bound of s.
-    :ivar bool residual_posterior: posterior mean = prior mean + a learned shift.
+    :ivar bool residual_posterior: posterior mean = prior mean + a learned shift (for
+        ``posterior="path"``: transition = phi + a learned shift, offset = prior drive + a shift).
+    :ivar str posterior: ``"step"`` (q(z_t | h_t, y_t), the default) or ``"path"`` (a Gauss-Markov
+        chain over the sequence whose coefficients read the whole target sequence).
+    :ivar int posterior_context: width of the path posterior's backward GRU (``"path"`` only).
     :ivar int posterior_token_dim: width of the posterior's token embedding.
     :ivar float scale_min: posterior scale lower clamp.
     :ivar float scale_max: posterior scale upper clamp.
@@ -114,6 +132,8 @@ class RecurrentVDNConfig:
     prior_scale: float = 1.0
     prior_scale_min: float = 1e-2
     residual_posterior: bool = True
+    posterior: str = "step"
+    posterior_context: int = 32
     posterior_token_dim: int = 16
     scale_min: float = 1e-3
     scale_max: float = 5.0
@@ -124,7 +144,14 @@ class RecurrentVDNConfig:
     name: str = "rnn"
 
     def __post_init__(self):
-        for field in ("vocab_size", "embed_dim", "hidden", "units", "posterior_token_dim"):
+        for field in (
+            "vocab_size",
+            "embed_dim",
+            "hidden",
+            "units",
+            "posterior_token_dim",
+            "posterior_context",
+        ):
             value = getattr(self, field)
             if not _is_int(value):
                 raise TypeError(f"Expected {field} to be an int >= 1, but got {value!r}.")
@@ -134,6 +161,8 @@ class RecurrentVDNConfig:
             raise ValueError(f"Expected vocab_size >= 2 (boundary and one token), got {self.vocab_size}.")
         if self.cell not in CELLS:
             raise ValueError(f"Expected cell in {CELLS}, but got {self.cell!r}.")
+        if not isinstance(self.posterior, str) or self.posterior not in POSTERIORS:
+            raise ValueError(f"Expected posterior in {POSTERIORS}, but got {self.posterior!r}.")
         if not -1 < self.init_phi < 1:
             raise ValueError(f"Expected init_phi in (-1, 1), but got {self.init_phi}.")
         if not 0 < self.prior_scale_min < self.prior_scale:
@@ -317,16 +346,29 @@ class RecurrentVDN(NeuronNetwork):
             prior = RecurrentARPrior(
                 c.hidden, c.units, c.ar, c.init_phi if c.ar else 0.0, c.prior_scale, c.prior_scale_min
             )
-            posterior = RecurrentPosterior(
-                c.hidden,
-                c.vocab_size,
-                c.units,
-                c.posterior_token_dim,
-                c.residual_posterior,
-                c.scale_min,
-                c.scale_max,
-                c.init_scale,
-            )
+            if c.posterior == "path":
+                posterior = RecurrentPathPosterior(
+                    c.hidden,
+                    c.vocab_size,
+                    c.units,
+                    c.posterior_token_dim,
+                    c.posterior_context,
+                    c.residual_posterior,
+                    c.scale_min,
+                    c.scale_max,
+                    c.init_scale,
+                )
+            else:
+                posterior = RecurrentPosterior(
+                    c.hidden,
+                    c.vocab_size,
+                    c.units,
+                    c.posterior_token_dim,
+                    c.residual_posterior,
+                    c.scale_min,
+                    c.scale_max,
+                    c.init_scale,
+                )
             self.z = Neurons(
                 posterior.in_features,
                 c.units,
@@ -460,6 +502,8 @@ class RecurrentVDN(NeuronNetwork):
             layer, prior = self.z, self.prior
             phi, s, drive = prior.phi[:, 0], prior.scale, prior.input  # (H,), (H,), W h + c
             posterior = self.posterior if infer else None
+            path = infer and self.config.posterior == "path"
+            context = posterior.context(y, mask) if path else None  # (B, T, C): reads all of y
         state = self.initial_state(batch, x.device)  # (B, S)
         z = None if self.deterministic else torch.zeros(batch, self.units, device=x.device)  # (B, H)
         logits = []
@@ -468,13 +512,20 @@ class RecurrentVDN(NeuronNetwork):
                 state = _advance(embed, cell, state, x[:, t], z)  # (..., B, S)
                 h = self.readout(state)  # (..., B, hidden)
                 if not self.deterministic:
-                    p_loc, p_scale = _ar_step(phi, s, drive, z, h)  # (..., B, H) each
+                    if path:  # the drive is read once: by the prior and by the residual chain
+                        p_drive = drive(h)  # (..., B, H)
+                        p_loc, p_scale = phi * z + p_drive, s.expand(p_drive.shape)  # (..., B, H) each
+                    else:
+                        p_loc, p_scale = _ar_step(phi, s, drive, z, h)  # (..., B, H) each
                     # the step's conditional prior: batch (..., B, H), event (1,)
                     fn = dist.Normal(p_loc.unsqueeze(-1), p_scale.unsqueeze(-1)).to_event(1)
                     real = mask[:, t, None]  # (B, 1)
                     q = None
-                    if infer:
+                    if path:  # the Gauss-Markov chain's step: N(a_t z_{t-1} + b_t, s_t^2)
+                        loc, scale = posterior.step(h, context[:, t], z, phi, p_drive)  # (..., B, H) each
+                    elif infer:
                         loc, scale = posterior.step(h, y[:, t], p_loc)  # (..., B, H) each
+                    if infer:
                         if not bool(real.all()):  # q = p where a row has ended: zero KL, even unmasked
                             loc, scale = torch.where(real, loc, p_loc), torch.where(real, scale, p_scale)
                         q = loc.unsqueeze(-1), scale.unsqueeze(-1)  # (..., B, H, 1) each
@@ -515,6 +566,8 @@ class RecurrentVDN(NeuronNetwork):
         units = self.units
         z = None if self.deterministic else torch.zeros(xs.shape[0], units, device=x.device)  # (S * B, H)
         zero = torch.zeros(xs.shape[0], device=x.device)  # (S * B,)
+        path = latents.startswith("posterior") and not self.deterministic and self.config.posterior == "path"
+        context = self.posterior.context(ys, mask.repeat(num_samples, 1)) if path else None  # (S * B, T, C)
         log_lik, log_prior, log_q, kls, locs, scales = [], [], [], [], [], []
         for t in range(steps):
             state = self.advance(state, xs[:, t], z)  # (S * B, S_state)
@@ -525,7 +578,11 @@ class RecurrentVDN(NeuronNetwork):
                 p_loc, p_scale = self.prior.step(z, h)  # (S * B, H)
                 prior = dist.Normal(p_loc, p_scale)
                 if latents.startswith("posterior"):
-                    q_loc, q_scale = self.posterior.step(h, ys[:, t], p_loc)
+                    if path:  # the chain's step N(a_t z_{t-1} + b_t, s_t^2) given the drawn past
+                        phi, drive = self.prior.phi[:, 0], self.prior.input(h)  # (H,), (S * B, H)
+                        q_loc, q_scale = self.posterior.step(h, context[:, t], z, phi, drive)  # (S * B, H)
+                    else:
+                        q_loc, q_scale = self.posterior.step(h, ys[:, t], p_loc)
                     post = dist.Normal(q_loc, q_scale)
                     kl = kl_divergence(post, prior)  # (S * B, H)
                     z = post.sample() if latents == "posterior" else q_loc  # (S * B, H)

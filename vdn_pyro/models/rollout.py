@@ -476,9 +476,11 @@ class RolloutForecaster(SkipPathForecaster):
         # model and guide: the same conditional, so log q - log p = 0 for every draw
         beta = layer.beta
         if draws == 1:
-            return layer.pool(neurons(self.rollout_site, fn, beta, report=False), True)  # (..., B, Q, U)
+            site = neurons(self.rollout_site, fn, beta, report=False, same_law=True)  # (..., B, U, 1, Q)
+            return layer.pool(site, True)  # (..., B, Q, U)
         with pyro.plate(f"{self.rollout_site}.draws", draws, dim=-4):
-            site = neurons(self.rollout_site, fn, beta / draws, report=False)  # (K, 1, B, U, 1, Q)
+            site = neurons(self.rollout_site, fn, beta / draws, report=False, same_law=True)
+            # site: (K, 1, B, U, 1, Q)
             return layer.pool(site, True)  # (K, 1, B, Q, U)
 
     def components(self, x, z, expand=True):
@@ -538,7 +540,7 @@ class RolloutForecaster(SkipPathForecaster):
         :param int num_data: full data-set size N when ``x`` is a minibatch (scales by N/B).
         :param int draws: draws K mixed in the likelihood (default: ``train_draws`` when ``y``
             is given, else 1).
-        :returns: the observations ``(..., B, [T,] H)``.
+        :returns: the observations ``(..., B, [T,] H)``; ``None`` when run as the guide.
         """
         self.check_inputs(x, y, check_finite=pyro.infer.is_validation_enabled())
         draws = self._draws(y, draws)
@@ -550,6 +552,8 @@ class RolloutForecaster(SkipPathForecaster):
             past = self.layers[0](self.features(x), temporal=True, draws=draws)  # (.., B', P, U)
             last = past[..., -1, :].unsqueeze(-1)  # (.., B', U, 1)
             future = self._rollout(last, draws)  # (.., B', Q, U)
+            if current_neuron_mode() == "guide":  # the guide has no observation: it stops at the latents
+                return None
             obs = None if y is None else y.unsqueeze(-2)  # (B', 1, H)
             out = pyro.sample("obs", self._obs_dist(x, future, draws), obs=obs)
         out = out.squeeze(-2)  # (..., B', H)
@@ -605,7 +609,10 @@ class RolloutForecaster(SkipPathForecaster):
             noise = torch.randn((reps,) + c_loc.shape, dtype=c_loc.dtype, device=c_loc.device)
             samples = (c_loc + c_scale * noise).reshape((num_samples,) + c_loc.shape[1:])  # (S, b, H)
             out.append((samples, c_loc, c_scale))
-        samples, loc, scale = (torch.cat(t, 1) for t in zip(*out))  # (S or S', B', H)
+        if len(out) == 1:
+            samples, loc, scale = out[0]  # (S or S', B', H)
+        else:
+            samples, loc, scale = (torch.cat(t, 1) for t in zip(*out))  # (S or S', B', H)
         shape = lead + samples.shape[-1:]  # (B, [T,] H)
         return ForecastPrediction(
             samples.reshape(samples.shape[:1] + shape),
