@@ -19,7 +19,11 @@ One process, one network architecture, five ways to take the same training step:
 (f) **forecaster**: the training step of the forecaster of ``vdn fit --preset ett`` (the ETTh1
     benchmark's recipe: 64 units, AR(1) priors over chunks of 4 windows, K = 16 posterior draws
     mixed in the likelihood, frozen skip path; 64 items per step), eager LocalELBO, and
-(g) **forecaster_twin**: its deterministic twin; (f) and (g) are timed as a group of their own.
+(g) **forecaster_twin**: its deterministic twin; (f) and (g) are timed as a group of their own;
+(h) **floor**: :func:`floor_loss`, the twin's operations plus only the noise draw, ``z = m + s
+    eps`` and the closed-form AR(1) KL, hand-fused in plain PyTorch (no Pyro, no statistics):
+    the least any step of this math costs with these kernels on this device, so floor / twin is
+    what the eager / twin bound can at best reach here.
 
 Targets (issue 14): the floor is the deterministic twin, the same network plus only what being
 distributional needs. Eager / twin <= 1.5 and JIT / twin <= 1.3 with validation off (the cost of
@@ -82,7 +86,7 @@ from vdn_pyro.inference.jit import JitLocalELBO  # noqa: E402
 from vdn_pyro.models import ARPrior  # noqa: E402
 from vdn_pyro.primitives import data_plate, module_params  # noqa: E402
 
-VARIANTS = ("eager", "jit", "hand", "twin", "user")
+VARIANTS = ("eager", "jit", "hand", "twin", "user", "floor")
 #: The forecaster's training step (the ETTh1 recipe: K posterior draws mixed in the likelihood)
 #: and its deterministic twin, timed as a group of their own.
 FORECASTER_VARIANTS = ("forecaster", "forecaster_twin")
@@ -95,6 +99,7 @@ LABELS = {
     "inductor": "(b') JitLocalELBO + inductor",
     "forecaster": "(f) Forecaster, K draws, eager LocalELBO",
     "forecaster_twin": "(g) Forecaster twin",
+    "floor": "(h) floor: twin + noise, z, KL only",
 }
 #: (numerator, denominator, quantity, bound): issue 14's floor is the deterministic twin; the
 #: bounds against the hand-written step are issue 6's and 11's. ``None``: reported, no bound.
@@ -111,6 +116,9 @@ TARGETS = (
     ("eager", "hand", "memory", 1.3),
     ("forecaster", "forecaster_twin", "time", None),
     ("forecaster", "forecaster_twin", "memory", None),
+    ("floor", "twin", "time", None),
+    ("eager", "floor", "time", None),
+    ("jit", "floor", "time", None),
 )
 #: ``_to_copy`` per loss + backward, at most this many times the twin's (issue 14).
 TO_COPY_BOUND = 2.0
@@ -225,6 +233,107 @@ def hand_loss(net, x, y, num_data):
     return scale_factor * (kl_total - log_lik)
 
 
+#: The pieces :func:`floor_loss` adds to the twin's operations, in the order of the ablation.
+FLOOR_PARTS = ("noise", "reparam", "kl")
+
+
+def floor_loss(net, x, y, num_data, parts=FLOOR_PARTS):
+    r"""The floor of a distributional step: the twin's operations plus only what the math of
+    being distributional needs, in plain PyTorch from the network's own parameters. Per layer:
+    one noise draw (in the layer's memory order, so the same seed gives the same draws as (a) and
+    (c)), :math:`z = m + s\,\epsilon` as one ``addcmul``, and the AR(1) KL in closed form with
+    the posterior scale per unit (``scale_mode="unit"``),
+
+    .. math:: \mathrm{KL} = \tfrac12\Big[\frac{(m_1 - \mu)^2}{\gamma_0}
+              + \frac{1}{s^2}\sum_{t>1} r_t^2\Big]
+              + \tfrac12\Big[\frac{v}{\gamma_0} + \frac{(T-1)(1+\phi^2) v}{s^2}\Big]
+              - \tfrac{T}{2}\log v + \tfrac12\log\gamma_0 + (T-1)\log s - \tfrac{T}{2},
+
+    with :math:`r_t = m_t - c - \phi m_{t-1}`, :math:`\mu = c/(1-\phi)` and
+    :math:`\gamma_0 = s^2/(1-\phi^2)`; the terms in the means are the library's fused operator
+    (one pass forward, one backward), the rest per-unit arithmetic. No Pyro, no per-unit
+    statistics, no distribution objects: the least a step of this math costs with these kernels
+    on this device. With every part it is the loss of :func:`hand_loss` (checked in
+    :func:`check_same_math`).
+
+    :param net: a :class:`~vdn_pyro.VDN` built by :func:`build`.
+    :param x: ``(B, T, D)``. :param y: ``(B, T, out)``. :param int num_data: N.
+    :param parts: the subset of :data:`FLOOR_PARTS` to include (the ablation: none of them is
+        the twin's math written the same way, z = m).
+    :returns: scalar loss.
+    """
+    from vdn_pyro.distributions import _ar1_quadratic
+
+    cfg = net.config
+    if cfg.prior != "ar" or cfg.ar_order != 1 or cfg.latent_dim != 1 or cfg.scale_mode != "unit":
+        raise ValueError("floor_loss covers AR(1) priors, latent_dim=1 and scale_mode='unit' only.")
+    batch, steps = x.shape[0], x.shape[1]
+    trunk = net.trunk.net[0]
+    h = gelu(linear(x, trunk.weight, trunk.bias))  # (B, T, F)
+    kl_total = 0.0
+    for i, layer in enumerate(net.layers):
+        if i:
+            h = gelu(h)
+        post, prior = layer.posterior, layer.prior
+        m = linear(h, post.loc.weight, post.loc.bias)  # (B, T, H)
+        scale = softplus(post.raw_scale).clamp(post.scale_min, post.scale_max)[:, 0]  # (H,)
+        z = m  # (B, T, H)
+        if "noise" in parts:
+            eps = torch.randn(m.shape, dtype=m.dtype, device=m.device)  # (B, T, H)
+            if "reparam" in parts:
+                z = torch.addcmul(m, eps, scale)  # (B, T, H)
+        if "kl" in parts:
+            phi = torch.tanh(prior.raw_phi).clamp(-1 + 1e-6, 1 - 1e-6)[:, 0]  # (H,)
+            c, s2 = prior.constant, softplus(prior.raw_scale) ** 2  # (H,) each
+            gamma0 = s2 / (1 - phi * phi)  # (H,)
+            means = m.transpose(-1, -2)  # (B, H, T) view
+            quad = _ar1_quadratic(means, c / (1 - phi), gamma0.rsqrt(), c, phi, 0.5 / s2).sum(0)  # (H,)
+            var = scale * scale  # (H,)
+            rest = 0.5 * (var / gamma0 + (steps - 1) * (1 + phi * phi) * var / s2)  # (H,)
+            logs = 0.5 * gamma0.log() + 0.5 * (steps - 1) * s2.log() - 0.5 * steps * var.log()  # (H,)
+            rest = rest + logs - 0.5 * steps  # (H,)
+            kl_total = kl_total + ((quad + batch * rest) * layer.beta).sum()
+        h = z
+    out = linear(h, net.head.weight, net.head.bias)  # (B, T, out)
+    lik = net.likelihood
+    obs_scale = softplus(lik.raw_scale) + lik.scale_min  # (out,)
+    log_lik = Normal(out, obs_scale).log_prob(y).sum()
+    return num_data / batch * (kl_total - log_lik)
+
+
+def floor_ablation(config, reps, device="cpu"):
+    """CPU milliseconds per step (median, interleaved) of :func:`floor_loss` with its parts added
+    one at a time, next to the twin's eager step: what each piece of the distributional math costs
+    on its own. :returns: list of ``(label, ms)``."""
+    net, x, y = build(config, device=device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def make(parts):
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            floor_loss(net, x, y, config.num_data, parts).backward()
+            optimizer.step()
+
+        return step
+
+    steps = {"twin's math, plain PyTorch (z = m)": make(())}
+    for i in range(len(FLOOR_PARTS)):
+        steps[" + ".join(("plain", *FLOOR_PARTS[: i + 1]))] = make(FLOOR_PARTS[: i + 1])
+    steps["(d) deterministic twin, eager"] = make_step("twin", config, device)
+    times = {k: [] for k in steps}
+    for step in steps.values():
+        step()
+        step()
+    for _ in range(reps):
+        for k, step in steps.items():
+            _sync(device)
+            start = time.thread_time()
+            step()
+            _sync(device)
+            times[k].append(1000 * (time.thread_time() - start))
+    return [(k, statistics.median(v)) for k, v in times.items()]
+
+
 class UserModel(PyroModule):
     """The benchmarked architecture as a user writes it: a :class:`~pyro.nn.PyroModule` whose
     ``forward`` is the model, with one :class:`~vdn_pyro.TemporalNeurons` layer (fixed AR(1)
@@ -307,10 +416,11 @@ def make_step(variant, config, device="cpu", seed=0):
     if variant == "user":
         return _user_step(net, config, x, y, num_data)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    if variant == "hand":
+    if variant in ("hand", "floor"):
+        written = hand_loss if variant == "hand" else floor_loss
 
         def loss_fn():
-            return hand_loss(net, x, y, num_data)
+            return written(net, x, y, num_data)
 
     else:
         if variant == "inductor":
@@ -330,7 +440,7 @@ def make_step(variant, config, device="cpu", seed=0):
         return loss
 
     step.network, step.optimizer, step.loss_fn = net, optimizer, loss_fn
-    step.elbo = None if variant == "hand" else elbo
+    step.elbo = None if variant in ("hand", "floor") else elbo
     return step
 
 
@@ -422,14 +532,16 @@ def check_same_math(config, device="cpu"):
         net, x, y = build(config, device=device, dtype=dtype)
         user, user_params = user_from_vdn(net, config)
         losses, grads = {}, {}
-        names = ("eager", "jit", "user", "hand") if dtype == torch.float32 else ("eager", "user", "hand")
+        names = ("eager", "jit", "user", "floor", "hand")
+        if dtype == torch.float64:
+            names = ("eager", "user", "floor", "hand")
         for name in names:
             net.zero_grad(set_to_none=True)
             user.zero_grad(set_to_none=True)
             pyro.set_rng_seed(123)
             params = net.parameters()
-            if name == "hand":
-                loss = hand_loss(net, x, y, config.num_data)
+            if name in ("hand", "floor"):
+                loss = (hand_loss if name == "hand" else floor_loss)(net, x, y, config.num_data)
             elif name == "user":
                 stock = TraceMeanField_ELBO()
                 loss = stock.differentiable_loss(user, NeuronGuide(user), x, y, config.num_data)
@@ -700,6 +812,23 @@ def format_report(config, results):
         on, off = timings["on"]["cpu_ms"], timings["off"]["cpu_ms"]
         cost = ", ".join(f"{v} {on[v] / off[v]:.2f}x" for v in on if v in off)
         lines += [f"cost of Pyro validation (CPU, on / off): {cost}", ""]
+    if results.get("ablation"):
+        base = results["ablation"][0][1]
+        lines += [
+            (
+                "What each piece of the distributional math costs (validation off; the floor, (h), "
+                "built up one piece at a time; CPU ms per step, median, interleaved):"
+            ),
+            "",
+            "| step | CPU ms | vs the first row | added by this piece |",
+            "|---|---:|---:|---:|",
+        ]
+        previous = base
+        for i, (label, ms) in enumerate(results["ablation"]):
+            added = "" if i == 0 or label.startswith("(d)") else f"{ms - previous:+.2f}"
+            lines.append(f"| {label} | {ms:.2f} | {ms / base:.2f} | {added} |")
+            previous = ms if not label.startswith("(d)") else previous
+        lines.append("")
     if results.get("syncs"):
         lines.append(
             "host reads (syncs) / _to_copy in loss + backward (torch.profiler): "
@@ -768,6 +897,8 @@ def _main(args):
             timing[key].update(extra[key])
         timing["load_avg"] = extra["load_avg"]
         results["timing"][mode], results["syncs"][mode] = timing, syncs
+    pyro.enable_validation(False)
+    results["ablation"] = floor_ablation(config, reps, args.device)
     results["memory_bytes"] = measure_memory(config, args.device, args.threads)
     results["ratios"] = {mode: ratios(t, results["memory_bytes"]) for mode, t in results["timing"].items()}
     pyro.enable_validation(True)

@@ -15,6 +15,7 @@ from tests.common import ETT_PATH, ROOT, load_script, requires_ett
 from vdn_pyro.cli import main as vdn
 from vdn_pyro.config import load_config
 from vdn_pyro.forecasting import METRICS, PATH_METRICS
+from vdn_pyro.models import RolloutConfig
 
 
 def load(name):
@@ -58,6 +59,17 @@ def test_quick_benchmark_writes_one_table(tmp_path, capsys):
         assert runs.loc[control, "mse"] == pytest.approx(runs.loc["twin", "mse"], rel=1e-6)
         assert runs.loc[control, "df"] > 1 and runs.loc[control, "scale_factor"] > 0
     assert (tmp_path / "forecast_ett.csv").exists()
+    # the roll-out's learned memory: quartiles and every unit's half-life, in steps, and the plot;
+    # the Normal-prior control has none (phi = 0)
+    for name in ("rollout", "rollout_normal"):
+        row = runs.loc[name]
+        values = np.array([float(v) for v in row["half_lives"].split()])
+        assert len(values) == RolloutConfig().units
+        assert row["half_life_q25"] <= row["half_life_median"] <= row["half_life_q75"]
+        assert row["half_life_median"] == pytest.approx(np.median(values), rel=1e-3)
+    assert runs.loc["rollout", "half_life_median"] > 1 and runs.loc["rollout_normal", "half_life_q75"] < 1e-3
+    assert runs[["half_lives"]].drop(["rollout", "rollout_normal"]).isna().all().all()
+    assert (tmp_path / "forecast_ett_half_lives.png").exists()
     table = (tmp_path / "forecast_ett.md").read_text()
     assert "| 96 | VDN forecaster |" in table and "NLinear (published)" in table
     assert "| 96 | twin, multivariate t over the horizon |" in table

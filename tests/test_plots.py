@@ -7,7 +7,7 @@ import torch
 
 from vdn_pyro import VDN
 from vdn_pyro.inference import STATUSES, to_inference_data
-from vdn_pyro.plots import plot_dashboard, plot_fan_chart, plot_forest
+from vdn_pyro.plots import plot_dashboard, plot_fan_chart, plot_forest, plot_half_lives
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -117,3 +117,18 @@ def test_a_dpi_beyond_memory_is_refused_before_drawing(tmp_path):
     assert not (tmp_path / "d.png").exists()
     with pytest.raises(ValueError, match="dpi=20000"):
         plot_fan_chart(tmp_path / "f.png", np.zeros(5), np.zeros(3), {0.5: np.zeros(3)}, dpi=20000)
+
+
+def test_half_lives_plot_writes_a_png(tmp_path):
+    half_lives = {96: [10.0, 150.0, float("inf"), 0.0], 720: np.array([5.0, 900.0, 2000.0])}
+    out = plot_half_lives(tmp_path / "memory.png", half_lives)
+    assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "half_lives, match", [({}, "at least one horizon"), ({0: [1.0]}, "positive horizons")]
+)
+def test_half_lives_plot_refuses_bad_input(tmp_path, half_lives, match):
+    with pytest.raises(ValueError, match=match):
+        plot_half_lives(tmp_path / "memory.png", half_lives)
+    assert not (tmp_path / "memory.png").exists()
