@@ -103,6 +103,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyro
 import torch
@@ -645,6 +646,67 @@ def format_tables(summary):
     return f"Test\n\n{format_table(summary)}\n\nValidation\n\n{format_table(summary, 'val_')}"
 
 
+#: (model, against it) pairs of the paired-difference table, when both were run.
+PAIRS = (
+    ("rollout", "twin_t"),
+    ("rollout", "twin_mvt"),
+    ("rollout", "twin"),
+    ("rollout", "vdn"),
+    ("rollout", "rollout_normal"),
+    ("vdn", "twin"),
+)
+#: The scores of the paired-difference table (lower is better for each).
+PAIRED_SCORES = ("energy", "crps_sum", "crps", "nll", "mse")
+
+
+def paired_differences(runs, pairs=PAIRS, keys=PAIRED_SCORES):
+    """Test-score differences ``a - b`` between two models of the same run, paired by horizon and
+    seed (same data, same skip path, same seed): mean, standard deviation over the seeds and
+    the number of seeds won, per horizon and pair. A difference below a relative 1e-6 is a tie
+    (0). A difference counts as beyond the seed spread when its mean is larger in size than twice
+    its standard deviation.
+
+    :returns: a :class:`pandas.DataFrame`, one row per (horizon, a, b) run together.
+    """
+    frame = pd.DataFrame(runs)
+    rows = []
+    for a, b in pairs:
+        left = frame[frame["model"] == a].set_index(["horizon", "seed"])
+        right = frame[frame["model"] == b].set_index(["horizon", "seed"])
+        both = left.index.intersection(right.index)
+        for horizon in sorted({h for h, _ in both}):
+            idx = [i for i in both if i[0] == horizon]
+            row = {"horizon": horizon, "a": a, "b": b, "seeds": len(idx)}
+            for key in keys:
+                base = right.loc[idx, key].to_numpy(float)
+                diff = left.loc[idx, key].to_numpy(float) - base
+                tie = 1e-6 * np.maximum(1.0, np.abs(base))  # rounding, e.g. the same mean path
+                diff = np.where(np.abs(diff) < tie, 0.0, diff)
+                row[key] = diff.mean()
+                row[f"{key}_std"] = diff.std(ddof=1) if len(diff) > 1 else 0.0
+                row[f"{key}_wins"] = int((diff < 0).sum())
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_paired(paired):
+    """The paired differences as a Markdown table (``mean ± std (seeds won)``; bold when beyond
+    twice the seed spread)."""
+    if paired.empty:
+        return ""
+    head = ["H", "difference"] + [title for key, title in COLUMNS if key in PAIRED_SCORES]
+    keys = [key for key, _ in COLUMNS if key in PAIRED_SCORES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in paired.iterrows():
+        cells = [str(int(r["horizon"])), f"{r['a']} - {r['b']}"]
+        for key in keys:
+            mean, std, wins = r[key], r[f"{key}_std"], int(r[f"{key}_wins"])
+            text = f"{mean:+.4f} ± {std:.4f} ({wins}/{int(r['seeds'])})"
+            cells.append(f"**{text}**" if r["seeds"] > 1 and mean != 0 and abs(mean) > 2 * std else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_outputs(runs, out_dir, stem="forecast_ett", note="", published=None):
     """Write the per-run CSV, the summary CSV and the Markdown tables; return the summary and
     the tables."""
@@ -654,6 +716,12 @@ def write_outputs(runs, out_dir, stem="forecast_ett", note="", published=None):
     summary = summarise(runs, published)
     summary.to_csv(out_dir / f"{stem}.csv", index=False)
     tables = format_tables(summary)
+    paired = format_paired(paired_differences(runs))
+    if paired:
+        tables += (
+            "\n\nPaired differences on test (a - b, same horizon and seed; negative: a is better; mean ± "
+            "std over seeds, seeds won; bold: beyond twice the seed spread)\n\n" + paired
+        )
     (out_dir / f"{stem}.md").write_text(f"{note}\n\n{tables}\n" if note else f"{tables}\n")
     plot_memory(runs, out_dir / f"{stem}_half_lives.png")
     return summary, tables

@@ -289,3 +289,37 @@ def test_an_ettm_file_gets_the_ett_protocol_at_four_rows_an_hour(tmp_path, capsy
     )
     runs = pd.read_csv(tmp_path / "forecast_ett_runs.csv")
     assert (runs["test_windows"] == (4 * 30 * 24 * 4 - 12) // 96 + 1).all()  # the 4 test months
+
+
+def test_paired_differences_by_horizon_and_seed():
+    """a - b per (horizon, seed), then mean, std and seeds won; ties below 1e-6 are 0; only
+    pairs run together appear."""
+    bench = load("forecast_ett")
+    runs = []
+    for seed, (a, b) in enumerate([(1.0, 1.5), (2.0, 2.25), (3.0, 2.75)]):
+        base = {"horizon": 96, "seed": seed, "crps_sum": 0.0, "crps": 0.0, "nll": 0.0, "mse": 0.5}
+        runs.append({**base, "model": "rollout", "energy": a})
+        runs.append({**base, "model": "twin_t", "energy": b, "mse": 0.5 + 1e-9})
+    runs.append(
+        {
+            "horizon": 192,
+            "seed": 0,
+            "model": "rollout",
+            "energy": 1.0,
+            "crps_sum": 0.0,
+            "crps": 0.0,
+            "nll": 0.0,
+            "mse": 0.5,
+        }
+    )
+    paired = bench.paired_differences(runs)
+    assert list(zip(paired["a"], paired["b"], paired["horizon"])) == [("rollout", "twin_t", 96)]
+    row = paired.iloc[0]
+    diffs = np.array([-0.5, -0.25, 0.25])
+    assert row["energy"] == pytest.approx(diffs.mean()) and row["energy_std"] == pytest.approx(
+        diffs.std(ddof=1)
+    )
+    assert row["energy_wins"] == 2 and row["seeds"] == 3
+    assert row["mse"] == 0 and row["mse_wins"] == 0  # a 1e-9 difference is a tie
+    table = bench.format_paired(paired)
+    assert "| 96 | rollout - twin_t |" in table and "**" not in table  # within twice the spread
