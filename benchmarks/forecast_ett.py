@@ -509,12 +509,16 @@ def skip_norm(splits, seed, args, cache):
     return min(args.norms, key=scores.get), scores
 
 
-def score(view, x, y, args, seed):
-    """Marginal and path scores of a fitted model on windows ``(x, y)``: ``--num-samples``
-    seeded draws (joint paths) per window, in the scoring batches of the run configuration."""
-    evaluate = run_config(args, y.shape[-1], seed).evaluate
+def score(view, x, y, args, seed, split="test"):
+    """Marginal and path scores of a fitted model on windows ``(x, y)``, in the scoring batches
+    of the run configuration: ``--num-samples`` seeded draws (joint paths) per test window,
+    ``--val-samples`` per validation window (the validation table, as the selection, reads the
+    same number of draws; it is a third of the scoring's cost at long horizons)."""
+    config = run_config(args, y.shape[-1], seed)
+    evaluate = config.evaluate
+    draws = evaluate.num_samples if split == "test" else config.fit.val_samples
     return evaluate_forecaster(
-        view, x, y, evaluate.num_samples, evaluate.batch_size, seed=seed, exact=evaluate.exact, paths=True
+        view, x, y, draws, evaluate.batch_size, seed=seed, exact=evaluate.exact, paths=True
     )
 
 
@@ -524,12 +528,12 @@ def model_row(name, splits, seed, args, cache, val, test):
     if args.norm_select == "skip":
         norm, scores = skip_norm(splits, seed, args, cache)
         chosen = fitted_model(name, splits, seed, args, norm, cache)
-        val_scores = score(chosen.view, *val, args, seed)
+        val_scores = score(chosen.view, *val, args, seed, "val")
     else:
         metric, candidates = norm_metric(args), {}
         for norm in args.norms:
             fitted = fitted_model(name, splits, seed, args, norm, cache)
-            candidates[norm] = (fitted, score(fitted.view, *val, args, seed))
+            candidates[norm] = (fitted, score(fitted.view, *val, args, seed, "val"))
         scores = {n: s[metric] for n, (_, s) in candidates.items()}
         chosen, val_scores = candidates[min(args.norms, key=scores.get)]
     return score_row(name, chosen, splits, seed, args, val_scores, test, scores)

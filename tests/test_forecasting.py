@@ -120,7 +120,8 @@ def test_validation_selector_keeps_the_best_state(monkeypatch):
     model = _Model([3.0, 1.0, 2.0, 2.5, 0.5])
     calls = []
 
-    def fake_evaluate(m, x, y, num_samples, batch_size=512, seed=None):
+    def fake_evaluate(m, x, y, num_samples, batch_size=512, seed=None, metrics=None):
+        assert metrics == ("crps",)  # the selection asks only for its metric
         return {"crps": m.scores.pop(0)}
 
     monkeypatch.setattr(forecasting, "evaluate_forecaster", fake_evaluate)
@@ -502,3 +503,18 @@ def test_path_scores_come_from_joint_sample_paths():
     # marginals
     independent = path_metrics(torch.randn(50, 30, 4), y)
     assert scores["width_90_sum"] > 1.5 * independent["width_90_sum"]
+
+
+def test_scoring_only_the_asked_metrics():
+    """``metrics=("crps",)`` returns the CRPS of the full scoring from the same draws, and skips
+    the mixture's exact density; unknown names are refused."""
+    splits = toy_splits()
+    model = Forecaster(lookback=16, horizon=4, units=4, features=8, kernel_size=5, train_draws=4)
+    x_test, y_test = splits.windows("test")
+    full = evaluate_forecaster(model, x_test, y_test, num_samples=10, seed=3, exact=False)
+    crps = evaluate_forecaster(model, x_test, y_test, num_samples=10, seed=3, exact=False, metrics=("crps",))
+    assert set(crps) == {"crps", "seconds"} and crps["crps"] == full["crps"]
+    nll = evaluate_forecaster(model, x_test, y_test, num_samples=10, seed=3, exact=False, metrics=["nll"])
+    assert nll["nll"] == full["nll"]
+    with pytest.raises(ValueError, match="Expected metrics among"):
+        evaluate_forecaster(model, x_test, y_test, num_samples=10, metrics=("energy",))

@@ -349,7 +349,13 @@ class ValidationSelector:
             if self.before is not None:
                 self.before()
             scores = evaluate_forecaster(
-                self.model, self.x_val, self.y_val, self.num_samples, batch_size=self.batch_size, seed=None
+                self.model,
+                self.x_val,
+                self.y_val,
+                self.num_samples,
+                batch_size=self.batch_size,
+                seed=None,
+                metrics=(self.metric,),
             )
         finally:
             torch.set_rng_state(rng)
@@ -727,7 +733,11 @@ def _mixture_scores(pred, y):
     return out
 
 
-def score_prediction(pred, y, paths=False):
+#: The metrics of a Gaussian-mixture prediction that need its exact mixture density or CDF.
+_MIXTURE_METRICS = frozenset({"nll", "coverage_50", "coverage_90"})
+
+
+def score_prediction(pred, y, paths=False, exact_mixture=True):
     """All metrics of one prediction, averaged over every element of ``y``.
 
     A prediction with its own exact ``scores(y)`` (e.g.
@@ -739,7 +749,11 @@ def score_prediction(pred, y, paths=False):
     :param torch.Tensor y: observations, shaped like one sample.
     :param bool paths: also the path scores :data:`PATH_METRICS` of the prediction's samples,
         which must be joint sample paths over the horizon (the last dim).
-    :returns: dict with the keys :data:`METRICS` (and :data:`PATH_METRICS`).
+    :param bool exact_mixture: score a mixture's NLL and coverage exactly (its density and CDF
+        over every component); ``False`` leaves them out, for a caller that reads only the
+        other metrics.
+    :returns: dict with the keys :data:`METRICS` (and :data:`PATH_METRICS`); without
+        ``exact_mixture``, a mixture's lacks ``nll`` and the coverages.
     """
     if hasattr(pred, "scores"):
         out = pred.scores(y)
@@ -747,14 +761,19 @@ def score_prediction(pred, y, paths=False):
         out = forecast_metrics(loc=pred.loc[0], scale=pred.scale[0], y=y)
     else:
         out = forecast_metrics(samples=pred.samples, loc=pred.mean, scale=pred.stddev.clamp_min(1e-12), y=y)
-        out.update(_mixture_scores(pred, y))
+        if exact_mixture:
+            out.update(_mixture_scores(pred, y))
+        else:
+            out = {k: v for k, v in out.items() if k not in _MIXTURE_METRICS}
     if paths:
         out.update(path_metrics(pred.samples, y))
     return out
 
 
 @torch.no_grad()
-def evaluate_forecaster(model, x, y, num_samples=100, batch_size=512, seed=0, exact=True, paths=False):
+def evaluate_forecaster(
+    model, x, y, num_samples=100, batch_size=512, seed=0, exact=True, paths=False, metrics=None
+):
     """Score a model on every window of ``(x, y)``.
 
     :param model: anything with ``predict(x, num_samples)`` returning a
@@ -770,12 +789,20 @@ def evaluate_forecaster(model, x, y, num_samples=100, batch_size=512, seed=0, ex
     :param int batch_size: windows per batch.
     :param seed: seeds the predictive draws, on a fork of torch's random state that is restored
         afterwards (``None``: draw from the current state).
+    :param metrics: the keys of :data:`METRICS` to return (default all). A mixture's exact
+        density and CDF, the costly part of its scores, are evaluated only when ``nll`` or a
+        coverage is among them (model selection on the CRPS or the MSE skips them).
     :returns: dict of :data:`METRICS` (means over all ``N * H`` elements), with ``paths`` of
         :data:`PATH_METRICS` (means over the ``N`` windows), plus ``seconds``.
     """
+    keys = METRICS if metrics is None else tuple(metrics)
+    unknown = [k for k in keys if k not in METRICS]
+    if unknown:
+        raise ValueError(f"Expected metrics among {METRICS}, but got {unknown}.")
+    exact_mixture = any(k in _MIXTURE_METRICS for k in keys)
     start = time.perf_counter()
     model.eval()
-    totals, count = dict.fromkeys(METRICS, 0.0), 0
+    totals, count = dict.fromkeys(keys, 0.0), 0
     path_totals, windows = dict.fromkeys(PATH_METRICS, 0.0), 0
     predict = model.predict
     exact = exact and getattr(model, "has_exact_marginal", False)
@@ -784,8 +811,8 @@ def evaluate_forecaster(model, x, y, num_samples=100, batch_size=512, seed=0, ex
     with _seeded(seed, x.device):
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             pred = predict(xb, num_samples)
-            scores = score_prediction(pred, yb)
-            for key in METRICS:
+            scores = score_prediction(pred, yb, exact_mixture=exact_mixture)
+            for key in keys:
                 totals[key] += scores[key] * yb.numel()
             count += yb.numel()
             if paths:
