@@ -44,7 +44,11 @@ scored once.
 - ``rollout`` (when :mod:`vdn_pyro.models.rollout` is there): the
   :class:`~vdn_pyro.models.RolloutForecaster`, trained like the VDN (same skip path, recipe,
   selection), with the run configuration's shared keys (:data:`ROLLOUT_SHARED`) and its own
-  structure from its :class:`~vdn_pyro.models.RolloutConfig` (``--rollout KEY=VALUE``).
+  structure from its :class:`~vdn_pyro.models.RolloutConfig` (:data:`ROLLOUT_DEFAULTS`, then
+  ``--rollout KEY=VALUE``). Its rows also hold the units' learned half-lives (in time steps:
+  quartiles and every unit's), drawn against the horizon in ``forecast_ett_half_lives.png``.
+- ``rollout_normal``: the same roll-out forecaster with a Normal prior (phi fixed at 0), the
+  control that tells what the units' AR memory adds.
 
 With ``--skip-fit ridge`` (default) the VDN and its twin are trained in two stages: the
 closed-form fit is their frozen skip path (``sgd``: the SGD DLinear of the same seed; ``joint``:
@@ -74,12 +78,17 @@ normalisation is trained on normalised windows and targets and scored in the ori
 **Scores.** Beside the marginal MSE, MAE, CRPS, NLL and 90% coverage, every model gets path
 scores of its ``--num-samples`` joint sample paths over the horizon
 (:func:`vdn_pyro.metrics.path_metrics`): the energy score, the CRPS of the horizon sum and the
-coverage of the sum's central 90% interval. Both the validation windows (those of the selection)
-and the test windows are scored.
+coverage of the sum's central 90% interval. Both the validation windows (those of the selection,
+with ``--val-samples`` draws each) and the test windows are scored. The tables end with the
+**paired differences** of the roll-out against the controls (:data:`PAIRS`: same horizon and
+seed, mean ± standard deviation over seeds and the number of seeds won).
+
+Pyro's argument validation is off in the workers (``--validate`` turns it on): it only checks,
+the test suite runs with it on, and it costs 10-20% of a training step at long horizons.
 
 ``--jobs 2`` runs the (horizon, seed) tasks in two worker processes, one torch thread each.
 
-    python benchmarks/forecast_ett.py --jobs 2         # 4 horizons x 7 models x 3 seeds
+    python benchmarks/forecast_ett.py --jobs 2         # 4 horizons x 9 models x 3 seeds
     python benchmarks/forecast_ett.py --horizons 96 --seeds 0
     python benchmarks/forecast_ett.py --data ETTm1.csv --horizons 96
     python benchmarks/forecast_ett.py --quick          # a smoke run, < 1 minute, to a temporary directory
