@@ -301,6 +301,20 @@ def floor_loss(net, x, y, num_data, parts=FLOOR_PARTS):
     return num_data / batch * (kl_total - log_lik)
 
 
+def training_step(optimizer, loss_fn):
+    """A zero-argument training step: zero the gradients, ``loss_fn()``, backward, optimizer step;
+    returns the loss."""
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
 def floor_ablation(config, reps, device="cpu"):
     """CPU milliseconds per step (median, interleaved) of :func:`floor_loss` with its parts added
     one at a time, next to the twin's eager step: what each piece of the distributional math costs
@@ -309,12 +323,7 @@ def floor_ablation(config, reps, device="cpu"):
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
 
     def make(parts):
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            floor_loss(net, x, y, config.num_data, parts).backward()
-            optimizer.step()
-
-        return step
+        return training_step(optimizer, lambda: floor_loss(net, x, y, config.num_data, parts))
 
     steps = {"twin's math, plain PyTorch (z = m)": make(())}
     for i in range(len(FLOOR_PARTS)):
@@ -432,13 +441,7 @@ def make_step(variant, config, device="cpu", seed=0):
             with module_params():  # as fit runs it: the network's own parameters, no param store
                 return elbo.loss_and_stats(net.model, net.guide, x, y, num_data=num_data)[0]
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        return loss
-
+    step = training_step(optimizer, loss_fn)
     step.network, step.optimizer, step.loss_fn = net, optimizer, loss_fn
     step.elbo = None if variant in ("hand", "floor") else elbo
     return step
@@ -510,13 +513,7 @@ def _forecaster_step(config, deterministic, device="cpu", seed=0):
         with module_params():
             return elbo.loss_and_stats(net.model, net.guide, x, y, num_data=num_data)[0]
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        return loss
-
+    step = training_step(optimizer, loss_fn)
     step.network, step.optimizer, step.loss_fn, step.elbo = net, optimizer, loss_fn, elbo
     return step
 

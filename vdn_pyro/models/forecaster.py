@@ -76,6 +76,7 @@ from vdn_pyro.primitives import as_beta, data_plate
 
 __all__ = [
     "DrawMixture",
+    "EqualDrawMixture",
     "ForecastPrediction",
     "Forecaster",
     "ForecasterConfig",
@@ -141,25 +142,14 @@ def check_forecast_inputs(x, y, lookback, horizon, check_finite=True, dtype=None
         raise ValueError("Expected finite y, but it contains NaN or inf; clean it first.")
 
 
-class DrawMixture(dist.TorchDistribution):
-    r"""Equal-weight mixture of K Gaussians, one per posterior draw, elementwise:
-
-    .. math:: p(y) = \frac1K \sum_{k=1}^K \mathcal{N}(y \mid \mu_k, \sigma_k^2).
-
-    A lighter stand-in for ``MixtureSameFamily(Categorical(uniform), Normal)`` over the leading
-    draw dim (no mixture logits, and a scale that may broadcast, e.g. one per horizon step).
-
-    :param torch.Tensor loc: component means ``(K, *batch)``.
-    :param torch.Tensor scale: component scales (> 0), broadcastable to ``loc``.
-    """
+class EqualDrawMixture(dist.TorchDistribution):
+    """Base of the equal-weight mixtures of K Gaussian components, one per posterior draw,
+    stacked along the leading dim of ``loc`` and ``scale``: their count, mean and variance
+    (:class:`DrawMixture` mixes per element,
+    :class:`~vdn_pyro.models.rollout.PathMixture` per path; the moments are the same)."""
 
     arg_constraints = {}
-    support = constraints.real
     has_rsample = False
-
-    def __init__(self, loc, scale, validate_args=None):
-        self.loc, self.scale = loc, scale
-        super().__init__(loc.shape[1:], validate_args=validate_args)
 
     @property
     def num_draws(self):
@@ -174,6 +164,25 @@ class DrawMixture(dist.TorchDistribution):
     def variance(self):
         second = (self.scale**2 + self.loc**2).mean(0)
         return second - self.mean**2
+
+
+class DrawMixture(EqualDrawMixture):
+    r"""Equal-weight mixture of K Gaussians, one per posterior draw, elementwise:
+
+    .. math:: p(y) = \frac1K \sum_{k=1}^K \mathcal{N}(y \mid \mu_k, \sigma_k^2).
+
+    A lighter stand-in for ``MixtureSameFamily(Categorical(uniform), Normal)`` over the leading
+    draw dim (no mixture logits, and a scale that may broadcast, e.g. one per horizon step).
+
+    :param torch.Tensor loc: component means ``(K, *batch)``.
+    :param torch.Tensor scale: component scales (> 0), broadcastable to ``loc``.
+    """
+
+    support = constraints.real
+
+    def __init__(self, loc, scale, validate_args=None):
+        self.loc, self.scale = loc, scale
+        super().__init__(loc.shape[1:], validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)

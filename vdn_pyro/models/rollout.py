@@ -85,6 +85,7 @@ from vdn_pyro.guides.amortized import SCALE_MODES
 from vdn_pyro.guides.trunks import DLinearTrunk, make_activation
 from vdn_pyro.models.forecaster import (
     DrawMixture,
+    EqualDrawMixture,
     ForecastPrediction,
     SkipPathForecaster,
     _is_int,
@@ -103,7 +104,7 @@ MIXTURES = ("path", "step")
 LIKELIHOOD_SCALES = ("heteroscedastic", "learned")
 
 
-class PathMixture(dist.TorchDistribution):
+class PathMixture(EqualDrawMixture):
     r"""Equal-weight mixture of K diagonal Gaussians over a path, one per posterior draw:
 
     .. math:: p(y_{1:H}) = \frac1K \sum_{k=1}^K \prod_{h=1}^H \mathcal{N}(y_h \mid \mu_{k,h},
@@ -116,29 +117,13 @@ class PathMixture(dist.TorchDistribution):
     :param torch.Tensor scale: component scales (> 0), broadcastable to ``loc``.
     """
 
-    arg_constraints = {}
     support = constraints.independent(constraints.real, 1)
-    has_rsample = False
 
     def __init__(self, loc, scale, validate_args=None):
         if loc.dim() < 2:
             raise ValueError(f"Expected loc of shape (K, *batch, H), but got {tuple(loc.shape)}.")
         self.loc, self.scale = loc, torch.as_tensor(scale, dtype=loc.dtype).expand_as(loc)
         super().__init__(loc.shape[1:-1], loc.shape[-1:], validate_args=validate_args)
-
-    @property
-    def num_draws(self):
-        """K, the number of components."""
-        return self.loc.shape[0]
-
-    @property
-    def mean(self):
-        return self.loc.mean(0)
-
-    @property
-    def variance(self):
-        second = (self.scale**2 + self.loc**2).mean(0)
-        return second - self.mean**2
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
