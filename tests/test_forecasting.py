@@ -120,8 +120,8 @@ def test_validation_selector_keeps_the_best_state(monkeypatch):
     model = _Model([3.0, 1.0, 2.0, 2.5, 0.5])
     calls = []
 
-    def fake_evaluate(m, x, y, num_samples, batch_size=512, seed=None, metrics=None):
-        assert metrics == ("crps",)  # the selection asks only for its metric
+    def fake_evaluate(m, x, y, num_samples, batch_size=512, seed=None, metrics=None, paths=False):
+        assert metrics == ("crps",) and not paths  # the selection asks only for its metric
         return {"crps": m.scores.pop(0)}
 
     monkeypatch.setattr(forecasting, "evaluate_forecaster", fake_evaluate)
@@ -516,5 +516,30 @@ def test_scoring_only_the_asked_metrics():
     assert set(crps) == {"crps", "seconds"} and crps["crps"] == full["crps"]
     nll = evaluate_forecaster(model, x_test, y_test, num_samples=10, seed=3, exact=False, metrics=["nll"])
     assert nll["nll"] == full["nll"]
-    with pytest.raises(ValueError, match="Expected metrics among"):
+    with pytest.raises(ValueError, match="Expected metrics among.*need paths=True"):
         evaluate_forecaster(model, x_test, y_test, num_samples=10, metrics=("energy",))
+    # a path score with paths=True: the same value as the full scoring's, no marginal keys
+    full = evaluate_forecaster(model, x_test, y_test, num_samples=10, seed=3, exact=False, paths=True)
+    energy = evaluate_forecaster(
+        model, x_test, y_test, num_samples=10, seed=3, exact=False, paths=True, metrics=("energy",)
+    )
+    assert energy["energy"] == full["energy"] and "crps" not in energy
+
+
+@pytest.mark.parametrize("metric", ["energy", "crps_sum"])
+def test_validation_selector_on_a_path_score(metric):
+    """Selection on a path score reads the model's joint sample paths: the selector's score is
+    the path score evaluate_forecaster gives from the same draws."""
+    from vdn_pyro.models import RolloutForecaster
+
+    splits = toy_splits()
+    model = RolloutForecaster(lookback=16, horizon=4, patch=4, units=3, features=8, kernel_size=5)
+    x_val, y_val = splits.windows("val")
+    selector = ValidationSelector(model, x_val, y_val, metric, num_samples=12)
+    torch.manual_seed(5)
+    value = selector.score()
+    torch.manual_seed(5)
+    expected = evaluate_forecaster(
+        model, x_val, y_val, num_samples=12, seed=None, paths=True, metrics=(metric,)
+    )[metric]
+    assert value == expected and math.isfinite(value)

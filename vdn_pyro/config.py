@@ -356,7 +356,8 @@ class FitConfig(_Section):
     :ivar patience: stop after this many validations without a better validation score
         (0: never).
     :ivar select: the validation score: ``loss`` (minus the ELBO per window) or a metric of the
-        predictive, ``crps``, ``mse`` or ``nll``, over every validation window (lower is better).
+        predictive, ``crps``, ``mse`` or ``nll``, over every validation window, or a score of its
+        joint sample paths, ``energy`` or ``crps_sum`` (lower is better).
     :ivar val_samples: predictive draws per validation window when ``select`` is a metric.
     :ivar skip_fit: how the skip path is fitted: with the rest (``joint``), or first and then
         frozen, in closed form (``ridge``: ridge least squares, the penalty chosen on the
@@ -388,7 +389,7 @@ class FitConfig(_Section):
     val_every: PositiveInt | None = None
     checkpoint_every: PositiveInt | None = None
     patience: NonNegativeInt = 0
-    select: Literal["loss", "crps", "mse", "nll"] = "loss"
+    select: Literal["loss", "crps", "mse", "nll", "energy", "crps_sum"] = "loss"
     val_samples: PositiveInt = 100
     skip_fit: Literal["joint", "ridge", "sgd"] = "joint"
     ridges: Annotated[list[NonNegativeFloat], Field(min_length=1)] = Field(

@@ -96,8 +96,9 @@ PATH_METRICS = ("energy", "crps_sum", "coverage_50_sum", "coverage_90_sum", "wid
 NORMS = ("none", "last", "mean_scale")
 #: Added to a window's variance by the ``mean_scale`` normalisation.
 NORM_EPS = 1e-5
-#: Validation criteria for model selection: a metric of :data:`METRICS` or fit's ELBO ``loss``.
-SELECTIONS = ("crps", "mse", "nll", "loss")
+#: Validation criteria for model selection: a metric of :data:`METRICS`, a path score of
+#: :data:`PATH_METRICS` (scored on joint sample paths) or fit's ELBO ``loss``.
+SELECTIONS = ("crps", "mse", "nll", "energy", "crps_sum", "loss")
 #: How a forecaster's skip path is fitted: with the rest (``joint``), or first and then frozen, by
 #: gradient steps (``sgd``) or in closed form (``ridge``).
 SKIP_FITS = ("joint", "sgd", "ridge")
@@ -289,7 +290,9 @@ class ValidationSelector:
     :param model: the model being fitted (with ``predict``; see :func:`evaluate_forecaster`).
     :param torch.Tensor x_val: validation windows ``(N, L)``.
     :param torch.Tensor y_val: ``(N, H)``.
-    :param str metric: a key of :data:`METRICS` (lower is better).
+    :param str metric: a key of :data:`METRICS` or ``"energy"``/``"crps_sum"`` of
+        :data:`PATH_METRICS` (lower is better; the path scores read the model's joint sample
+        paths).
     :param int every: steps between scorings (one epoch in :func:`train_forecaster`).
     :param int patience: scorings to wait (0: never stop early).
     :param callable before: called before each scoring (e.g. a point baseline's calibration).
@@ -316,8 +319,9 @@ class ValidationSelector:
         batch_size=512,
         restore=True,
     ):
-        if metric not in METRICS:
-            raise ValueError(f"Expected metric in {METRICS}, but got {metric!r}.")
+        allowed = METRICS + _LOWER_IS_BETTER_PATHS
+        if metric not in allowed:
+            raise ValueError(f"Expected metric in {allowed}, but got {metric!r}.")
         self.model, self.x_val, self.y_val = model, x_val, y_val
         self.metric, self.every, self.patience = metric, int(every), int(patience)
         self.before, self.num_samples, self.batch_size = before, num_samples, batch_size
@@ -356,6 +360,7 @@ class ValidationSelector:
                 batch_size=self.batch_size,
                 seed=None,
                 metrics=(self.metric,),
+                paths=self.metric in PATH_METRICS,
             )
         finally:
             torch.set_rng_state(rng)
@@ -733,6 +738,8 @@ def _mixture_scores(pred, y):
     return out
 
 
+#: The path scores that rank forecasts (lower is better), so can select a model.
+_LOWER_IS_BETTER_PATHS = ("energy", "crps_sum")
 #: The metrics of a Gaussian-mixture prediction that need its exact mixture density or CDF.
 _MIXTURE_METRICS = frozenset({"nll", "coverage_50", "coverage_90"})
 
@@ -789,16 +796,21 @@ def evaluate_forecaster(
     :param int batch_size: windows per batch.
     :param seed: seeds the predictive draws, on a fork of torch's random state that is restored
         afterwards (``None``: draw from the current state).
-    :param metrics: the keys of :data:`METRICS` to return (default all). A mixture's exact
-        density and CDF, the costly part of its scores, are evaluated only when ``nll`` or a
-        coverage is among them (model selection on the CRPS or the MSE skips them).
+    :param metrics: the keys of :data:`METRICS` to return (default all); with ``paths``, keys of
+        :data:`PATH_METRICS` may be among them (the path scores are returned in full either
+        way). A mixture's exact density and CDF, the costly part of its scores, are evaluated
+        only when ``nll`` or a coverage is among them (model selection on the CRPS or the MSE
+        skips them).
     :returns: dict of :data:`METRICS` (means over all ``N * H`` elements), with ``paths`` of
         :data:`PATH_METRICS` (means over the ``N`` windows), plus ``seconds``.
     """
     keys = METRICS if metrics is None else tuple(metrics)
-    unknown = [k for k in keys if k not in METRICS]
+    allowed = METRICS + (PATH_METRICS if paths else ())
+    unknown = [k for k in keys if k not in allowed]
     if unknown:
-        raise ValueError(f"Expected metrics among {METRICS}, but got {unknown}.")
+        hint = " (path scores need paths=True)" if any(k in PATH_METRICS for k in unknown) else ""
+        raise ValueError(f"Expected metrics among {allowed}, but got {unknown}{hint}.")
+    keys = tuple(k for k in keys if k in METRICS)
     exact_mixture = any(k in _MIXTURE_METRICS for k in keys)
     start = time.perf_counter()
     model.eval()

@@ -68,6 +68,8 @@ def set_prior(net, phi, constant, scale):
         ({"likelihood_scale": 0.5}, ValueError, "likelihood_scale in"),
         ({"mean": "skip", "likelihood_scale": "learned"}, ValueError, "heteroscedastic"),
         ({"mean": "skip", "skip": False}, ValueError, "skip=True"),
+        ({"mean": "centred", "skip": False}, ValueError, "mean='centred'.*skip=True"),
+        ({"mean": "middle"}, ValueError, "mean in"),
         ({"train_draws": 0}, ValueError, "train_draws >= 1"),
         ({"beta": -1.0}, ValueError, "beta > 0"),
         ({"beta": [1.0, 2.0]}, ValueError, r"shape \(3,\)"),
@@ -430,8 +432,51 @@ def test_twin_is_the_conditional_mean_network():
     assert_close(Trace_ELBO().loss(twin.model, twin.guide, x, y), nll, rtol=1e-10)
 
 
-def test_start_at_source_is_the_dlinear_predictive():
-    net = make()
+def test_centred_mean_by_hand():
+    """mean='centred': each draw's mean is the skip path plus W (z - m), with m the roll-out of
+    the posterior mean of z_P; there is no bias, and the likelihood reads exactly that."""
+    torch.set_default_dtype(torch.float64)
+    net = make(mean="centred", likelihood_scale="learned", train_draws=1)
+    set_prior(net, PHI, CONST, SCALE)
+    assert net.loc_bias is None and net.loc_weight is not None
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    guide_tr, model_tr = traces(net, x, y)
+    future = guide_tr.nodes["rollout.z"]["value"][:, :, 0]  # (B, U, Q)
+    loc, _ = net.posterior(x)  # (B, U, 1, P)
+    m = loc[:, :, 0, -1]  # (B, U)
+    phi, const = torch.tensor(PHI), torch.tensor(CONST)
+    j = torch.arange(1, 4, dtype=torch.float64)  # (Q,)
+    centre = phi[:, None] ** j * m[..., None] + const[:, None] * (1 - phi[:, None] ** j) / (1 - phi[:, None])
+    dev = (future - centre).transpose(-1, -2)  # (B, Q, U)
+    patch = torch.arange(H) // PATCH  # (H,)
+    w = net.loc_weight.reshape(-1, U)[:H]  # (H, U)
+    expected = (dev[:, patch] * w).sum(-1) + net.skip(x)  # (B, H)
+    obs = model_tr.nodes["obs"]["fn"]
+    assert_close(obs.base_dist.loc[:, 0], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_centred_mean_is_the_skip_path():
+    """The predictive mean of the centred roll-out is the skip path (up to Monte Carlo error),
+    while the paths still move together; its twin's mean is the skip path exactly."""
+    torch.manual_seed(0)
+    net = make(mean="centred", likelihood_scale="learned", prior="ar")
+    set_prior(net, [0.99] * U, [0.3] * U, [math.sqrt(1 - 0.99**2)] * U)
+    with torch.no_grad():
+        net.loc_weight.fill_(1.0 / U)
+        net.scale_bias.fill_(math.log(math.expm1(0.05)))
+    x = torch.randn(2, L)
+    pred = net.predict(x, num_samples=8000)
+    spread = pred.samples.std(0)  # (2, H)
+    error = (pred.samples.mean(0) - net.skip(x)).abs()  # (2, H)
+    assert (error < 5 * spread / math.sqrt(8000)).all()
+    assert horizon_correlation(pred.samples[:, :1])[0, -1] > 0.8
+    twin = make(mean="centred", deterministic=True)
+    assert_close(twin.predict(x, num_samples=2).loc[0], twin.skip(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mean", ["head", "centred"])
+def test_start_at_source_is_the_dlinear_predictive(mean):
+    net = make(mean=mean)
     source = DLinear(L, H, 5)
     with torch.no_grad():
         source.scale = torch.linspace(0.3, 0.8, H)
@@ -461,6 +506,7 @@ BUILDS = {
     "path-K3": dict(train_draws=3),
     "diagonal-step-K3": dict(train_draws=3, posterior="diagonal", mixture="step"),
     "skip-mean": dict(train_draws=2, mean="skip"),
+    "centred-mean": dict(train_draws=2, mean="centred"),
 }
 
 

@@ -21,7 +21,12 @@ and the decoder reads the rolled latent of each step's patch,
     \rceil} + b_h,\; \mathrm{softplus}(V_h z_{P + \lceil h / \mathrm{patch} \rceil} + d_h)^2\big),
 
 with a loading :math:`W_h, V_h \in \mathbb{R}^U` per horizon step (``mean="skip"`` drops
-:math:`W_h z`, ``likelihood_scale="learned"`` drops :math:`V_h z`). Every sample path of the
+:math:`W_h z`, ``likelihood_scale="learned"`` drops :math:`V_h z`). With ``mean="centred"`` the
+decoder reads the rolled latents' deviation from their mean under the posterior,
+:math:`W_h (z_{P+j} - m_{P+j}(x))` with :math:`m_{P+1} = c + \phi\,\mu_P(x)`,
+:math:`m_{P+j} = c + \phi\, m_{P+j-1}` and :math:`\mu_P(x)` the posterior mean of
+:math:`z_P` (no bias :math:`b_h`): the predictive mean is then exactly the skip path, and the
+units add only zero-mean deviations that move the path together. Every sample path of the
 forecast draws one :math:`z_P` and one roll-out, so the steps of a path move together, and the
 correlation across the horizon comes from the units' memory: a unit with :math:`\phi_i` near 1
 shifts the whole path; one with :math:`\phi_i` near 0 only the patch it is read at.
@@ -102,6 +107,8 @@ ROLLOUT_PRIORS = ("ar", "normal")
 POSTERIORS = ("path", "diagonal")
 MIXTURES = ("path", "step")
 LIKELIHOOD_SCALES = ("heteroscedastic", "learned")
+#: How the forecast mean reads the rolled latents (see :class:`RolloutConfig`).
+MEANS = ("head", "centred", "skip")
 
 
 class PathMixture(EqualDrawMixture):
@@ -196,9 +203,11 @@ class RolloutConfig:
     :ivar str likelihood_scale: ``"heteroscedastic"`` (softplus of a head on the rolled latents) or
         ``"learned"`` (one scale per horizon step).
     :ivar float likelihood_scale_min: lower bound added to the likelihood scale.
-    :ivar str mean: ``"head"`` (skip path plus :math:`W z`: the rolled latents move the path) or
-        ``"skip"`` (the skip path alone; the latents set only the scale, needs
-        ``skip=True`` and a heteroscedastic scale).
+    :ivar str mean: ``"head"`` (skip path plus :math:`W z + b`: the rolled latents move the path
+        and its mean), ``"centred"`` (skip path plus :math:`W (z - m(x))`, the deviation of the
+        rolled latents from their posterior mean: the predictive mean is the skip path and the
+        latents move each path around it; needs ``skip=True``) or ``"skip"`` (the skip path
+        alone; the latents set only the scale, needs ``skip=True`` and a heteroscedastic scale).
     :ivar beta: KL coefficient, a positive number or a sequence of length U.
     :ivar int train_draws: K draws mixed in the likelihood of an observed path.
     :ivar str mixture: ``"path"`` (mix the K draws per path) or ``"step"`` (per element).
@@ -249,7 +258,7 @@ class RolloutConfig:
             ("posterior", POSTERIORS),
             ("scale_mode", SCALE_MODES),
             ("likelihood_scale", LIKELIHOOD_SCALES),
-            ("mean", ("head", "skip")),
+            ("mean", MEANS),
             ("mixture", MIXTURES),
         ]:
             if getattr(self, name) not in allowed:
@@ -261,6 +270,11 @@ class RolloutConfig:
                 "mean='skip' takes the forecast mean from the skip path and lets the neurons set the "
                 "scale, so it needs skip=True and likelihood_scale='heteroscedastic'; got "
                 f"skip={self.skip!r} and likelihood_scale={self.likelihood_scale!r}."
+            )
+        if self.mean == "centred" and not self.skip:
+            raise ValueError(
+                "mean='centred' takes the forecast mean from the skip path and lets the neurons move "
+                "each path around it, so it needs skip=True; got skip=False."
             )
         self.betas = as_beta(self.beta, self.units, name="beta")  # (U,)
 
@@ -339,9 +353,10 @@ class RolloutForecaster(SkipPathForecaster):
         )
         self.layers = PyroModule[nn.ModuleList]([layer])
         steps = c.num_future * c.patch
-        self.loc_weight = None
-        if c.mean == "head":
+        self.loc_weight = self.loc_bias = None
+        if c.mean != "skip":
             self.loc_weight = nn.Parameter(torch.randn(c.num_future, c.patch, c.units) / math.sqrt(c.units))
+        if c.mean == "head":
             self.loc_bias = nn.Parameter(torch.zeros(steps))  # (Q patch,)
         if c.likelihood_scale == "heteroscedastic":
             self.scale_weight = nn.Parameter(torch.randn(c.num_future, c.patch, c.units) / math.sqrt(c.units))
@@ -397,7 +412,7 @@ class RolloutForecaster(SkipPathForecaster):
                 for param in (self.loc_weight, self.scale_weight):
                     if param is not None:
                         param.zero_()
-                if self.loc_weight is not None:
+                if self.loc_bias is not None:
                     self.loc_bias.zero_()
                 scale = getattr(source, "scale", None)
                 if scale is not None:
@@ -445,6 +460,21 @@ class RolloutForecaster(SkipPathForecaster):
         chain = GaussMarkov(transition, offset.unsqueeze(-2), scale)  # batch (..., B, U, 1), event (Q,)
         return chain.to_event(1)  # batch (..., B, U), event (1, Q)
 
+    def rollout_mean(self, x):
+        r"""The rolled latents' mean under the posterior, :math:`m(x)`: the AR roll-out of the
+        posterior mean :math:`\mu_P(x)` of the last look-back latent (``mean="centred"`` reads
+        the deviation from it).
+
+        :param torch.Tensor x: ``(B, L)``.
+        :returns: pooled latents ``(B, Q, U)``.
+        """
+        loc, _ = self.posterior(x)  # (B, U, 1, P)
+        return self._conditional_mean(loc[..., -1:].squeeze(-1))  # (B, Q, U)
+
+    def _conditional_mean(self, last):
+        """The roll-out's conditional mean given :math:`z_P` ``(..., B, U, 1)``: ``(..., B, Q, U)``."""
+        return self.layers[0].pool(self.rollout_dist(last).base_dist.mean, True)
+
     def _rollout(self, last, draws):
         """Sample (or, in the twin and in ``"mean"`` mode, average) the horizon's latents.
 
@@ -468,20 +498,27 @@ class RolloutForecaster(SkipPathForecaster):
             # site: (K, 1, B, U, 1, Q)
             return layer.pool(site, True)  # (K, 1, B, Q, U)
 
-    def components(self, x, z, expand=True):
+    def components(self, x, z, expand=True, centre=None):
         """Per-draw Gaussian parameters of each horizon step.
 
         :param x: ``(B, L)``.
         :param z: the horizon's pooled latents ``(..., B, Q, U)``.
         :param bool expand: expand the scale to ``loc``'s shape (else it may be ``(H,)``).
+        :param centre: ``mean="centred"`` only: :meth:`rollout_mean` of ``x``, ``(B, Q, U)``
+            (computed when ``None``).
         :returns: ``(loc, scale)``, each ``(..., B, H)``.
         """
         c = self.config
         h = c.horizon
         off = self.offset(x)  # (B, H or 1) or None
         if self.loc_weight is not None:
-            loc = torch.einsum("...qu,qpu->...qp", z, self.loc_weight)  # (..., B, Q, patch)
-            loc = loc.flatten(-2)[..., :h] + self.loc_bias[:h]  # (..., B, H)
+            if c.mean == "centred":
+                dev = z - (self.rollout_mean(x) if centre is None else centre)  # (..., B, Q, U)
+                loc = torch.einsum("...qu,qpu->...qp", dev, self.loc_weight)  # (..., B, Q, patch)
+                loc = loc.flatten(-2)[..., :h]  # (..., B, H)
+            else:
+                loc = torch.einsum("...qu,qpu->...qp", z, self.loc_weight)  # (..., B, Q, patch)
+                loc = loc.flatten(-2)[..., :h] + self.loc_bias[:h]  # (..., B, H)
             if off is not None:
                 loc = loc + off
         else:
@@ -557,15 +594,22 @@ class RolloutForecaster(SkipPathForecaster):
         """
         if not _is_int(num_samples) or num_samples < 1:
             raise ValueError(f"Expected num_samples to be an int >= 1, but got {num_samples!r}.")
+        last, _, future = self._sample_latents(x, num_samples)
+        return last, future
+
+    def _sample_latents(self, x, num_samples):
+        """:meth:`sample_latents` and the roll-out's mean under the posterior: ``(last, centre,
+        future)``, ``(S, B, U)``, ``(B, Q, U)`` and ``(S, B, Q, U)``."""
         loc, scale = self.posterior(x)  # (B, U, 1, P) each
         last = loc[..., -1:].squeeze(-1)[None]  # (1, B, U, 1)
+        centre = self._conditional_mean(last[0])  # (B, Q, U)
         if self.deterministic:
             future = self.rollout_dist(last).base_dist.mean  # (1, B, U, 1, Q)
         else:
             eps = torch.randn((num_samples,) + last.shape[1:], dtype=loc.dtype, device=loc.device)
             last = last + scale[..., -1] * eps  # (S, B, U, 1)
             future = self.rollout_dist(last).sample()  # (S, B, U, 1, Q)
-        return last.squeeze(-1), self.layers[0].pool(future, True)  # (S, B, U), (S, B, Q, U)
+        return last.squeeze(-1), centre, self.layers[0].pool(future, True)  # (S, B, U), (S, B, Q, U)
 
     @torch.no_grad()
     def predict(self, x, num_samples=100, batch_size=None):
@@ -588,8 +632,8 @@ class RolloutForecaster(SkipPathForecaster):
         parts = x.split(batch_size) if batch_size else (x,)
         out = []
         for xb in parts:
-            _, future = self.sample_latents(xb, num_samples)  # (S', b, Q, U)
-            c_loc, c_scale = self.components(xb, future)  # (S', b, H)
+            _, centre, future = self._sample_latents(xb, num_samples)  # (S', b, Q, U)
+            c_loc, c_scale = self.components(xb, future, centre=centre)  # (S', b, H)
             reps = num_samples // c_loc.shape[0]
             noise = torch.randn((reps,) + c_loc.shape, dtype=c_loc.dtype, device=c_loc.device)
             samples = (c_loc + c_scale * noise).reshape((num_samples,) + c_loc.shape[1:])  # (S, b, H)
