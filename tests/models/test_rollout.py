@@ -408,7 +408,7 @@ def test_path_mixture():
 
 def test_twin_is_the_conditional_mean_network():
     torch.set_default_dtype(torch.float64)
-    twin = make(deterministic=True, likelihood_scale="learned")
+    twin = make(deterministic=True, likelihood_scale="learned", mean="head")
     set_prior(twin, PHI, CONST, SCALE)
     x, y = torch.randn(B, L), torch.randn(B, H)
     guide_tr, model_tr = traces(twin, x, y)
