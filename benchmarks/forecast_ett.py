@@ -508,7 +508,7 @@ def norm_metric(args):
     """The validation metric that chooses a model's normalisation under ``--norm-select
     model``: ``--select``, or the CRPS when that is the ELBO (whose units change with the
     normalisation)."""
-    return args.select if args.select in METRICS else "crps"
+    return args.select if args.select in METRICS + PATH_METRICS else "crps"
 
 
 def skip_norm(splits, seed, args, cache):

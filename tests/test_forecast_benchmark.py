@@ -276,6 +276,24 @@ def test_any_long_horizon_csv_with_the_norm_chosen_on_validation(tmp_path, capsy
             assert float(scores[name][row["norm"]]) == pytest.approx(row["val_crps"], rel=1e-3)
 
 
+def test_plot_paths_draws_one_test_window_of_each_model(tmp_path, capsys):
+    """plot_paths fits the harness's models (here selected on the validation energy score), draws
+    joint sample paths of the middle test window from each, and writes the figure."""
+    script = load("plot_paths")
+    path = synthetic_csv(tmp_path / "weather.csv", 1500, ["p", "T"], "10min")
+    plot = tmp_path / "paths.png"
+    argv = ["--data", str(path), *TINY, "--models", "twin_mvt", "rollout", "--select", "energy"]
+    args = script.parse_args(argv + ["--plot", str(plot), "--plot-samples", "50", "--context", "24"])
+    out, samples, truth = script.main(args)
+    assert out == plot and plot.stat().st_size > 0
+    bench = load("forecast_ett")
+    labels = [bench.MODELS[m].label for m in ("twin_mvt", "rollout")]
+    assert list(samples) == labels and all(s.shape == (50, 12) for s in samples.values())
+    assert truth.shape == (12,) and f"written to {plot}" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--window in"):
+        script.main(script.parse_args(argv + ["--plot", str(plot), "--window", "100000"]))
+
+
 @requires_ett()
 def test_an_ettm_file_gets_the_ett_protocol_at_four_rows_an_hour(tmp_path, capsys):
     bench = load("forecast_ett")

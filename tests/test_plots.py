@@ -7,7 +7,7 @@ import torch
 
 from vdn_pyro import VDN
 from vdn_pyro.inference import STATUSES, to_inference_data
-from vdn_pyro.plots import plot_dashboard, plot_fan_chart, plot_forest, plot_half_lives
+from vdn_pyro.plots import plot_dashboard, plot_fan_chart, plot_forest, plot_half_lives, plot_sample_paths
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -132,3 +132,23 @@ def test_half_lives_plot_refuses_bad_input(tmp_path, half_lives, match):
     with pytest.raises(ValueError, match=match):
         plot_half_lives(tmp_path / "memory.png", half_lives)
     assert not (tmp_path / "memory.png").exists()
+
+
+def test_sample_paths_plot(tmp_path):
+    rng = np.random.default_rng(0)
+    truth = np.cumsum(rng.normal(size=12))
+    coherent = rng.normal(size=(200, 1)) + 0.1 * rng.normal(size=(200, 12))  # paths move together
+    independent = rng.normal(size=(200, 12))
+    out = plot_sample_paths(
+        tmp_path / "paths.png",
+        rng.normal(size=30),
+        truth,
+        {"coherent": coherent, "independent": independent},
+        context=20,
+    )
+    assert out.exists() and out.stat().st_size > 0
+    with pytest.raises(ValueError, match="at least one forecast"):
+        plot_sample_paths(tmp_path / "p.png", np.zeros(3), truth, {})
+    with pytest.raises(ValueError, match=r"of 'bad' of shape \(S >= 2, H=12\)"):
+        plot_sample_paths(tmp_path / "p.png", np.zeros(3), truth, {"bad": np.zeros((5, 11))})
+    assert not (tmp_path / "p.png").exists()

@@ -6,7 +6,9 @@ r"""Plots of a fitted network, written as PNG files with matplotlib's Agg backen
   :math:`\beta`;
 - :func:`plot_fan_chart`: a forecast fan chart (history, truth, median and central bands);
 - :func:`plot_forest`: the ArviZ forest plot of the unit posteriors of one observation;
-- :func:`plot_half_lives`: the units' learned half-lives against the forecast horizon.
+- :func:`plot_half_lives`: the units' learned half-lives against the forecast horizon;
+- :func:`plot_sample_paths`: joint sample paths of several forecasts of one window, and the
+  distribution of each forecast's horizon sum against what happened.
 
 matplotlib is imported inside each function (with the Agg backend, so no display is needed),
 and every function takes the output path and returns it. Axes of unit indices and unit counts
@@ -25,6 +27,7 @@ __all__ = [
     "plot_fan_chart",
     "plot_forest",
     "plot_half_lives",
+    "plot_sample_paths",
 ]
 
 #: Colour of each unit status (see :data:`vdn_pyro.inference.STATUSES`).
@@ -446,5 +449,96 @@ def plot_half_lives(path, half_lives, *, unit="steps", title=None, dpi=110):
         title=title or "learned memory of the units against the horizon",
     )
     _legend(ax, loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_sample_paths(
+    path,
+    history,
+    truth,
+    samples,
+    *,
+    num_paths=5,
+    context=None,
+    title=None,
+    xlabel="steps from the forecast origin",
+    ylabel="value",
+    dpi=110,
+):
+    """Joint sample paths of one window's forecasts, one column per forecast: on top, the
+    history, what happened, the central 90% band of each step and ``num_paths`` whole sample
+    paths; below, the histogram of the horizon sums of every sample path, with the central 90%
+    interval of the sum and the sum that happened.
+
+    A forecast whose paths move together has a wide sum distribution; one that draws its steps
+    nearly independently has a narrow one around its mean, whatever its marginal bands say.
+
+    :param path: the PNG file to write.
+    :param history: ``(L,)`` observed values up to the forecast origin.
+    :param truth: ``(H,)`` what happened next.
+    :param dict samples: forecast label -> ``(S, H)`` joint sample paths (S >= 2).
+    :param int num_paths: whole paths drawn per forecast (the first ones).
+    :param int context: history steps drawn (default all).
+    :param str title: figure title.
+    :param str xlabel: x axis label.
+    :param str ylabel: y axis label.
+    :param int dpi: resolution.
+    :returns: the :class:`pathlib.Path` written.
+    :raises ValueError: for no forecasts, or samples that are not ``(S >= 2, H)`` with the
+        length of ``truth``.
+    """
+    if not samples:
+        raise ValueError("Expected samples to map at least one forecast label to its paths, but got none.")
+    truth = np.asarray(truth, dtype=float)
+    history = np.asarray(history, dtype=float)
+    arrays = {}
+    for label, paths in samples.items():
+        paths = np.asarray(paths, dtype=float)
+        if paths.ndim != 2 or paths.shape[0] < 2 or paths.shape[1] != truth.shape[-1]:
+            raise ValueError(
+                f"Expected the paths of {label!r} of shape (S >= 2, H={truth.shape[-1]}), but got "
+                f"{paths.shape}; pass one window's joint sample paths."
+            )
+        arrays[label] = paths
+    if context is not None:
+        history = history[-int(context) :]
+    plt = _pyplot()
+    count = len(arrays)
+    fig, axes = plt.subplots(
+        2, count, figsize=(4.6 * count, 6.4), squeeze=False, gridspec_kw={"height_ratios": [3, 2]}
+    )
+    horizon = truth.shape[-1]
+    past = np.arange(-len(history) + 1, 1)
+    future = np.arange(1, horizon + 1)
+    sums = {label: paths.sum(-1) for label, paths in arrays.items()}  # (S,) each
+    low = min(min(v.min() for v in sums.values()), truth.sum())
+    high = max(max(v.max() for v in sums.values()), truth.sum())
+    bins = np.linspace(low, high, 41)
+    top = axes[0, 0]
+    for j, (label, paths) in enumerate(arrays.items()):
+        ax = axes[0, j]
+        if j:
+            ax.sharey(top)
+        ax.plot(past, history, color="black", lw=1.0, label="history")
+        lo, hi = np.quantile(paths, [0.05, 0.95], axis=0)  # (H,) each
+        ax.fill_between(future, lo, hi, color="tab:blue", alpha=0.18, lw=0, label="90% band of each step")
+        for k in range(min(num_paths, paths.shape[0])):
+            ax.plot(future, paths[k], lw=0.8, alpha=0.85, label="sample paths" if k == 0 else None)
+        ax.plot(future, truth, color="black", lw=1.4, ls="--", label="what happened")
+        ax.axvline(0.5, color="grey", lw=0.8)
+        ax.set(xlabel=xlabel, ylabel=ylabel if j == 0 else None, title=label)
+        if j == 0:
+            _legend(ax, loc="upper left", fontsize=7)
+        ax = axes[1, j]
+        total = sums[label]
+        lo, hi = np.quantile(total, [0.05, 0.95])
+        ax.hist(total, bins=bins, color="tab:blue", alpha=0.6)
+        ax.axvspan(lo, hi, color="tab:blue", alpha=0.1, lw=0, label="central 90% of the sum")
+        ax.axvline(truth.sum(), color="black", lw=1.6, ls="--", label="the sum that happened")
+        ax.set(xlabel="sum over the horizon", ylabel="sample paths" if j == 0 else None)
+        if j == 0:
+            _legend(ax, loc="upper left", fontsize=7)
+    fig.suptitle(title or "joint sample paths and the horizon sum")
     fig.tight_layout()
     return _save(fig, path, dpi)
