@@ -469,7 +469,8 @@ def plot_sample_paths(
     """Joint sample paths of one window's forecasts, one column per forecast: on top, the
     history, what happened, the central 90% band of each step and ``num_paths`` whole sample
     paths; below, the histogram of the horizon sums of every sample path, with the central 90%
-    interval of the sum and the sum that happened.
+    interval of the sum and the sum that happened (the histograms share their bins, which span
+    the central 99% of every forecast's sums; a sum beyond them is counted in the edge bin).
 
     A forecast whose paths move together has a wide sum distribution; one that draws its steps
     nearly independently has a narrow one around its mean, whatever its marginal bands say.
@@ -512,8 +513,10 @@ def plot_sample_paths(
     past = np.arange(-len(history) + 1, 1)
     future = np.arange(1, horizon + 1)
     sums = {label: paths.sum(-1) for label, paths in arrays.items()}  # (S,) each
-    low = min(min(v.min() for v in sums.values()), truth.sum())
-    high = max(max(v.max() for v in sums.values()), truth.sum())
+    # the histograms share bins over the central 99% of every forecast's sums and the truth's sum;
+    # a sum beyond them is counted in the edge bin (heavy tails would otherwise squash the rest)
+    low = min(min(np.quantile(v, 0.005) for v in sums.values()), truth.sum())
+    high = max(max(np.quantile(v, 0.995) for v in sums.values()), truth.sum())
     bins = np.linspace(low, high, 41)
     top = axes[0, 0]
     for j, (label, paths) in enumerate(arrays.items()):
@@ -533,7 +536,7 @@ def plot_sample_paths(
         ax = axes[1, j]
         total = sums[label]
         lo, hi = np.quantile(total, [0.05, 0.95])
-        ax.hist(total, bins=bins, color="tab:blue", alpha=0.6)
+        ax.hist(np.clip(total, low, high), bins=bins, color="tab:blue", alpha=0.6)
         ax.axvspan(lo, hi, color="tab:blue", alpha=0.1, lw=0, label="central 90% of the sum")
         ax.axvline(truth.sum(), color="black", lw=1.6, ls="--", label="the sum that happened")
         ax.set(xlabel="sum over the horizon", ylabel="sample paths" if j == 0 else None)
