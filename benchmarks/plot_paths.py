@@ -54,7 +54,8 @@ def main(args):
     index = x.shape[0] // 2 if args.window is None else args.window
     if not 0 <= index < x.shape[0]:
         raise ValueError(f"Expected --window in [0, {x.shape[0]}), but got {index}.")
-    norm, _ = harness.skip_norm(splits, seed, args, cache := {})
+    cache = {}  # the fitted models of this horizon and seed (the skip path is fitted once)
+    norm, _ = harness.skip_norm(splits, seed, args, cache)
     samples = {}
     for name in args.models:
         fitted = harness.fitted_model(name, splits, seed, args, norm, cache)

@@ -99,6 +99,8 @@ NORM_EPS = 1e-5
 #: Validation criteria for model selection: a metric of :data:`METRICS`, a path score of
 #: :data:`PATH_METRICS` (scored on joint sample paths) or fit's ELBO ``loss``.
 SELECTIONS = ("crps", "mse", "nll", "energy", "crps_sum", "loss")
+#: The path scores of :data:`SELECTIONS`: a model selected on one is scored on joint sample paths.
+_PATH_SELECTIONS = ("energy", "crps_sum")
 #: How a forecaster's skip path is fitted: with the rest (``joint``), or first and then frozen, by
 #: gradient steps (``sgd``) or in closed form (``ridge``).
 SKIP_FITS = ("joint", "sgd", "ridge")
@@ -319,7 +321,7 @@ class ValidationSelector:
         batch_size=512,
         restore=True,
     ):
-        allowed = METRICS + _LOWER_IS_BETTER_PATHS
+        allowed = METRICS + _PATH_SELECTIONS
         if metric not in allowed:
             raise ValueError(f"Expected metric in {allowed}, but got {metric!r}.")
         self.model, self.x_val, self.y_val = model, x_val, y_val
@@ -738,8 +740,6 @@ def _mixture_scores(pred, y):
     return out
 
 
-#: The path scores that rank forecasts (lower is better), so can select a model.
-_LOWER_IS_BETTER_PATHS = ("energy", "crps_sum")
 #: The metrics of a Gaussian-mixture prediction that need its exact mixture density or CDF.
 _MIXTURE_METRICS = frozenset({"nll", "coverage_50", "coverage_90"})
 

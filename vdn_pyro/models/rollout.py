@@ -436,13 +436,15 @@ class RolloutForecaster(SkipPathForecaster):
         summary = self.trunk(x).unsqueeze(-2)  # (B, 1, F)
         return self.act(self.patch_map(patches) + self.position + summary)  # (B, P, F)
 
-    def posterior(self, x):
+    def posterior(self, x, features=None):
         """Marginal posterior of the look-back latents.
 
-        :param x: ``(B, L)``. :returns: ``(loc, scale)``, each ``(B, U, 1, P)``.
+        :param x: ``(B, L)``.
+        :param features: :meth:`features` of ``x`` when already computed, ``(B, P, F)``.
+        :returns: ``(loc, scale)``, each ``(B, U, 1, P)``.
         """
         head = self.layers[0].posterior
-        return head.moments(*head(self.features(x), True))
+        return head.moments(*head(self.features(x) if features is None else features, True))
 
     def rollout_dist(self, last):
         r"""Each unit's AR conditional of the horizon's latents given the last look-back latent:
@@ -462,15 +464,16 @@ class RolloutForecaster(SkipPathForecaster):
         chain = GaussMarkov(transition, offset.unsqueeze(-2), scale)  # batch (..., B, U, 1), event (Q,)
         return chain.to_event(1)  # batch (..., B, U), event (1, Q)
 
-    def rollout_mean(self, x):
+    def rollout_mean(self, x, features=None):
         r"""The rolled latents' mean under the posterior, :math:`m(x)`: the AR roll-out of the
         posterior mean :math:`\mu_P(x)` of the last look-back latent (``mean="centred"`` reads
         the deviation from it).
 
         :param torch.Tensor x: ``(B, L)``.
+        :param features: :meth:`features` of ``x`` when already computed, ``(B, P, F)``.
         :returns: pooled latents ``(B, Q, U)``.
         """
-        loc, _ = self.posterior(x)  # (B, U, 1, P)
+        loc, _ = self.posterior(x, features)  # (B, U, 1, P)
         return self._conditional_mean(loc[..., -1:].squeeze(-1))  # (B, Q, U)
 
     def _conditional_mean(self, last):
@@ -535,9 +538,9 @@ class RolloutForecaster(SkipPathForecaster):
             scale = scale.expand_as(loc)
         return loc, scale
 
-    def _obs_dist(self, x, z, draws):
+    def _obs_dist(self, x, z, draws, centre=None):
         """Likelihood of the horizon: batch ``(..., B, 1)``, event ``(H,)``."""
-        loc, scale = self.components(x, z, expand=False)  # (..., B, H), scale broadcasts
+        loc, scale = self.components(x, z, expand=False, centre=centre)  # (..., B, H), scale broadcasts
         loc = loc.unsqueeze(-2)  # (..., B, 1, H)
         scale = scale.unsqueeze(-2) if scale.dim() > 1 else scale  # (..., B, 1, H) or (H,)
         if draws == 1:
@@ -573,13 +576,16 @@ class RolloutForecaster(SkipPathForecaster):
         x, y = self._flat(x, y)  # (B', L), (B', H)
         num_data = None if num_data is None else num_data * per_item
         with data_plate(x.shape[0], num_data, x.device):
-            past = self.layers[0](self.features(x), temporal=True, draws=draws)  # (.., B', P, U)
+            features = self.features(x)  # (B', P, F)
+            past = self.layers[0](features, temporal=True, draws=draws)  # (.., B', P, U)
             last = past[..., -1, :].unsqueeze(-1)  # (.., B', U, 1)
             future = self._rollout(last, draws)  # (.., B', Q, U)
             if current_neuron_mode() == "guide":  # the guide has no observation: it stops at the latents
                 return None
+            # mean="centred": the roll-out's posterior mean, from the features computed above
+            centre = self.rollout_mean(x, features) if self.config.mean == "centred" else None  # (B', Q, U)
             obs = None if y is None else y.unsqueeze(-2)  # (B', 1, H)
-            out = pyro.sample("obs", self._obs_dist(x, future, draws), obs=obs)
+            out = pyro.sample("obs", self._obs_dist(x, future, draws, centre), obs=obs)
         out = out.squeeze(-2)  # (..., B', H)
         return out.reshape(out.shape[:-2] + lead + out.shape[-1:])  # (..., B, [T,] H)
 
@@ -605,12 +611,11 @@ class RolloutForecaster(SkipPathForecaster):
         loc, scale = self.posterior(x)  # (B, U, 1, P) each
         last = loc[..., -1:].squeeze(-1)[None]  # (1, B, U, 1)
         centre = self._conditional_mean(last[0])  # (B, Q, U)
-        if self.deterministic:
-            future = self.rollout_dist(last).base_dist.mean  # (1, B, U, 1, Q)
-        else:
-            eps = torch.randn((num_samples,) + last.shape[1:], dtype=loc.dtype, device=loc.device)
-            last = last + scale[..., -1] * eps  # (S, B, U, 1)
-            future = self.rollout_dist(last).sample()  # (S, B, U, 1, Q)
+        if self.deterministic:  # the posterior mean, rolled by the conditional mean
+            return last.squeeze(-1), centre, centre[None]  # (1, B, U), (B, Q, U), (1, B, Q, U)
+        eps = torch.randn((num_samples,) + last.shape[1:], dtype=loc.dtype, device=loc.device)
+        last = last + scale[..., -1] * eps  # (S, B, U, 1)
+        future = self.rollout_dist(last).sample()  # (S, B, U, 1, Q)
         return last.squeeze(-1), centre, self.layers[0].pool(future, True)  # (S, B, U), (S, B, Q, U)
 
     @torch.no_grad()
