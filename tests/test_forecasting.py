@@ -18,6 +18,7 @@ from vdn_pyro.forecasting import (
     Normalised,
     TrainConfig,
     ValidationSelector,
+    _denormalise,  # the map every normalised view applies
     evaluate_forecaster,
     fit_least_squares,
     normalise_windows,
@@ -58,6 +59,27 @@ def test_mixture_scores_are_exact_for_the_mixture():
     # the sample CRPS agrees with scoringrules' ensemble CRPS
     ref = sr.crps_ensemble(y.numpy(), samples.permute(1, 2, 0).numpy(), estimator="pwm").mean()
     assert scores["crps"] == pytest.approx(float(ref), rel=1e-4)
+
+
+def test_the_point_forecast_is_the_exact_mean_when_given():
+    """MSE and MAE score the model's exact mean when the prediction carries one (``point``), the
+    average of the components otherwise; the distributional scores read the components either
+    way, and a normalised view maps the exact mean back like the rest."""
+    torch.manual_seed(0)
+    loc, scale = torch.randn(5, 20, 3), 0.5 + torch.rand(5, 20, 3)  # (S', B, H)
+    samples = loc + scale * torch.randn(5, 20, 3)
+    point, y = torch.randn(20, 3), torch.randn(20, 3)
+    plain = score_prediction(ForecastPrediction(samples, loc, scale), y)
+    exact = score_prediction(ForecastPrediction(samples, loc, scale, point), y)
+    assert_close(exact["mse"], ((point - y) ** 2).mean(), rtol=1e-6)
+    assert_close(exact["mae"], (point - y).abs().mean(), rtol=1e-6)
+    assert_close(plain["mse"], ((loc.mean(0) - y) ** 2).mean(), rtol=1e-6)
+    for key in ("crps", "nll", "coverage_90", "width_90"):
+        assert exact[key] == plain[key]
+    shift, factor = torch.randn(20, 1), 1.0 + torch.rand(20, 1)
+    mapped = _denormalise(ForecastPrediction(samples, loc, scale, point), shift, factor)
+    assert_close(mapped.point, point * factor + shift)
+    assert _denormalise(ForecastPrediction(samples, loc, scale), shift, factor).point is None
 
 
 def test_one_gaussian_is_scored_in_closed_form():

@@ -443,7 +443,10 @@ def _denormalise(pred, loc, scale):
     factor = 1.0 if scale is None else scale
     if hasattr(pred, "affine"):
         return pred.affine(loc, factor)
-    return ForecastPrediction(pred.samples * factor + loc, pred.loc * factor + loc, pred.scale * factor)
+    def mapped(t):
+        return None if t is None else t * factor + loc
+
+    return ForecastPrediction(mapped(pred.samples), mapped(pred.loc), pred.scale * factor, mapped(pred.point))
 
 
 class Normalised:

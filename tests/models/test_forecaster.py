@@ -367,6 +367,13 @@ def test_forecast_prediction_distribution():
     assert_close(one.quantile(0.5), loc[0])
     with pytest.raises(ValueError, match="level"):
         one.quantile(1.0)
+    # an exact mean given by the model is the point forecast; the mixture's spread is its own
+    exact = ForecastPrediction(torch.zeros(4, 1, 2), loc, scale, torch.tensor([[0.9, 1.1]]))
+    assert_close(exact.mean, torch.tensor([[0.9, 1.1]]))
+    assert_close(exact.stddev, pred.stddev)
+    assert_close(exact.to("cpu").point, exact.point)
+    with pytest.raises(ValueError, match=r"point of shape \(1, 2\)"):
+        ForecastPrediction(torch.zeros(4, 1, 2), loc, scale, torch.zeros(2))
 
 
 # ---------------------------------------------------------------------------------------------

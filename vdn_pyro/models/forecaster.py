@@ -335,14 +335,28 @@ class ForecastPrediction:
     Monte Carlo forecasts have one component per posterior draw (S' = S); deterministic models
     have one (S' = 1), an exact Gaussian.
 
+    A model that knows its predictive mean exactly (the mean of the distribution the components
+    are drawn from, not of the S' draws) gives it as ``point``; :attr:`mean`, the point
+    forecast the harness scores with MSE and MAE, is then that exact mean instead of the
+    average of the components, which carries their Monte Carlo error.
+
     :ivar torch.Tensor samples: predictive draws ``(S, B, [T,] H)``, one per component draw.
     :ivar torch.Tensor loc: component means ``(S', B, [T,] H)``.
     :ivar torch.Tensor scale: component scales ``(S', B, [T,] H)``.
+    :ivar point: the model's exact predictive mean ``(B, [T,] H)``, or ``None`` (unknown).
     """
 
     samples: torch.Tensor
     loc: torch.Tensor
     scale: torch.Tensor
+    point: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.point is not None and self.point.shape != self.loc.shape[1:]:
+            raise ValueError(
+                f"Expected point of shape {tuple(self.loc.shape[1:])} (loc without its component "
+                f"dim), but got {tuple(self.point.shape)}."
+            )
 
     @property
     def num_components(self):
@@ -351,14 +365,17 @@ class ForecastPrediction:
 
     @property
     def mean(self):
-        """Predictive mean ``(B, [T,] H)``."""
-        return self.loc.mean(0)
+        """Predictive mean ``(B, [T,] H)``: ``point`` when the model gave it, else the
+        components' average."""
+        return self.loc.mean(0) if self.point is None else self.point
 
     @property
     def stddev(self):
-        """Predictive standard deviation ``(B, [T,] H)`` (law of total variance)."""
+        """Standard deviation of the mixture ``(B, [T,] H)`` (law of total variance over its
+        components)."""
+        centre = self.loc.mean(0)  # (B, [T,] H)
         second = (self.scale**2 + self.loc**2).mean(0)  # (B, [T,] H)
-        return (second - self.mean**2).clamp_min(0).sqrt()
+        return (second - centre**2).clamp_min(0).sqrt()
 
     def cdf(self, y):
         """Predictive CDF at ``y`` (the PIT), shape of ``y`` = ``(B, [T,] H)``."""
@@ -384,7 +401,8 @@ class ForecastPrediction:
 
     def to(self, device):
         """Move every tensor to ``device``."""
-        return ForecastPrediction(*(t.to(device) for t in (self.samples, self.loc, self.scale)))
+        point = None if self.point is None else self.point.to(device)
+        return ForecastPrediction(*(t.to(device) for t in (self.samples, self.loc, self.scale)), point)
 
 
 class SkipPathForecaster(NeuronNetwork):

@@ -623,7 +623,9 @@ class RolloutForecaster(SkipPathForecaster):
         r"""Monte Carlo predictive distribution with joint sample paths: each of the S draws
         takes one :math:`z_P` from its posterior, rolls it over the horizon and draws one path
         from the decoder's Gaussian. The twin returns one Gaussian component (independent steps)
-        and S draws from it.
+        and S draws from it. The decoder's mean is affine in the rolled latents, so the
+        predictive mean is exact (``point``: the decoder's mean at the latents' mean
+        :math:`m(x)`; with ``mean="centred"`` the skip path), not the average of the S draws.
 
         :param torch.Tensor x: ``(B, L)`` or ``(B, T, L)``.
         :param int num_samples: S.
@@ -644,16 +646,20 @@ class RolloutForecaster(SkipPathForecaster):
             reps = num_samples // c_loc.shape[0]
             noise = torch.randn((reps,) + c_loc.shape, dtype=c_loc.dtype, device=c_loc.device)
             samples = (c_loc + c_scale * noise).reshape((num_samples,) + c_loc.shape[1:])  # (S, b, H)
-            out.append((samples, c_loc, c_scale))
+            # the exact mean: loc is affine in the rolled latents, whose mean is the centre
+            point = self.components(xb, centre, expand=False, centre=centre)[0]  # (b, H)
+            out.append((samples, c_loc, c_scale, point))
         if len(out) == 1:
-            samples, loc, scale = out[0]  # (S or S', B', H)
+            samples, loc, scale, point = out[0]  # (S or S', B', H), (B', H)
         else:
-            samples, loc, scale = (torch.cat(t, 1) for t in zip(*out))  # (S or S', B', H)
+            samples, loc, scale = (torch.cat(t, 1) for t in list(zip(*out))[:3])  # (S or S', B', H)
+            point = torch.cat([part[3] for part in out])  # (B', H)
         shape = lead + samples.shape[-1:]  # (B, [T,] H)
         return ForecastPrediction(
             samples.reshape(samples.shape[:1] + shape),
             loc.reshape(loc.shape[:1] + shape),
             scale.reshape(scale.shape[:1] + shape),
+            point.reshape(shape),
         )
 
     @property
