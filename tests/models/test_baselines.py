@@ -240,6 +240,24 @@ def test_student_t_control_recovers_its_parameters(joint):
     assert info["nll"] < other
 
 
+@pytest.mark.parametrize("joint", [False, True], ids=["per-step", "multivariate"])
+def test_student_t_control_leaves_flat_windows_out_of_its_fit(joint):
+    """A constant channel's windows are forecast almost exactly; near-zero residual paths make the
+    likelihood unbounded as the scale shrinks (the multivariate t collapses onto them), so the
+    fit leaves the flat windows out and recovers the parameters of the others."""
+    x, y = _t_data(8000, df=4.0, factor=0.7, joint=joint)
+    clean = StudentTControl(_GaussianBase(), joint=joint).fit(x, y)
+    flat_x, flat_y = torch.zeros(3000, L), torch.zeros(3000, H)  # a constant (centred) channel
+    mixed = StudentTControl(_GaussianBase(), joint=joint).fit(torch.cat([x, flat_x]), torch.cat([y, flat_y]))
+    assert mixed == clean
+    # what they would do: the same windows a hair away from flat drag the fit to degenerate tails
+    near_x = 1e-5 * torch.randn(3000, L, generator=torch.Generator().manual_seed(1))
+    near = StudentTControl(_GaussianBase(), joint=joint).fit(torch.cat([x, near_x]), torch.cat([y, flat_y]))
+    assert near["scale_factor"] < 0.5 * clean["scale_factor"]
+    with pytest.raises(ValueError, match="windows are one value repeated"):
+        StudentTControl(_GaussianBase(), joint=joint).fit(flat_x, flat_y)
+
+
 def test_student_t_control_paths_share_one_scale_draw_only_when_joint():
     x = torch.randn(4, L)
     torch.manual_seed(0)

@@ -547,11 +547,29 @@ class StudentTControl:
         r"""Fit :math:`\nu` and :math:`c` by maximum likelihood on the windows ``(x, y)`` (L-BFGS
         on two numbers, float64, :math:`\nu` kept in :data:`DF_RANGE`).
 
+        Flat windows (look-back and target each one repeated value: a constant channel, a
+        stretch of zeros) are left out of the fit. A model forecasts them almost exactly, and
+        with a share of such near-zero residual paths the likelihood grows without bound as
+        :math:`c \to 0` and :math:`\nu` falls to its floor, which ruins every other forecast (the
+        multivariate t, whose one mixing variable per path can shrink a whole path, is hit
+        first). They say nothing about the spread of the others.
+
         :param x: windows ``(N, L)``. :param y: targets ``(N, H)``.
         :param int batch_size: windows per base prediction.
         :returns: dict with ``df``, ``scale_factor`` and ``nll`` (mean negative log-likelihood per
-            element of the fitted model: of the marginals, or of the joint density divided by H).
+            element of the fitted model: of the marginals, or of the joint density divided by H,
+            over the windows that are not flat).
+        :raises ValueError: when every window is flat.
         """
+        flat = (x.amax(-1) == x.amin(-1)) & (y.amax(-1) == y.amin(-1))  # (N,)
+        if bool(flat.all()):
+            raise ValueError(
+                f"Expected some windows that are not flat to fit the t's degrees of freedom and scale, "
+                f"but all {x.shape[0]} windows are one value repeated (constant channels?); drop "
+                "constant channels from the data."
+            )
+        if bool(flat.any()):
+            x, y = x[~flat], y[~flat]
         parts, log_base = [], 0.0
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             loc, scale = self.base_gaussian(xb)  # (b, H) each
