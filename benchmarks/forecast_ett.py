@@ -850,13 +850,22 @@ def check_args(args):
         raise ValueError(f"Expected at least one of {NORMS} in --norms.")
 
 
-def main(args):
-    """Run the benchmark and return the summary :class:`pandas.DataFrame`."""
+def prepare(args):
+    """The run's options (``--quick`` applied) and series, refusing bad options and bad data
+    before any work: ``(args, series)``."""
     if args.quick:
         args = apply_quick(args)
     check_args(args)
+    return args, load_series(args)
+
+
+def main(args, prepared=None):
+    """Run the benchmark and return the summary :class:`pandas.DataFrame`.
+
+    :param prepared: :func:`prepare` of ``args`` when already done.
+    """
+    args, series = prepare(args) if prepared is None else prepared
     torch.set_num_threads(args.threads)
-    series = load_series(args)
     out_dir = resolve_out_dir(args, "forecast_ett")
     note = describe(series, args)
     ett = protocol_of(series, args)[0] == "ett"
@@ -981,4 +990,10 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    options = parse_args()
+    try:  # bad options or data: one line and exit status 2, no traceback
+        ready = prepare(options)
+    except (ValueError, OSError) as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    main(options, ready)

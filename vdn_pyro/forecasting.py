@@ -29,7 +29,9 @@ One recipe trains every model -- ``vdn fit``, the examples and the benchmarks al
 
 Metrics (all averaged over every window, channel and horizon step, on the scaled values):
 
-- ``mse``, ``mae``: of the predictive mean;
+- ``mse``, ``mae``: of the predictive mean: the model's exact mean when its prediction carries
+  one (``ForecastPrediction.point``, e.g. the roll-out forecaster's), else the mean of the
+  mixture's components, which carries their Monte Carlo error;
 - ``crps``: closed form for one Gaussian; for a Monte Carlo mixture, the unbiased ("fair") sample
   CRPS of its S draws (:func:`vdn_pyro.metrics.crps_samples`);
 - ``nll``: minus the predictive log density; for a mixture, of the S-component Gaussian mixture
