@@ -35,7 +35,9 @@ scored once.
   step), ``twin_mvt`` one per path (a multivariate t over the horizon: every step of a path
   shares one scale draw; its per-step marginal is the univariate t with the same nu and scale).
   nu and c are fitted by maximum likelihood on the validation windows, each control on its own
-  likelihood (per-step t; joint density of the multivariate t). Their marginal metrics are exact
+  likelihood (per-step t; joint density of the multivariate t), leaving out flat windows (a
+  constant channel: their near-zero residuals make the likelihood unbounded). Their marginal
+  metrics are exact
   (closed-form t CRPS, t log density, t quantiles); the NLL reported for ``twin_mvt`` is that of
   its per-step marginal, as for every other model.
 - ``dlinear``: DLinear trained by the same recipe (SGD); ``linear``: DLinear fitted in closed
@@ -47,6 +49,8 @@ scored once.
   structure from its :class:`~vdn_pyro.models.RolloutConfig` (:data:`ROLLOUT_DEFAULTS`, then
   ``--rollout KEY=VALUE``). Its rows also hold the units' learned half-lives (in time steps:
   quartiles and every unit's), drawn against the horizon in ``forecast_ett_half_lives.png``.
+  It is scored like the VDN, but its point forecast (MSE, MAE) is its exact predictive mean
+  (the decoder's mean is affine in the rolled latents), not the average of the draws.
 - ``rollout_normal``: the same roll-out forecaster with a Normal prior (phi fixed at 0), the
   control that tells what the units' AR memory adds.
 
