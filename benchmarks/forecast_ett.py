@@ -854,13 +854,58 @@ def check_args(args):
         raise ValueError(f"Expected at least one of {NORMS} in --norms.")
 
 
+def window_bytes(series, args, horizon):
+    """Bytes of one task's window tensors (float32, one row per window and channel): the train,
+    validation and test windows at their strides. A lower bound on what the task holds (the
+    training chunks and the models come on top)."""
+    splits = task_splits(series, args, horizon)
+    total = 0
+    for split, stride in (("train", args.train_stride), ("val", args.val_stride), ("test", args.test_stride)):
+        rows, channels = getattr(splits, split).shape
+        windows = max(0, (rows - args.lookback - horizon) // stride + 1)
+        total += 4 * windows * channels * (args.lookback + horizon)
+    return total
+
+
+def available_memory():
+    """Bytes of memory available now (``MemAvailable`` of ``/proc/meminfo``), or ``None`` where
+    that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(series, args):
+    """Refuse a run whose window tensors alone would not fit in memory (the concurrent tasks of
+    the longest horizon), before any work, rather than let the system kill it part-way."""
+    available = available_memory()
+    if available is None:
+        return
+    horizon = max(args.horizons)
+    one = window_bytes(series, args, horizon)
+    at_once = min(args.jobs, len(args.horizons) * len(args.seeds))
+    if one * at_once > available:
+        gib = 2.0**30
+        raise ValueError(
+            f"Expected the windows to fit in memory, but {at_once} task(s) at H={horizon} would hold "
+            f"{one * at_once / gib:.1f} GiB of windows ({one / gib:.1f} GiB each) and "
+            f"{available / gib:.1f} GiB is available; use fewer --columns, larger --train-stride, "
+            "--val-stride or --test-stride, or fewer --jobs."
+        )
+
+
 def prepare(args):
-    """The run's options (``--quick`` applied) and series, refusing bad options and bad data
-    before any work: ``(args, series)``."""
+    """The run's options (``--quick`` applied) and series, refusing bad options, bad data and a
+    run whose windows would not fit in memory, before any work: ``(args, series)``."""
     if args.quick:
         args = apply_quick(args)
     check_args(args)
-    return args, load_series(args)
+    series = load_series(args)
+    check_memory(series, args)
+    return args, series
 
 
 def main(args, prepared=None):

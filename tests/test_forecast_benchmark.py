@@ -309,6 +309,29 @@ def test_any_long_horizon_csv_with_the_norm_chosen_on_validation(tmp_path, capsy
             assert float(scores[name][row["norm"]]) == pytest.approx(row["val_crps"], rel=1e-3)
 
 
+def test_a_run_whose_windows_do_not_fit_in_memory_is_refused_before_any_work(tmp_path, monkeypatch):
+    bench = load("forecast_ett")
+    path = synthetic_csv(tmp_path / "weather.csv", 1500, ["p", "T", "rh"], "10min")
+    args = bench.parse_args(["--data", str(path), "--out-dir", str(tmp_path / "out"), *TINY, "--jobs", "2"])
+    args.horizons = [12, 24]
+    series = bench.load_series(args)
+    # the estimate is the bytes of the task's window tensors
+    for horizon in args.horizons:
+        splits = bench.task_splits(series, args, horizon)
+        strides = {"train": args.train_stride, "val": args.val_stride, "test": args.test_stride}
+        held = sum(t.nbytes for split, stride in strides.items() for t in splits.windows(split, stride))
+        assert bench.window_bytes(series, args, horizon) == held
+    need = 2 * bench.window_bytes(series, args, 24)  # two tasks of the longest horizon at once
+    monkeypatch.setattr(bench, "available_memory", lambda: need - 1)
+    with pytest.raises(ValueError, match=r"2 task\(s\) at H=24 would hold .* GiB of windows"):
+        bench.main(args)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(bench, "available_memory", lambda: need)
+    assert bench.prepare(args)[1] is not None
+    monkeypatch.setattr(bench, "available_memory", lambda: None)  # unknown: no check
+    assert bench.prepare(args)[1] is not None
+
+
 def test_plot_paths_draws_one_test_window_of_each_model(tmp_path, capsys):
     """plot_paths fits the harness's models (here selected on the validation energy score), draws
     joint sample paths of the middle test window from each, and writes the figure."""
