@@ -124,8 +124,9 @@ def study_task(horizon, seed, args, series, cache=None):
     return rows
 
 
-def main(args):
-    """Run the study; return the summary :class:`pandas.DataFrame`."""
+def prepare(args):
+    """The study's options (``--quick`` applied) and series, refusing bad options, bad data and a
+    run whose windows would not fit in memory, before any work: ``(args, series)``."""
     if args.quick:
         args = forecast_ett.apply_quick(args)
         args.chunk = 2
@@ -136,8 +137,18 @@ def main(args):
             f"the skip path's validation MSE, but got --norm-select {args.norm_select}."
         )
     forecast_ett.check_args(args)
-    torch.set_num_threads(args.threads)
     series = forecast_ett.load_series(args)
+    forecast_ett.check_memory(series, args)
+    return args, series
+
+
+def main(args, prepared=None):
+    """Run the study; return the summary :class:`pandas.DataFrame`.
+
+    :param prepared: :func:`prepare` of ``args`` when already done.
+    """
+    args, series = prepare(args) if prepared is None else prepared
+    torch.set_num_threads(args.threads)
     out_dir = forecast_ett.resolve_out_dir(args, "ar_study")
     hours = args.train_stride  # one window step in rows
     note = (
@@ -181,4 +192,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    forecast_ett.run_script(main, prepare, parse_args())

@@ -1038,11 +1038,17 @@ def parse_args(argv=None):
     return fill_defaults(build_parser(__doc__.splitlines()[0]).parse_args(argv))
 
 
-if __name__ == "__main__":
-    options = parse_args()
-    try:  # bad options or data: one line and exit status 2, no traceback
-        ready = prepare(options)
+def run_script(main, prepare, args):
+    """Run a benchmark script from the command line: ``prepare(args)`` first, so that bad
+    options or data end in one line on stderr and exit status 2 (no traceback, nothing
+    written), then ``main(args, prepared)``."""
+    try:
+        prepared = prepare(args)
     except (ValueError, OSError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    main(options, ready)
+    return main(args, prepared)
+
+
+if __name__ == "__main__":
+    run_script(main, prepare, parse_args())

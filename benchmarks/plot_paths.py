@@ -40,20 +40,32 @@ def parse_args(argv=None):
     return args
 
 
-def main(args):
-    """Fit, draw and plot; returns ``(path, {label: (S, H) samples}, truth)``."""
+def prepare(args):
+    """The options and series, refusing bad options, bad data or a window that is not there,
+    before any work: ``(args, series)``."""
     harness.check_args(args)
     if args.plot_samples < 2:
         raise ValueError(f"Expected --plot-samples >= 2, but got {args.plot_samples}.")
+    series = harness.load_series(args)
+    splits = harness.task_splits(series, args, args.horizons[0])
+    count = splits.windows("test", stride=args.test_stride)[0].shape[0]  # test windows N
+    if args.window is not None and not 0 <= args.window < count:
+        raise ValueError(f"Expected --window in [0, {count}), but got {args.window}.")
+    return args, series
+
+
+def main(args, prepared=None):
+    """Fit, draw and plot; returns ``(path, {label: (S, H) samples}, truth)``.
+
+    :param prepared: :func:`prepare` of ``args`` when already done.
+    """
+    args, series = prepare(args) if prepared is None else prepared
     torch.set_num_threads(args.threads)
     pyro.enable_validation(args.validate)
     horizon, seed = args.horizons[0], args.seeds[0]
-    series = harness.load_series(args)
     splits = harness.task_splits(series, args, horizon)
     x, y = splits.windows("test", stride=args.test_stride)  # (N, L), (N, H)
     index = x.shape[0] // 2 if args.window is None else args.window
-    if not 0 <= index < x.shape[0]:
-        raise ValueError(f"Expected --window in [0, {x.shape[0]}), but got {index}.")
     cache = {}  # the fitted models of this horizon and seed (the skip path is fitted once)
     norm, _ = harness.skip_norm(splits, seed, args, cache)
     samples = {}
@@ -82,4 +94,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    harness.run_script(main, prepare, parse_args())

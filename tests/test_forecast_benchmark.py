@@ -172,32 +172,34 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv, match",
+    "script, argv, match",
     [
-        (["--data", "{tmp}/none.csv"], "Expected a CSV file at"),
-        (["--data", "{tmp}/dated.csv"], "Expected a date column 'date'"),
-        (["--data", "{tmp}/dated.csv", "--date-column", "Date", "--columns", "x"], "column"),
-        (["--models", "nope"], "Expected --models among"),
+        ("forecast_ett", ["--data", "{tmp}/none.csv"], "Expected a CSV file at"),
+        ("forecast_ett", ["--data", "{tmp}/dated.csv"], "Expected a date column 'date'"),
+        ("forecast_ett", ["--data", "{tmp}/dated.csv", "--date-column", "Date", "--columns", "x"], "column"),
+        ("forecast_ett", ["--models", "nope"], "Expected --models among"),
+        ("ar_study", ["--data", "{tmp}/none.csv"], "Expected a CSV file at"),
+        ("plot_paths", ["--data", "{tmp}/none.csv"], "Expected a CSV file at"),
     ],
-    ids=["missing-file", "date-column", "unknown-column", "unknown-model"],
+    ids=["missing-file", "date-column", "unknown-column", "unknown-model", "ar-study", "plot-paths"],
 )
-def test_bad_options_and_data_are_one_line_and_change_nothing(tmp_path, argv, match):
-    """Run as a script, the harness refuses bad options and data before any work: one line on
-    stderr, exit status 2, no traceback, and no output directory."""
+def test_bad_options_and_data_are_one_line_and_change_nothing(tmp_path, script, argv, match):
+    """Run as scripts, the harness and the scripts built on it refuse bad options and data before
+    any work: one line on stderr, exit status 2, no traceback, and no output directory."""
     pd.DataFrame({"Date": pd.date_range("2020", periods=50, freq="h"), "a": np.arange(50.0)}).to_csv(
         tmp_path / "dated.csv", index=False
     )
     out = tmp_path / "out"
     argv = [a.format(tmp=tmp_path) for a in argv] + ["--quick", "--out-dir", str(out)]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "forecast_ett.py"), *argv],
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *argv],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("forecast_ett.py: error: ") and match in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"{script}.py: error: ") and match in lines[0]
     assert "Traceback" not in done.stderr and done.stdout == ""
     assert not out.exists()
 
