@@ -860,10 +860,9 @@ def window_bytes(series, args, horizon):
     training chunks and the models come on top)."""
     splits = task_splits(series, args, horizon)
     total = 0
+    channels = len(splits.columns)
     for split, stride in (("train", args.train_stride), ("val", args.val_stride), ("test", args.test_stride)):
-        rows, channels = getattr(splits, split).shape
-        windows = max(0, (rows - args.lookback - horizon) // stride + 1)
-        total += 4 * windows * channels * (args.lookback + horizon)
+        total += 4 * splits.num_windows(split, stride) * channels * (args.lookback + horizon)
     return total
 
 

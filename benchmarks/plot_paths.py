@@ -48,7 +48,7 @@ def prepare(args):
         raise ValueError(f"Expected --plot-samples >= 2, but got {args.plot_samples}.")
     series = harness.load_series(args)
     splits = harness.task_splits(series, args, args.horizons[0])
-    count = splits.windows("test", stride=args.test_stride)[0].shape[0]  # test windows N
+    count = splits.num_windows("test", args.test_stride) * len(splits.columns)  # test windows N
     if args.window is not None and not 0 <= args.window < count:
         raise ValueError(f"Expected --window in [0, {count}), but got {args.window}.")
     return args, series

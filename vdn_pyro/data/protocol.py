@@ -181,6 +181,17 @@ class ForecastSplits:
             raise ValueError(f"Expected split in {list(self.borders)} but got {split!r}")
         return sliding_windows(getattr(self, split), self.lookback, self.horizon, stride, channel_independent)
 
+    def num_windows(self, split, stride=1):
+        """W, the number of windows :meth:`windows` cuts from one split (per channel), without
+        cutting them.
+
+        :param str split: ``"train"``, ``"val"`` or ``"test"``.
+        """
+        if split not in self.borders:
+            raise ValueError(f"Expected split in {list(self.borders)} but got {split!r}")
+        rows = getattr(self, split).shape[0]
+        return max(0, (rows - self.lookback - self.horizon) // stride + 1)
+
 
 def _split(values, borders, lookback, horizon, columns):
     for split, (start, stop) in borders.items():

@@ -642,18 +642,15 @@ class RolloutForecaster(SkipPathForecaster):
         out = []
         for xb in parts:
             _, centre, future = self._sample_latents(xb, num_samples)  # (S', b, Q, U)
-            c_loc, c_scale = self.components(xb, future, centre=centre)  # (S', b, H)
+            # one decoder pass: the draws and, first, the latents' mean, where the (affine) decoder
+            # mean is the exact predictive mean
+            c_loc, c_scale = self.components(xb, torch.cat([centre[None], future]), centre=centre)
+            point, c_loc, c_scale = c_loc[:1], c_loc[1:], c_scale[1:]  # (1, b, H), (S', b, H) x 2
             reps = num_samples // c_loc.shape[0]
             noise = torch.randn((reps,) + c_loc.shape, dtype=c_loc.dtype, device=c_loc.device)
             samples = (c_loc + c_scale * noise).reshape((num_samples,) + c_loc.shape[1:])  # (S, b, H)
-            # the exact mean: loc is affine in the rolled latents, whose mean is the centre
-            point = self.components(xb, centre, expand=False, centre=centre)[0]  # (b, H)
             out.append((samples, c_loc, c_scale, point))
-        if len(out) == 1:
-            samples, loc, scale, point = out[0]  # (S or S', B', H), (B', H)
-        else:
-            samples, loc, scale = (torch.cat(t, 1) for t in list(zip(*out))[:3])  # (S or S', B', H)
-            point = torch.cat([part[3] for part in out])  # (B', H)
+        samples, loc, scale, point = (torch.cat(t, 1) for t in zip(*out))  # (S | S' | 1, B', H)
         shape = lead + samples.shape[-1:]  # (B, [T,] H)
         return ForecastPrediction(
             samples.reshape(samples.shape[:1] + shape),
