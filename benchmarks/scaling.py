@@ -110,8 +110,16 @@ def measure_memory(base, sweeps, variant, device, threads):
         {"base": dataclasses.asdict(base), "sweeps": {k: [f, list(v)] for k, (f, v) in sweeps.items()}}
     )
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--memory-probe", payload,
-        "--variant", variant, "--device", str(device), "--threads", str(threads),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--memory-probe",
+        payload,
+        "--variant",
+        variant,
+        "--device",
+        str(device),
+        "--threads",
+        str(threads),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -233,7 +241,10 @@ def _main(args):
         argv = sys.argv[1:] if args.argv is None else args.argv
         done = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), *argv],
-            env=dict(os.environ, **HEAP_ENV), check=True, capture_output=True, text=True,
+            env=dict(os.environ, **HEAP_ENV),
+            check=True,
+            capture_output=True,
+            text=True,
         )
         print(done.stdout, end="")
         return json.loads((Path(args.out_dir) / "scaling.json").read_text())

@@ -147,8 +147,14 @@ def plot(table, path, band):
             part = table[table.controller == controller].sort_values("beta")
             ax.plot(part.beta, part[column], "o-", color=color, label=name)
             if column == "fraction_living":
-                ax.plot(part.beta, part.fraction_dead, "x--", color=color, alpha=0.6,
-                        label=f"{name}: fraction dead")
+                ax.plot(
+                    part.beta,
+                    part.fraction_dead,
+                    "x--",
+                    color=color,
+                    alpha=0.6,
+                    label=f"{name}: fraction dead",
+                )
         ax.set_xscale("log")
         if column == "total_kl":
             ax.set_yscale("log")
@@ -156,8 +162,7 @@ def plot(table, path, band):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     units = int(table.attrs.get("units", 0))
-    axes[1].axhspan(band[0] * units, band[1] * units, color="tab:blue", alpha=0.08,
-                    label="band x units")
+    axes[1].axhspan(band[0] * units, band[1] * units, color="tab:blue", alpha=0.08, label="band x units")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     fig.suptitle("Posterior collapse on digits: fixed beta vs the KLBand thermostat")
@@ -194,8 +199,17 @@ def main(args):
     pd.concat(frames, ignore_index=True).to_csv(out / "monitor.csv", index=False)
     plot(table, out / "collapse.png", args.band)
 
-    columns = ["beta", "controller", "fraction_living", "fraction_dead", "fraction_kl_in_band", "total_kl",
-               "mean_beta", "val_nll", "val_accuracy"]
+    columns = [
+        "beta",
+        "controller",
+        "fraction_living",
+        "fraction_dead",
+        "fraction_kl_in_band",
+        "total_kl",
+        "mean_beta",
+        "val_nll",
+        "val_accuracy",
+    ]
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 140):
         print(f"\nCollapse study on digits, {args.units} units, KL band {tuple(args.band)} nats per unit:")
         print(table[columns].to_string(index=False))
@@ -215,8 +229,14 @@ def parse_args(argv=None):
     parser.add_argument(
         "--betas", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
     )
-    parser.add_argument("--band", type=float, nargs=2, default=[0.2, 1.0], metavar=("LOW", "HIGH"),
-                        help="KLBand band, nats per unit")
+    parser.add_argument(
+        "--band",
+        type=float,
+        nargs=2,
+        default=[0.2, 1.0],
+        metavar=("LOW", "HIGH"),
+        help="KLBand band, nats per unit",
+    )
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--units", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=64)

@@ -200,8 +200,13 @@ def plot(summary, path):
         ("fraction_living", "fraction living"),
     ]
     for ax, (metric, title) in zip(axes, panels):
-        ax.bar(labels, summary[f"{metric}_mean"], yerr=summary[f"{metric}_sd"].fillna(0), capsize=4,
-               color=["tab:blue", "tab:orange", "tab:green", "tab:gray"][: len(labels)])
+        ax.bar(
+            labels,
+            summary[f"{metric}_mean"],
+            yerr=summary[f"{metric}_sd"].fillna(0),
+            capsize=4,
+            color=["tab:blue", "tab:orange", "tab:green", "tab:gray"][: len(labels)],
+        )
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Granularity of the KL budget on diabetes (mean +- sd over seeds)")
@@ -247,10 +252,12 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=3.2, help="total KL, nats per observation")
-    parser.add_argument("--band-width", type=float, default=1.5,
-                        help="band [c / w, c * w] around each controlled target c")
-    parser.add_argument("--init-beta", type=float, default=0.01,
-                        help="initial beta, before the thermostat moves it")
+    parser.add_argument(
+        "--band-width", type=float, default=1.5, help="band [c / w, c * w] around each controlled target c"
+    )
+    parser.add_argument(
+        "--init-beta", type=float, default=0.01, help="initial beta, before the thermostat moves it"
+    )
     parser.add_argument("--units", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--steps", type=int, default=1000)

@@ -81,7 +81,13 @@ def main(args):
             deterministic=deterministic,
         )
         fit(
-            network, x_train, y_train, steps=args.steps, batch_size=64, lr=args.lr, seed=args.seed,
+            network,
+            x_train,
+            y_train,
+            steps=args.steps,
+            batch_size=64,
+            lr=args.lr,
+            seed=args.seed,
             progress=False,
         )
         name = "deterministic twin" if deterministic else "VDN"

@@ -13,8 +13,22 @@ def test_forecast_example_writes_a_fan_chart(tmp_path, capsys):
     try:
         result = example.main(
             example.parse_args(
-                ["--out", str(out), "--epochs", "1", "--units", "4", "--lookback", "52", "--horizon", "13",
-                 "--num-samples", "50", "--threads", "1"]
+                [
+                    "--out",
+                    str(out),
+                    "--epochs",
+                    "1",
+                    "--units",
+                    "4",
+                    "--lookback",
+                    "52",
+                    "--horizon",
+                    "13",
+                    "--num-samples",
+                    "50",
+                    "--threads",
+                    "1",
+                ]
             )
         )
     finally:

@@ -399,3 +399,23 @@ def test_paired_differences_by_horizon_and_seed():
     assert row["mse"] == 0 and row["mse_wins"] == 0  # a 1e-9 difference is a tie
     table = bench.format_paired(paired)
     assert "| 96 | rollout - twin_t |" in table and "**" not in table  # within twice the spread
+
+
+def test_roll_out_models_select_on_the_energy_score_unless_told():
+    """The roll-out models' own selection (the validation energy score) applies when neither
+    --select nor --set fit.select is given; either one applies to every model."""
+    module = load("forecast_ett")
+    args = module.parse_args(["--models", "twin", "rollout", "rollout_normal"])
+    assert args.select == "crps" and args.select_given is False
+    assert [module.model_select(m, args) for m in args.models] == ["crps", "energy", "energy"]
+    for argv in (["--select", "crps"], ["--set", "fit.select=nll"]):
+        told = module.parse_args(argv)
+        assert told.select_given is True
+        assert (
+            module.model_select("rollout", told)
+            == told.select
+            == (argv[1] if argv[0] == "--select" else "crps")
+        )
+    # and the recipe the roll-out is trained by reads it
+    config = module.run_config(args, 96, 0, {"fit.select": module.model_select("rollout", args)})
+    assert config.train_config().select == "energy"

@@ -112,9 +112,9 @@ def simulate(num_seqs, num_steps, c, phi, s, a, r, generator):
 def make_model(c, phi, s, a, r):
     def model(y):
         num_seqs, num_steps = y.shape
-        prior = ARProcess(
-            torch.tensor([c]), torch.tensor([[phi]]), torch.tensor([s]), num_steps
-        ).expand((num_seqs, 1))  # batch (B, 1 unit), event (T,)
+        prior = ARProcess(torch.tensor([c]), torch.tensor([[phi]]), torch.tensor([s]), num_steps).expand(
+            (num_seqs, 1)
+        )  # batch (B, 1 unit), event (T,)
         with pyro.plate("seqs", num_seqs, dim=-2):
             z = neurons(SITE, prior)  # (..., B, 1, T)
             pyro.sample("y", dist.Normal(a * z, r).to_event(1), obs=y[:, None, :])

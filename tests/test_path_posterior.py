@@ -300,6 +300,34 @@ def test_kl_is_zero_when_the_chain_is_the_ar1_prior():
     assert float(kl_divergence(GaussMarkov(transition, offset, chain_scale), prior)) > 1e-4
 
 
+@pytest.mark.parametrize("num_steps", [1, 2, 5, 9], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("batch_shape", [(), (4,), (2, 3)], ids=lambda b: f"batch{b}")
+def test_chain_to_chain_kl_matches_dense_gaussian_kl(batch_shape, num_steps):
+    """KL between two Gauss-Markov chains with different transitions, offsets and scales."""
+    q_params, p_params = random_chain(batch_shape, num_steps), random_chain(batch_shape, num_steps)
+    expected = kl_divergence(
+        MultivariateNormal(*dense_chain(*q_params)), MultivariateNormal(*dense_chain(*p_params))
+    )
+    actual = kl_divergence(GaussMarkov(*q_params), GaussMarkov(*p_params))
+    assert actual.shape == batch_shape
+    assert_close(actual, expected, atol=1e-8, rtol=0)
+
+
+def test_chain_to_chain_kl_broadcasts_and_is_zero_on_itself():
+    q_params, p_params = random_chain((5, 3), 6), random_chain((3,), 6)
+    q, p = GaussMarkov(*q_params), GaussMarkov(*p_params)
+    expected = kl_divergence(
+        MultivariateNormal(*dense_chain(*q_params)),
+        MultivariateNormal(*(t.expand((5,) + t.shape) for t in dense_chain(*p_params))),
+    )
+    actual = kl_divergence(q, p)
+    assert actual.shape == (5, 3)
+    assert_close(actual, expected, atol=1e-8, rtol=0)
+    assert_close(kl_divergence(q, q), torch.zeros(5, 3, dtype=F64), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="same steps"):
+        kl_divergence(q, GaussMarkov(*random_chain((3,), 4)))
+
+
 def test_kl_through_independent_wrappers():
     """Prior sites are ``ARProcess(...).to_event(1)`` expanded over the data plate; posterior sites
     ``GaussMarkov(...).to_event(1)``: the KL sums the per-dim KLs over k."""

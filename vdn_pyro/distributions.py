@@ -19,7 +19,9 @@ weighted mixture of K Normals (a forecaster's likelihood over its posterior draw
 backward.
 
 :class:`GaussMarkov` is a posterior over such a path: a first-order Gauss-Markov chain whose steps
-are correlated, with an analytic KL to :class:`ARProcess` that is linear in :math:`T`.
+are correlated, with an analytic KL to :class:`ARProcess` that is linear in :math:`T`, and one to
+another :class:`GaussMarkov` chain (e.g. an AR conditional given its start), also linear in
+:math:`T`.
 
 Helpers map unconstrained parameters to stationary coefficients (:func:`pacf_to_coeffs`) and convert
 between an AR(1) coefficient and its half-life (:func:`half_life`, :func:`phi_from_half_life`).
@@ -1306,3 +1308,39 @@ def _kl_gauss_markov_arprocess(q, p):
         )  # (...,)
 
     return (cross_entropy - q.entropy()).expand(batch_shape)
+
+
+@torch.distributions.register_kl(GaussMarkov, GaussMarkov)
+def _kl_gauss_markov_gauss_markov(q, p):
+    r"""Closed-form :math:`\mathrm{KL}(q \,\|\, p)` of two :class:`GaussMarkov` chains over the
+    same steps, with any transitions, offsets and scales.
+
+    Both are Markov, so the KL is a sum over steps of the expected KL of the conditionals,
+
+    .. math::
+
+        \mathrm{KL} = \sum_t \Big[\log \frac{s'_t}{s_t} - \frac12
+        + \frac{\mathbb{E}_q[r_t^2]}{2 s_t'^2}\Big], \qquad
+        r_t = z_t - a'_t z_{t-1} - b'_t \;(z_0 = 0),
+
+    with :math:`(a', b', s')` the chain of ``p``, and :math:`\mathbb{E}_q[r_t^2] =
+    (m_t - a'_t m_{t-1} - b'_t)^2 + v_t + a_t'^2 v_{t-1} - 2 a'_t a_t v_{t-1}` from the
+    marginal means :math:`m`, variances :math:`v` and lag-one covariances
+    :math:`\mathrm{Cov}_q(z_t, z_{t-1}) = a_t v_{t-1}` of ``q``. The cost is :math:`O(T)`.
+
+    :param GaussMarkov q: shape ``(..., T)``. :param GaussMarkov p: the same ``T``.
+    :returns: shape: the broadcast of the two batch shapes.
+    """
+    if q.event_shape != p.event_shape:
+        raise ValueError(
+            f"Expected two GaussMarkov chains over the same steps, but got event shapes "
+            f"{tuple(q.event_shape)} and {tuple(p.event_shape)}."
+        )
+    loc, var = q.mean, q.variance  # (..., T) each
+    prev_loc = torch.nn.functional.pad(loc[..., :-1], (1, 0))  # (..., T): m_{t-1}, m_0 = 0
+    prev_var = torch.nn.functional.pad(var[..., :-1], (1, 0))  # (..., T): v_{t-1}, v_0 = 0
+    resid = loc - p.transition * prev_loc - p.offset  # (..., T)
+    resid_var = var + (p.transition.pow(2) - 2 * p.transition * q.transition) * prev_var  # (..., T)
+    ratio = (resid.pow(2) + resid_var) / p.scale.pow(2)  # (..., T)
+    kl = (p.scale.log() - q.scale.log() - 0.5 + 0.5 * ratio).sum(-1)  # (...,)
+    return kl.expand(_broadcast_shapes(q.batch_shape, p.batch_shape))

@@ -445,6 +445,7 @@ def _denormalise(pred, loc, scale):
     factor = 1.0 if scale is None else scale
     if hasattr(pred, "affine"):
         return pred.affine(loc, factor)
+
     def mapped(t):
         return None if t is None else t * factor + loc
 
@@ -818,7 +819,8 @@ def evaluate_forecaster(
     keys = tuple(k for k in keys if k in METRICS)
     exact_mixture = any(k in _MIXTURE_METRICS for k in keys)
     start = time.perf_counter()
-    model.eval()
+    if callable(getattr(model, "eval", None)):  # a module; any object with predict will do
+        model.eval()
     totals, count = dict.fromkeys(keys, 0.0), 0
     path_totals, windows = dict.fromkeys(PATH_METRICS, 0.0), 0
     predict = model.predict

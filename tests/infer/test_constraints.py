@@ -45,8 +45,16 @@ class Recorder:
 
 def train(net, x, y, steps, constraints=(), callbacks=(), lr=1e-2, batch_size=128):
     return fit(
-        net, x, y, steps=steps, batch_size=batch_size, lr=lr, seed=0, constraints=constraints,
-        callbacks=callbacks, progress=False,
+        net,
+        x,
+        y,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=0,
+        constraints=constraints,
+        callbacks=callbacks,
+        progress=False,
     )
 
 
@@ -107,8 +115,14 @@ def test_bad_sites_type():
         (Persistence(half_life=(1.0, 5.0)), "ARPrior"),
         (Persistence(half_life=(1.0, 5.0), sites=0), "ARPrior"),
     ],
-    ids=["klband-name", "freebits-name", "locband-index", "scaleguard-index", "persistence-all",
-         "persistence-site"],
+    ids=[
+        "klband-name",
+        "freebits-name",
+        "locband-index",
+        "scaleguard-index",
+        "persistence-all",
+        "persistence-site",
+    ],
 )
 def test_bad_site_is_an_error_at_fit_start(constraint, match):
     net = VDN(4, 1, units=(8, 4))

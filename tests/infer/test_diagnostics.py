@@ -200,8 +200,9 @@ def test_unit_monitor_records_regimes_during_fit():
     x, y = torch.randn(128, 4), torch.randn(128, 1)
     monitor = UnitMonitor(x, every=5, window=10, max_points=128)
     band = KLBand(0.1, 0.4)
-    result = fit(net, x, y, steps=22, batch_size=32, seed=0, constraints=[band], callbacks=[monitor],
-                 progress=False)
+    result = fit(
+        net, x, y, steps=22, batch_size=32, seed=0, constraints=[band], callbacks=[monitor], progress=False
+    )
     frame = result.monitor
     assert sorted(frame.step.unique().tolist()) == [0, 5, 10, 15, 20, 22]
     assert len(frame) == 6 * 6

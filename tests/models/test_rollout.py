@@ -11,12 +11,15 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from torch.distributions import MultivariateNormal
 
 from tests.common import assert_close
+from tests.test_path_posterior import dense_chain
 from vdn_pyro import LocalELBO
 from vdn_pyro.data import ratio_splits
 from vdn_pyro.forecasting import TrainConfig, evaluate_forecaster, train_forecaster
-from vdn_pyro.models import DLinear, PathMixture, RolloutConfig, RolloutForecaster
+from vdn_pyro.models import DLinear, DrawAverage, PathMixture, RolloutConfig, RolloutForecaster
+from vdn_pyro.primitives import NEURONS_SAME_LAW_KEY
 
 L, H, PATCH, U, B = 24, 10, 4, 3, 5  # P = 6 look-back patches, Q = 3 horizon patches (12 >= 10 steps)
 SMALL = dict(lookback=L, horizon=H, patch=PATCH, units=U, features=8, kernel_size=5)
@@ -73,6 +76,8 @@ def set_prior(net, phi, constant, scale):
         ({"train_draws": 0}, ValueError, "train_draws >= 1"),
         ({"beta": -1.0}, ValueError, "beta > 0"),
         ({"beta": [1.0, 2.0]}, ValueError, r"shape \(3,\)"),
+        ({"horizon_posterior": "data"}, ValueError, "horizon_posterior in"),
+        ({"horizon_beta": 0.0}, ValueError, "horizon_beta > 0"),
     ],
 )
 def test_bad_config_is_refused(options, error, match):
@@ -260,6 +265,7 @@ def test_rollout_site_contributes_exactly_no_kl(draws):
     loss, stats = elbo.loss_and_stats(net.model, net.guide, x, y, draws=draws)
     assert set(stats) == {"layers.0.z"}
     assert (stats["layers.0.z"].kl > 0).all()
+
     class Spy:  # an identity hook that notes the sites it is asked to transform
         def __init__(self):
             self.sites = []
@@ -298,7 +304,6 @@ def test_skipping_the_same_law_site_changes_nothing(draws, monkeypatch):
             assert (a if b is None else b) is None or (a if b is None else b).abs().max() < 1e-12
         else:
             assert_close(a, b, atol=1e-12, rtol=0)
-
 
 
 @pytest.mark.parametrize("draws, particles", [(1, 4000), (3, 300)], ids=["K1", "K3"])
@@ -542,6 +547,7 @@ BUILDS = {
     "diagonal-step-K3": dict(train_draws=3, posterior="diagonal", mixture="step"),
     "skip-mean": dict(train_draws=2, mean="skip"),
     "centred-mean": dict(train_draws=2, mean="centred"),
+    "amortized-K2": dict(train_draws=2, horizon_posterior="amortized"),
 }
 
 
@@ -592,3 +598,172 @@ def test_trains_with_the_shared_recipe():
     scores = evaluate_forecaster(net, x_val, y_val, num_samples=16)
     assert math.isfinite(scores["crps"]) and math.isfinite(scores["nll"])
     assert net.half_life().shape == (U,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Amortized posterior of the horizon's latents
+# ---------------------------------------------------------------------------------------------
+
+
+def amortized(**options):
+    """An amortized network whose posterior head is not at its (prior-equal) start."""
+    net = make(horizon_posterior="amortized", **options)
+    with torch.no_grad():
+        net.target_head.weight.normal_(0.0, 0.3)
+        net.target_head.bias.normal_(0.0, 0.3)
+    return net
+
+
+def chain_kl_by_hand(net, last, posterior):
+    """KL of the guide's horizon chain to the AR conditional, from dense Gaussians built by
+    hand: ``last`` ``(..., B, U)`` (z_P), ``posterior`` the (loc, scale, turn) of the network,
+    each ``(B, U, Q)``. Returns ``(..., B, U)``."""
+    loc, scale, turn = posterior
+    prior, steps = net.prior, net.config.num_future
+    phi, const, s = prior.phi[:, 0], prior.constant, prior.scale  # (U,) each
+    lead = last.shape
+    q_transition = (phi[:, None] + turn).expand(lead + (steps,))  # (..., B, U, Q)
+    q_offset = (const[:, None] + s[:, None] * loc).expand(lead + (steps,)).clone()
+    q_offset[..., 0] += q_transition[..., 0] * last  # (phi + d_1) z_P
+    q_scale = (s[:, None] * scale).expand(lead + (steps,))
+    p_transition = phi[:, None].expand(lead + (steps,))
+    p_offset = const[:, None].expand(lead + (steps,)).clone()
+    p_offset[..., 0] += phi * last
+    p_scale = s[:, None].expand(lead + (steps,))
+    q = MultivariateNormal(*dense_chain(q_transition, q_offset, q_scale))
+    p = MultivariateNormal(*dense_chain(p_transition, p_offset, p_scale))
+    return torch.distributions.kl_divergence(q, p)
+
+
+def test_draw_average_is_the_mean_of_the_draws_log_densities():
+    torch.set_default_dtype(torch.float64)
+    loc, scale = torch.randn(4, 3, H), 0.5 + torch.rand(4, 3, H)  # K = 4 draws, batch 3
+    y = torch.randn(2, 3, H)  # (sample, batch, H)
+    expected = torch.distributions.Normal(loc, scale).log_prob(y[:, None]).sum(-1).mean(1)  # (2, 3)
+    fn = DrawAverage(loc, scale)
+    assert fn.batch_shape == (3,) and fn.event_shape == (H,)
+    assert_close(fn.log_prob(y), expected, rtol=1e-12, atol=1e-12)
+    wide = fn.expand((5, 3))
+    assert isinstance(wide, DrawAverage) and wide.batch_shape == (5, 3)
+    assert_close(wide.log_prob(y[0]), expected[0].expand(5, 3), rtol=1e-12, atol=1e-12)
+    assert fn.sample((7,)).shape == (7, 3, H)
+
+
+def test_amortized_posterior_starts_at_the_prior():
+    """A fresh amortized network's posterior is the AR conditional itself (innovations N(0, 1),
+    the prior's transition): the roll-out site's KL is 0."""
+    torch.set_default_dtype(torch.float64)
+    net = make(horizon_posterior="amortized")
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    loc, scale, turn = net.innovation_posterior(x, y)
+    assert loc.shape == scale.shape == turn.shape == (B, U, net.config.num_future)
+    assert torch.equal(loc, torch.zeros_like(loc)) and torch.equal(turn, torch.zeros_like(turn))
+    assert_close(scale, torch.ones_like(scale), atol=1e-12, rtol=0)
+    guide_tr, model_tr = traces(net, x, y, draws=2)
+    kl = torch.distributions.kl_divergence(
+        guide_tr.nodes["rollout.z"]["fn"], model_tr.nodes["rollout.z"]["fn"]
+    )
+    assert_close(kl, torch.zeros_like(kl), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("draws", [1, 3])
+def test_amortized_rollout_site_is_the_posterior_chain(draws):
+    """The guide's horizon latents follow q(z_j | z_{j-1}) = N((phi + d_j) z_{j-1} + c + s a_j,
+    s^2 b_j^2) from z_P; the site's KL to the AR conditional is the dense Gaussian KL (float64),
+    per unit and draw, and its scale is horizon_beta / K."""
+    torch.set_default_dtype(torch.float64)
+    net = amortized()
+    set_prior(net, [0.9, 0.5, -0.3], [0.2, -0.1, 0.0], [0.7, 1.3, 0.4])
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    guide_tr, model_tr = traces(net, x, y, draws=draws)
+    q, p = guide_tr.nodes["rollout.z"]["fn"], model_tr.nodes["rollout.z"]["fn"]
+    posterior = net.innovation_posterior(x, y)  # (B, U, Q) x 3
+    assert posterior[2].abs().min() > 0  # the transitions moved off the prior's
+    last = guide_tr.nodes["layers.0.z"]["value"][..., 0, -1]  # (..., B, U)
+    kl = torch.distributions.kl_divergence(q, p)  # (K, 1, B, U) or (B, U)
+    assert kl.shape == q.batch_shape
+    assert_close(kl, chain_kl_by_hand(net, last, posterior), rtol=0, atol=1e-8)
+    # the guide's value is the recursion of its chain on standard Normal noise
+    z = guide_tr.nodes["rollout.z"]["value"][..., 0, :]  # (..., B, U, Q)
+    loc, scale, turn = posterior
+    prior = net.prior
+    phi, const, s = prior.phi[:, :1], prior.constant[:, None], prior.scale[:, None]  # (U, 1) each
+    prev = torch.cat([last.unsqueeze(-1), z[..., :-1]], -1)  # (..., B, U, Q)
+    white = (z - (phi + turn) * prev - const - s * loc) / (s * scale)  # standard Normal draws
+    assert 0.5 < white.std() < 1.5 and white.abs().max() < 6
+    assert_close(guide_tr.nodes["rollout.z"]["scale"], net.horizon_beta / draws, rtol=0, atol=0)
+
+
+def test_horizon_beta_weights_the_horizon_kl_per_unit():
+    """Same draws, two per-unit horizon betas: the losses differ by (beta' - beta) . KL."""
+    torch.set_default_dtype(torch.float64)
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    losses = {}
+    for name, beta in [("one", 1.0), ("mixed", [0.5, 2.0, 3.0])]:
+        torch.manual_seed(0)
+        net = amortized(horizon_beta=beta, train_draws=2)
+        with pyro.poutine.seed(rng_seed=5):
+            losses[name] = LocalELBO().differentiable_loss(net.model, net.guide, x, y)
+    with pyro.poutine.seed(rng_seed=5):  # the same draws of z_P
+        guide_tr, model_tr = traces(net, x, y)
+    kl = torch.distributions.kl_divergence(
+        guide_tr.nodes["rollout.z"]["fn"], model_tr.nodes["rollout.z"]["fn"]
+    )
+    per_unit = kl.reshape(2, B, U).sum((0, 1)) / 2  # (U,): the K = 2 draws averaged
+    delta = torch.tensor([0.5 - 1.0, 2.0 - 1.0, 3.0 - 1.0])
+    assert_close(losses["mixed"] - losses["one"], (delta * per_unit).sum(), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("draws", [1, 3])
+def test_amortized_elbo_is_the_same_under_local_and_mean_field(draws):
+    """Both read the closed-form KLs (look-back and horizon): same draws, same loss; Trace_ELBO's
+    Monte Carlo KL agrees in expectation."""
+    torch.set_default_dtype(torch.float64)
+    net = amortized(beta=0.5, train_draws=draws)
+    x, y = torch.randn(4, L), torch.randn(4, H)
+    with pyro.poutine.seed(rng_seed=1):
+        local = LocalELBO().differentiable_loss(net.model, net.guide, x, y)
+    with pyro.poutine.seed(rng_seed=1):
+        mean_field = TraceMeanField_ELBO().differentiable_loss(net.model, net.guide, x, y)
+    assert_close(local, mean_field, rtol=1e-10, atol=1e-10)
+    # by hand, from the traces of the same draws: -E log p(y | z) + beta KL_past + KL_horizon
+    with pyro.poutine.seed(rng_seed=1):
+        guide_tr, model_tr = traces(net, x, y)
+    past_q, past_p = guide_tr.nodes["layers.0.z"]["fn"], model_tr.nodes["layers.0.z"]["fn"]
+    horizon_q, horizon_p = guide_tr.nodes["rollout.z"]["fn"], model_tr.nodes["rollout.z"]["fn"]
+    log_lik = model_tr.nodes["obs"]["fn"].log_prob(model_tr.nodes["obs"]["value"]).sum()
+    kl_past = torch.distributions.kl_divergence(past_q, past_p).sum() * 0.5 / draws
+    kl_horizon = torch.distributions.kl_divergence(horizon_q, horizon_p).sum() / draws
+    assert_close(local, -log_lik + kl_past + kl_horizon, rtol=1e-10, atol=1e-10)
+    # with K draws the likelihood is the average of the draws' path log densities
+    loc, scale = net.components(x, net.layers[0].pool(model_tr.nodes["rollout.z"]["value"], True))
+    by_draw = torch.distributions.Normal(loc, scale).log_prob(y).sum(-1)  # (..., B)
+    assert_close(log_lik, by_draw.reshape(-1, 4).mean(0).sum(), rtol=1e-10, atol=1e-10)
+
+
+def test_amortized_forecasts_roll_the_prior():
+    """The amortized posterior is a training device: with the target unseen the network forecasts
+    from the prior roll-out, exactly as the same network with horizon_posterior="prior"."""
+    torch.manual_seed(0)
+    net = amortized(train_draws=2)
+    plain = make(train_draws=2)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith(("target_", "horizon_beta"))}
+    plain.load_state_dict(state)
+    x = torch.randn(B, L)
+    torch.manual_seed(1)
+    a = net.predict(x, num_samples=20)
+    torch.manual_seed(1)
+    b = plain.predict(x, num_samples=20)
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.mean, b.mean)
+    # Pyro's Predictive with the guide (no target): the horizon latents are the prior roll-out
+    guide_tr = poutine.trace(net.guide).get_trace(x)
+    assert guide_tr.nodes["rollout.z"]["infer"][NEURONS_SAME_LAW_KEY] is True
+
+
+def test_innovation_posterior_needs_the_amortized_network():
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    with pytest.raises(ValueError, match="horizon_posterior='amortized'"):
+        make().innovation_posterior(x, y)
+    with pytest.raises(ValueError, match="horizon_posterior='amortized'"):
+        make(horizon_posterior="amortized", deterministic=True).innovation_posterior(x, y)
+    assert make(horizon_posterior="amortized", deterministic=True).target_head is None

@@ -22,7 +22,7 @@ from vdn_pyro.models.recurrent import (
     evaluate_sequences,
     negative_elbo,
 )
-from vdn_pyro.models.rollout import PathMixture, RolloutConfig, RolloutForecaster
+from vdn_pyro.models.rollout import DrawAverage, PathMixture, RolloutConfig, RolloutForecaster
 from vdn_pyro.models.vdn import VDN, Prediction, VDNConfig
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "NeuronNetwork",
     "Neurons",
     "NormalPrior",
+    "DrawAverage",
     "PathMixture",
     "PointForecaster",
     "Prediction",

@@ -135,8 +135,7 @@ def check_forecast_inputs(x, y, lookback, horizon, check_finite=True, dtype=None
     expected = tuple(x.shape[:-1]) + (horizon,)
     if tuple(y.shape) != expected:
         raise ValueError(
-            f"Expected y of shape {expected} (x's windows times horizon {horizon}), but got "
-            f"{tuple(y.shape)}."
+            f"Expected y of shape {expected} (x's windows times horizon {horizon}), but got {tuple(y.shape)}."
         )
     if check_finite and not bool(torch.isfinite(y).all()):
         raise ValueError("Expected finite y, but it contains NaN or inf; clean it first.")
@@ -422,9 +421,7 @@ class SkipPathForecaster(NeuronNetwork):
         """Copy a fitted DLinear into the skip path and (un)freeze it; the first half of
         ``init_skip``."""
         if self.skip is None:
-            raise ValueError(
-                f"init_skip needs a skip path; build the {type(self).__name__} with skip=True."
-            )
+            raise ValueError(f"init_skip needs a skip path; build the {type(self).__name__} with skip=True.")
         trunk = getattr(source, "net", source)
         if not isinstance(trunk, DLinearTrunk):
             raise TypeError(f"Expected a DLinear or DLinearTrunk, but got {type(source).__name__}.")

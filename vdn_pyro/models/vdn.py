@@ -122,8 +122,10 @@ class VDNConfig:
     def layer_betas(self):
         """One validated beta tensor of shape ``(H_l,)`` per layer."""
         beta = self.beta
-        per_layer = isinstance(beta, (list, tuple)) and len(beta) == len(self.units) and (
-            len(self.units) > 1 or not isinstance(beta[0], numbers.Real)
+        per_layer = (
+            isinstance(beta, (list, tuple))
+            and len(beta) == len(self.units)
+            and (len(self.units) > 1 or not isinstance(beta[0], numbers.Real))
         )
         if not per_layer:
             beta = [beta] * len(self.units)
@@ -224,9 +226,7 @@ class VDN(NeuronNetwork):
         if isinstance(config.likelihood, Likelihood):
             self.likelihood = config.likelihood
         elif config.likelihood in ("gaussian", "student_t"):
-            self.likelihood = make_likelihood(
-                config.likelihood, out_features, scale=config.likelihood_scale
-            )
+            self.likelihood = make_likelihood(config.likelihood, out_features, scale=config.likelihood_scale)
         else:
             self.likelihood = make_likelihood(config.likelihood, out_features)
         self.head = nn.Linear(width, self.likelihood.head_features)
