@@ -444,7 +444,7 @@ class RolloutForecaster(SkipPathForecaster):
             self.target_position = nn.Parameter(torch.zeros(c.num_future, c.features))  # (Q, F)
             self.target_mix = nn.Parameter(torch.eye(c.num_future))  # (Q, Q): context across patches
             self.target_head = nn.Linear(c.features, 3 * c.units)  # (F -> U offsets, scales, transitions)
-            with torch.no_grad():  # q starts as the prior: a = 0, b = 1
+            with torch.no_grad():  # q starts as the prior: a = 0, b = 1, d = 0
                 self.target_head.weight.zero_()
                 self.target_head.bias[: c.units].zero_()
                 unit_scale = _inv_softplus(torch.tensor(1.0 - INNOVATION_SCALE_MIN))
@@ -581,8 +581,9 @@ class RolloutForecaster(SkipPathForecaster):
         """
         if not self.amortized:
             raise ValueError(
-                "innovation_posterior needs horizon_posterior='amortized' (and a distributional "
-                f"network), but this one has horizon_posterior={self.config.horizon_posterior!r}."
+                "innovation_posterior needs a distributional network with horizon_posterior='amortized', "
+                f"but this one has horizon_posterior={self.config.horizon_posterior!r} and "
+                f"deterministic={self.config.deterministic!r}."
             )
         c = self.config
         off = self.offset(x)  # (B, H or 1) or None
