@@ -210,14 +210,16 @@ def main(args, prepared=None):
     options = json.dumps({k: v for k, v in vars(args).items() if k != "out_dir"})
     head = f"Path scores on a stationary state-space series, test windows (options: {options})"
     text = f"{head}\n\n{table(runs)}\n"
-    for path, content in [(out / "path_calibration.md", text)]:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(content)
-        tmp.replace(path)
-    frame_tmp = out / "path_calibration_runs.csv.tmp"
-    pd.DataFrame(runs).to_csv(frame_tmp, index=False)
-    frame_tmp.replace(out / "path_calibration_runs.csv")
+    _write(out / "path_calibration.md", text)
+    _write(out / "path_calibration_runs.csv", pd.DataFrame(runs).to_csv(index=False))
     print(text)
+
+
+def _write(path, text):
+    """Write ``text`` to ``path`` through a temporary file renamed over it (never a partial file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def parse_args(argv=None):
