@@ -1334,7 +1334,7 @@ def _kl_gauss_markov_gauss_markov(q, p):
     if q.event_shape != p.event_shape:
         raise ValueError(
             f"Expected two GaussMarkov chains over the same steps, but got event shapes "
-            f"{tuple(q.event_shape)} and {tuple(p.event_shape)}."
+            f"{tuple(q.event_shape)} and {tuple(p.event_shape)}; build both with the same last dim T."
         )
     loc, var = q.mean, q.variance  # (..., T) each
     prev_loc = torch.nn.functional.pad(loc[..., :-1], (1, 0))  # (..., T): m_{t-1}, m_0 = 0
