@@ -155,6 +155,7 @@ from vdn_pyro.forecasting import (  # noqa: E402
 )
 from vdn_pyro.models import DLinear, Forecaster, RepeatLast  # noqa: E402
 from vdn_pyro.models.baselines import StudentTControl  # noqa: E402
+from vdn_pyro.models.recalibration import SpreadRecalibration  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the models
@@ -167,13 +168,15 @@ class ModelSpec:
         :func:`~vdn_pyro.forecasting.train_forecaster`), ``"closed_form"`` (a DLinear fitted by
         :func:`~vdn_pyro.forecasting.fit_least_squares`) or ``"control"`` (a
         :class:`~vdn_pyro.models.baselines.StudentTControl` fitted on validation on top of the
-        trained model ``base``).
+        trained model ``base``) or ``"recalibrated"`` (a
+        :class:`~vdn_pyro.models.recalibration.SpreadRecalibration` of ``base``, fitted on
+        validation).
     :ivar build: ``callable(config, args) -> model`` for a :class:`~vdn_pyro.config.RunConfig`
         and the command-line options (``"recipe"``, ``"closed_form"``).
     :ivar bool lends_skip: it has a DLinear skip path and takes the one of ``--skip-fit``.
     :ivar bool constraints: it is trained with the run configuration's local constraints.
     :ivar bool seeded: ``False``: one fit per horizon, shared by every seed.
-    :ivar str base: the model a control is fitted on.
+    :ivar str base: the model a control or a recalibration is fitted on.
     :ivar bool joint: a control with one mixing variable per path (multivariate t).
     :ivar str select: the validation score that selects its epoch when ``--select`` is not given
         (``None``: the preset's, the CRPS).
@@ -217,23 +220,25 @@ MODELS = {
         "repeat-last (ours)", "recipe", lambda c, a: RepeatLast(c.data.lookback, c.data.horizon)
     ),
 }
-KINDS = ("recipe", "closed_form", "control")
+KINDS = ("recipe", "closed_form", "control", "recalibrated")
+#: The kinds fitted on top of another model of the harness (its ``base``).
+ON_BASE = ("control", "recalibrated")
 
 
 def register_model(name, spec):
     """Add a model to the harness (after the others in the tables); ``--models`` then accepts
-    ``name``. A ``"control"`` needs its ``base`` registered first.
+    ``name``. A ``"control"`` or ``"recalibrated"`` model needs its ``base`` registered first.
 
     :param str name: its key in the runs table.
     :param ModelSpec spec: how it is built and fitted.
     """
     if not isinstance(spec, ModelSpec) or spec.kind not in KINDS:
         raise ValueError(f"Expected a ModelSpec of a kind in {KINDS}, but got {spec!r}.")
-    if spec.kind == "control" and spec.base not in MODELS:
+    if spec.kind in ON_BASE and spec.base not in MODELS:
         raise ValueError(
-            f"Expected the base of control {name!r} among {list(MODELS)}, but got {spec.base!r}."
+            f"Expected the base of {spec.kind} model {name!r} among {list(MODELS)}, but got {spec.base!r}."
         )
-    if spec.kind != "control" and spec.build is None:
+    if spec.kind not in ON_BASE and spec.build is None:
         raise ValueError(f"Expected a build function for the {spec.kind!r} model {name!r}.")
     MODELS[name] = spec
 
@@ -319,6 +324,9 @@ if importlib.util.find_spec("vdn_pyro.models.rollout") is not None:
             constraints=True,
             select="energy",
         ),
+    )
+    register_model(
+        "rollout_cal", ModelSpec("roll-out VDN, spread recalibrated", "recalibrated", base="rollout")
     )
 
 
@@ -506,6 +514,17 @@ def run_one(name, splits, seed, args, norm="none", cache=None, overrides=None, s
         info = control.fit(x_val, y_val)
         best = info.pop("nll")
         return Fitted(control, control, norm, best, 0, time.perf_counter() - start, base.skip, info)
+    if spec.kind == "recalibrated":
+        base = fitted_model(spec.base, splits, seed, args, norm, cache)
+        start = time.perf_counter()
+        wrapper = SpreadRecalibration(base.view)
+        x_val, y_val = splits.windows("val", stride=config.data.val_stride)
+        fit = wrapper.fit(
+            x_val, y_val, num_samples=config.fit.val_samples, batch_size=config.evaluate.batch_size, seed=seed
+        )
+        info = {"path_factor": fit["path_factor"], "noise_factor": fit["noise_factor"]}
+        elapsed = time.perf_counter() - start
+        return Fitted(wrapper, wrapper, norm, fit["crps_sum"], 0, elapsed, base.skip, info)
     model = build_model(name, config, args)
     start = time.perf_counter()
     if spec.kind == "closed_form":
@@ -710,6 +729,9 @@ PAIRS = (
     ("rollout", "twin"),
     ("rollout", "vdn"),
     ("rollout", "rollout_normal"),
+    ("rollout_cal", "twin_t"),
+    ("rollout_cal", "twin_mvt"),
+    ("rollout_cal", "rollout"),
     ("vdn", "twin"),
 )
 #: The scores of the paired-difference table (lower is better for each).
