@@ -53,6 +53,11 @@ scored once.
   (the decoder's mean is affine in the rolled latents), not the average of the draws.
 - ``rollout_normal``: the same roll-out forecaster with a Normal prior (phi fixed at 0), the
   control that tells what the units' AR memory adds.
+- ``rollout_cal``: the trained ``rollout`` (the same fit, not a second one) with its spread
+  recalibrated on validation by two numbers, as the t controls are
+  (:class:`~vdn_pyro.models.recalibration.SpreadRecalibration`): a factor on the rolled paths'
+  spread around the mean, fitted to the CRPS of the horizon sum, and one on the per-step noise,
+  fitted to the marginal CRPS (``path_factor`` and ``noise_factor`` in its rows).
 
 With ``--skip-fit ridge`` (default) the VDN and its twin are trained in two stages: the
 closed-form fit is their frozen skip path (``sgd``: the SGD DLinear of the same seed; ``joint``:

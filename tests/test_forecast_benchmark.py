@@ -60,6 +60,10 @@ def test_quick_benchmark_writes_one_table(tmp_path, capsys):
     for control in ("twin_t", "twin_mvt"):
         assert runs.loc[control, "mse"] == pytest.approx(runs.loc["twin", "mse"], rel=1e-6)
         assert runs.loc[control, "df"] > 1 and runs.loc[control, "scale_factor"] > 0
+    # the recalibrated roll-out: the roll-out's own fit (same mean), two fitted spread factors
+    assert runs.loc["rollout_cal", "mse"] == pytest.approx(runs.loc["rollout", "mse"], rel=1e-6)
+    assert runs.loc["rollout_cal", "path_factor"] > 0 and runs.loc["rollout_cal", "noise_factor"] > 0
+    assert runs.loc["rollout_cal", "skip"] == runs.loc["rollout", "skip"] == "ridge"
     assert (tmp_path / "forecast_ett.csv").exists()
     # the roll-out's learned memory: quartiles and every unit's half-life, in steps, and the plot
     for name in ("rollout", "rollout_normal"):

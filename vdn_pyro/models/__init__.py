@@ -14,6 +14,7 @@ from vdn_pyro.models.likelihoods import (
 )
 from vdn_pyro.models.neurons import POOLINGS, Neurons, TemporalNeurons, find_neurons, neuron_sites
 from vdn_pyro.models.priors import ARPrior, NormalPrior
+from vdn_pyro.models.recalibration import SpreadRecalibration
 from vdn_pyro.models.recurrent import (
     RecurrentARPrior,
     RecurrentVDN,
@@ -49,6 +50,7 @@ __all__ = [
     "RepeatLast",
     "RolloutConfig",
     "RolloutForecaster",
+    "SpreadRecalibration",
     "SequenceEvaluation",
     "StudentTLikelihood",
     "TemporalNeurons",

@@ -10,9 +10,11 @@ per step). :class:`SpreadRecalibration` scales the two separately,
 
 so the component means become :math:`\mu + a (m_s - \mu)` and the component scales
 :math:`b\,\sigma_s`; the predictive mean stays :math:`\mu(x)`. The path factor :math:`a` sets
-the spread of the horizon's total, the noise factor :math:`b` that of single steps, and each is
-fitted on validation windows by the proper score that sees it: :math:`a` by the CRPS of the
-horizon sum, :math:`b` by the marginal CRPS (:meth:`SpreadRecalibration.fit`).
+the spread of the horizon's total (the noise averages out of it), and each is fitted on
+validation windows by the proper score that sees it: :math:`a` by the CRPS of the horizon sum,
+then :math:`b` by the marginal CRPS (:meth:`SpreadRecalibration.fit`). A step's spread holds
+both, so :math:`b` is what makes the marginals right once :math:`a` has set the sum's spread; it
+recovers the true noise only where the paths' spread does not dominate a step's.
 
 The energy score does not do for :math:`a`: on ETTh1 (H = 96, one seed, validation) it moved by
 0.0003 between :math:`a = 1` and :math:`a = 1.25` while the 90% coverage of the horizon sum went
