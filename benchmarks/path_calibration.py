@@ -16,7 +16,11 @@ scored on every test window from ``--samples`` joint sample paths, with the harn
 deterministic twin of the roll-out (independent steps), the
 :class:`~vdn_pyro.models.RolloutForecaster` trained as in the harness (K prior roll-outs mixed in
 the path's likelihood, ``rollout``) and the same network trained by the plain ELBO with an
-amortized posterior of the horizon's latents (``rollout_amortized``). As in ``forecast_ett.py``
+amortized posterior of the horizon's latents (``rollout_amortized``), and ``rollout`` with its
+spread recalibrated on the validation windows (``rollout_cal``,
+:class:`~vdn_pyro.models.SpreadRecalibration`: on a series where the roll-out is calibrated its two
+factors should stay near 1; the same training seed's ``rollout`` is reused when it ran). As in
+``forecast_ett.py``
 the roll-out models select their epoch on the validation energy score (``--select``) and the
 twin on the CRPS; ``--train-seeds`` trains each model under several seeds (initialisation,
 minibatch order) on the same series. On stationary data a calibrated forecaster covers 90% of the
@@ -49,9 +53,9 @@ from forecast_ett import run_script  # noqa: E402
 
 from vdn_pyro.data import ratio_splits  # noqa: E402
 from vdn_pyro.forecasting import TrainConfig, evaluate_forecaster, train_forecaster  # noqa: E402
-from vdn_pyro.models import ForecastPrediction, RolloutForecaster  # noqa: E402
+from vdn_pyro.models import ForecastPrediction, RolloutForecaster, SpreadRecalibration  # noqa: E402
 
-MODELS = ("oracle", "twin", "rollout", "rollout_amortized")
+MODELS = ("oracle", "twin", "rollout", "rollout_amortized", "rollout_cal")
 SCORES = ("mse", "crps", "nll", "coverage_90", "energy", "crps_sum", "coverage_90_sum")
 
 
@@ -139,16 +143,19 @@ def run(args, seed):
     values = simulate(args.rows, args.phi, args.level_scale, args.noise_scale, seed)
     splits = ratio_splits(values, args.lookback, args.horizon)
     x, y = splits.windows("test")
-    rows = []
+    rows, trained = [], {}
     for name in args.models:
         for train_seed in [seed] if name == "oracle" else args.train_seeds or [seed]:
             pyro.set_rng_seed(train_seed)  # torch, numpy and random: each run is reproducible alone
             start = time.perf_counter()
-            select = ""
+            select, info = "", {}
             if name == "oracle":
                 model, select = Oracle(splits, args.phi, args.level_scale, args.noise_scale), "exact"
+            elif name == "rollout_cal" and ("rollout", train_seed) in trained:
+                select = args.select
+                model = SpreadRecalibration(trained[("rollout", train_seed)])
             else:
-                model = build(name, args)
+                model = build("rollout" if name == "rollout_cal" else name, args)
                 select = "crps" if name == "twin" else args.select  # as in forecast_ett.py
                 recipe = TrainConfig(
                     epochs=args.epochs,
@@ -160,9 +167,16 @@ def run(args, seed):
                     select=select,
                 )
                 train_forecaster(model, splits, recipe, seed=train_seed)
+                trained[(name, train_seed)] = model
+                if name == "rollout_cal":
+                    model = SpreadRecalibration(model)
+            if name == "rollout_cal":
+                fit = model.fit(*splits.windows("val"), num_samples=args.samples, seed=train_seed)
+                info = {"path_factor": fit["path_factor"], "noise_factor": fit["noise_factor"]}
             scores = evaluate_forecaster(model, x, y, args.samples, seed=seed, paths=True)
             row = {"model": name, "seed": seed, "train_seed": train_seed, "select": select}
             row.update({k: float(scores[k]) for k in SCORES})
+            row.update(info)
             row["seconds"] = time.perf_counter() - start
             rows.append(row)
             print(

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import pandas as pd
 import torch
 
 from tests.common import ROOT, assert_close
@@ -60,3 +61,15 @@ def test_bad_options_are_refused_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "phi" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_recalibrated_roll_out_reuses_the_trained_one(tmp_path):
+    module = load("path_calibration")
+    argv = ["--seeds", "0", "--models", "rollout", "rollout_cal", "--rows", "1500", "--lookback", "24"]
+    argv += ["--horizon", "8", "--patch", "4", "--units", "4", "--epochs", "1", "--samples", "8"]
+    argv += ["--out-dir", str(tmp_path)]
+    module.main(module.parse_args(argv))
+    runs = pd.read_csv(tmp_path / "path_calibration_runs.csv").set_index("model")
+    assert runs.loc["rollout_cal", "mse"] == runs.loc["rollout", "mse"]  # the same trained network
+    assert runs.loc["rollout_cal", "path_factor"] > 0 and runs.loc["rollout_cal", "noise_factor"] > 0
+    assert runs[["path_factor"]].loc[["rollout"]].isna().all().all()
