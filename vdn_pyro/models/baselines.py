@@ -478,7 +478,31 @@ def _mvt_log_density(z, df):
 DF_RANGE = (1.05, 1000.0)
 
 
-class StudentTControl:
+class PostHocForecaster:
+    """A forecaster fitted on top of a trained one, ``base``, which it leaves as it is: ``eval``
+    reaches the base, ``train`` does nothing (there is nothing of its own to train by SGD).
+
+    :param base: the trained model, with ``predict(x, num_samples)``.
+    :raises TypeError: when ``base`` has no ``predict``.
+    """
+
+    def __init__(self, base):
+        if not callable(getattr(base, "predict", None)):
+            raise TypeError(
+                f"Expected a base model with predict(x, num_samples), but got {type(base).__name__}."
+            )
+        self.base = base
+
+    def eval(self):
+        if hasattr(self.base, "eval"):
+            self.base.eval()
+        return self
+
+    def train(self, mode=True):
+        return self
+
+
+class StudentTControl(PostHocForecaster):
     r"""A Student-t control on top of a trained model whose predictive is one Gaussian per
     element (the deterministic twin, a point baseline): the same mean :math:`\mu(x)` and the
     scale :math:`c\,\sigma(x)` of that Gaussian, with :math:`\nu` degrees of freedom,
@@ -502,20 +526,9 @@ class StudentTControl:
     """
 
     def __init__(self, base, joint=False, df=10.0, scale_factor=1.0):
-        if not hasattr(base, "predict"):
-            raise TypeError(
-                f"Expected a base model with predict(x, num_samples), but got {type(base).__name__}."
-            )
-        self.base, self.joint = base, bool(joint)
+        super().__init__(base)
+        self.joint = bool(joint)
         self.df, self.scale_factor = float(df), float(scale_factor)
-
-    def eval(self):
-        if hasattr(self.base, "eval"):
-            self.base.eval()
-        return self
-
-    def train(self, mode=True):
-        return self
 
     @torch.no_grad()
     def base_gaussian(self, x):

@@ -26,6 +26,7 @@ import math
 import torch
 
 from vdn_pyro.metrics import crps_samples
+from vdn_pyro.models.baselines import PostHocForecaster
 from vdn_pyro.models.forecaster import ForecastPrediction
 
 #: The search of :meth:`SpreadRecalibration.fit`: factors 1.25**k (k = -6..6, 0.26 to 3.8), then
@@ -54,7 +55,7 @@ def _check_factor(name, value):
     return float(value)
 
 
-class SpreadRecalibration:
+class SpreadRecalibration(PostHocForecaster):
     r"""A trained Monte Carlo forecaster with its path spread and its per-step noise rescaled
     by two numbers fitted on held-out windows (see the module docstring).
 
@@ -70,11 +71,7 @@ class SpreadRecalibration:
     """
 
     def __init__(self, base, path_factor=1.0, noise_factor=1.0):
-        if not callable(getattr(base, "predict", None)):
-            raise TypeError(
-                f"Expected a base model with predict(x, num_samples), but got {type(base).__name__}."
-            )
-        self.base = base
+        super().__init__(base)
         self.path_factor = _check_factor("path_factor", path_factor)
         self.noise_factor = _check_factor("noise_factor", noise_factor)
 
@@ -88,14 +85,6 @@ class SpreadRecalibration:
     def has_exact_marginal(self):
         """``False``: scored from the draws, like the base."""
         return False
-
-    def eval(self):
-        if hasattr(self.base, "eval"):
-            self.base.eval()
-        return self
-
-    def train(self, mode=True):
-        return self
 
     @torch.no_grad()
     def parts(self, x, num_samples=100, batch_size=None):
