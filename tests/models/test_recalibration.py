@@ -1,5 +1,6 @@
 """SpreadRecalibration: the base forecast's parts rescaled exactly, the factors of a known
-mis-scaled Gaussian path model recovered, the caller's random stream untouched, bad input refused."""
+mis-scaled Gaussian path model recovered, flat windows left out, the caller's random stream
+untouched, bad input refused."""
 
 import pytest
 import torch
@@ -82,6 +83,24 @@ def test_fit_is_reproducible_from_its_seed():
     a = SpreadRecalibration(ShiftedPaths(8)).fit(x, y, num_samples=16, seed=4)
     b = SpreadRecalibration(ShiftedPaths(8)).fit(x, y, num_samples=16, seed=4)
     assert a == b
+
+
+def test_flat_windows_are_left_out_of_the_fit():
+    # a constant channel's windows: a base that forecast them exactly would score 0 at any
+    # factor; this one draws spread around them, which would pull both factors down
+    g = torch.Generator().manual_seed(2)
+    y = 2.0 * torch.randn(400, 1, generator=g) + 0.5 * torch.randn(400, 8, generator=g)
+    x = torch.randn(400, 4, generator=g)
+    flat_x, flat_y = torch.full((300, 4), 3.0), torch.full((300, 8), 3.0)
+    base = ShiftedPaths(8)
+    clean = SpreadRecalibration(base).fit(x, y, num_samples=16, seed=1)
+    mixed = SpreadRecalibration(base).fit(
+        torch.cat([x, flat_x]), torch.cat([y, flat_y]), num_samples=16, seed=1
+    )
+    assert mixed == {**clean, "flat": 300} and clean["flat"] == 0
+    assert clean["path_factor"] > 1.5  # the levels are twice the base's
+    with pytest.raises(ValueError, match="constant channels"):
+        SpreadRecalibration(base).fit(flat_x, flat_y, num_samples=16)
 
 
 def test_a_roll_out_forecaster_recalibrates_and_keeps_its_mean():

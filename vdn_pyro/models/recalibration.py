@@ -115,6 +115,11 @@ class SpreadRecalibration(PostHocForecaster):
         the same ``num_samples`` base draws per window (common random numbers), drawn on a fork
         of torch's random state seeded with ``seed`` (the caller's stream is left as it was).
 
+        Flat windows (look-back and target each one repeated value: a constant channel, a
+        stretch of zeros) are left out, as :class:`~vdn_pyro.models.baselines.StudentTControl`
+        leaves them out: a model forecasts them almost exactly, so their CRPS only grows with
+        either factor and would pull both down for every other window.
+
         :param x: windows ``(N, L)``. :param y: targets ``(N, H)``.
         :param int num_samples: base draws per window (at least 2).
         :param int batch_size: windows per base prediction (default all).
@@ -124,7 +129,10 @@ class SpreadRecalibration(PostHocForecaster):
         :param int seed: seed of the base draws.
         :returns: dict with ``path_factor``, ``noise_factor``, the fitted forecast's ``crps_sum``
             and ``crps`` on the windows fitted, ``crps_sum_base`` and ``crps_base`` (at
-            :math:`a = b = 1`) and ``windows`` (how many were fitted).
+            :math:`a = b = 1`), ``windows`` (how many were fitted) and ``flat`` (how many flat
+            windows were left out).
+        :raises ValueError: for bad arguments, when every window is flat, or when the base's
+            draws are not finite.
         """
         if not _is_int(num_samples) or num_samples < 2:
             raise ValueError(f"Expected num_samples to be an int >= 2, but got {num_samples!r}.")
@@ -141,6 +149,16 @@ class SpreadRecalibration(PostHocForecaster):
                 f"Expected windows x (N, L) and targets y (N, H) with the same N, but got "
                 f"{tuple(getattr(x, 'shape', ()))} and {tuple(getattr(y, 'shape', ()))}."
             )
+        flat = (x.amax(-1) == x.amin(-1)) & (y.amax(-1) == y.amin(-1))  # (N,)
+        if bool(flat.all()):
+            raise ValueError(
+                f"Expected some windows that are not flat to recalibrate on, but all {x.shape[0]} "
+                "windows are one value repeated (constant channels?); drop constant channels from "
+                "the data."
+            )
+        left_out = int(flat.sum())
+        if left_out:
+            x, y = x[~flat], y[~flat]
         if x.shape[0] > max_windows:  # evenly spaced, first and last included
             keep = torch.linspace(0, x.shape[0] - 1, max_windows).round().long()  # (max_windows,)
             x, y = x[keep], y[keep]
@@ -171,7 +189,7 @@ class SpreadRecalibration(PostHocForecaster):
             a = _search(lambda f, b=b: crps_sum(f, b))
             b = _search(lambda f, a=a: crps(a, f))
         self.path_factor, self.noise_factor = a, b
-        fitted = {"crps_sum": crps_sum(a, b), "crps": crps(a, b), "windows": x.shape[0]}
+        fitted = {"crps_sum": crps_sum(a, b), "crps": crps(a, b), "windows": x.shape[0], "flat": left_out}
         return {"path_factor": a, "noise_factor": b, **fitted, **base}
 
     @torch.no_grad()
