@@ -129,7 +129,7 @@ def build(name, args):
         kernel_size=25,
         posterior="diagonal",
         mean="centred",
-        train_draws=16,
+        train_draws=args.train_draws,
     )
     if name == "twin":
         options["deterministic"] = True
@@ -210,6 +210,8 @@ def prepare(args):
             f"Expected 0 < --phi < 1 and positive scales, but got phi {args.phi}, level scale "
             f"{args.level_scale}, noise scale {args.noise_scale}."
         )
+    if args.train_draws < 1:
+        raise ValueError(f"Expected --train-draws >= 1, but got {args.train_draws}.")
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         raise ValueError(f"Expected --models among {list(MODELS)}, but got {unknown}.")
@@ -248,6 +250,9 @@ def parse_args(argv=None):
     parser.add_argument("--horizon", type=int, default=48)
     parser.add_argument("--patch", type=int, default=8)
     parser.add_argument("--units", type=int, default=16)
+    parser.add_argument(
+        "--train-draws", type=int, default=16, help="prior roll-outs K mixed in the training likelihood"
+    )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument(

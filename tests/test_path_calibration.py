@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import torch
 
 from tests.common import ROOT, assert_close
@@ -50,16 +51,17 @@ def test_oracle_is_the_exact_gaussian_predictive():
     assert 0 < scores["crps"] < 2 and 0 < scores["coverage_90_sum"] <= 1
 
 
-def test_bad_options_are_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("bad, word", [(["--phi", "1.5"], "phi"), (["--train-draws", "0"], "train-draws")])
+def test_bad_options_are_refused_in_one_line(tmp_path, bad, word):
     script = ROOT / "benchmarks" / "path_calibration.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--phi", "1.5", "--out-dir", str(tmp_path / "out")],
+        [sys.executable, str(script), *bad, "--out-dir", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "phi" in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and word in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 
 
