@@ -5,6 +5,7 @@ untouched, bad input refused."""
 import pytest
 import torch
 
+from vdn_pyro.metrics import crps_samples
 from vdn_pyro.models import ForecastPrediction, RolloutConfig, RolloutForecaster, SpreadRecalibration
 
 
@@ -85,6 +86,37 @@ def test_fit_is_reproducible_from_its_seed():
     assert a == b
 
 
+@pytest.mark.parametrize("noise_score", ["crps", "nll"])
+def test_the_fit_reports_the_scores_of_the_forecast_it_leaves(noise_score):
+    # the fit's nll and crps are those of predict() on the same draws: the mixture's log density
+    # (ForecastPrediction.log_prob) and the draws' CRPS, at the fitted factors and at a = b = 1
+    horizon, windows = 12, 400
+    g = torch.Generator().manual_seed(3)
+    y = 1.5 * torch.randn(windows, 1, generator=g) + 0.4 * torch.randn(windows, horizon, generator=g)
+    x = torch.randn(windows, 4, generator=g)
+    model = SpreadRecalibration(ShiftedPaths(horizon, level=0.5))
+    info = model.fit(x, y, num_samples=32, seed=7, noise_score=noise_score)
+    assert info["path_factor"] > 2.0  # the levels are three times the base's
+    for a, b, key in ((info["path_factor"], info["noise_factor"], ""), (1.0, 1.0, "_base")):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            pred = SpreadRecalibration(model.base, a, b).predict(x, 32)
+        assert info[f"nll{key}"] == pytest.approx(-pred.log_prob(y).mean().item(), rel=1e-5)
+        assert info[f"crps{key}"] == pytest.approx(crps_samples(pred.samples, y).item(), rel=1e-5)
+
+
+def test_the_log_score_fit_recovers_the_noise_of_a_mis_scaled_path_model():
+    horizon, windows = 48, 3000
+    g = torch.Generator().manual_seed(0)
+    y = 0.6 * torch.randn(windows, 1, generator=g) + 0.5 * torch.randn(windows, horizon, generator=g)
+    info = SpreadRecalibration(ShiftedPaths(horizon, level=0.3)).fit(
+        torch.zeros(windows, 8), y, num_samples=64, max_windows=windows, noise_score="nll"
+    )
+    assert info["path_factor"] == pytest.approx(2.0, rel=0.06)
+    assert info["noise_factor"] == pytest.approx(0.5, rel=0.06)
+    assert info["nll"] < info["nll_base"]
+
+
 def test_flat_windows_are_left_out_of_the_fit():
     # a constant channel's windows: a base that forecast them exactly would score 0 at any
     # factor; this one draws spread around them, which would pull both factors down
@@ -132,3 +164,5 @@ def test_bad_input_is_refused():
         model.fit(x, y, max_windows=0)
     with pytest.raises(ValueError, match="same N"):
         model.fit(x, y[:5])
+    with pytest.raises(ValueError, match="noise_score"):
+        model.fit(x, y, noise_score="energy")

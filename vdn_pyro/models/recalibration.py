@@ -16,6 +16,14 @@ then :math:`b` by the marginal CRPS (:meth:`SpreadRecalibration.fit`). A step's 
 both, so :math:`b` is what makes the marginals right once :math:`a` has set the sum's spread; it
 recovers the true noise only where the paths' spread does not dominate a step's.
 
+Where the paths' spread does dominate, the marginal CRPS of the draws barely changes as
+:math:`b` shrinks, while the density the forecast reports (a mixture of S Gaussians) turns into
+S narrow spikes and its log score grows. ``noise_score="nll"`` fits :math:`b` by that log score
+instead; it errs the other way, because an S-component mixture needs wide components to fill the
+gaps between them. On a synthetic 15-minute file made from ETTh1 (H = 96, a short smoke run,
+validation) the roll-out's NLL / CRPS / energy were 1.064 / 0.315 / 3.794; the CRPS fit gave
+1.412 / 0.314 / 3.788, the log-score fit 0.946 / 0.326 / 3.936. The CRPS is the default.
+
 The energy score does not do for :math:`a`: on ETTh1 (H = 96, one seed, validation) it moved by
 0.0003 between :math:`a = 1` and :math:`a = 1.25` while the 90% coverage of the horizon sum went
 from 0.75 to 0.82. It is dominated by the marginal spread.
@@ -107,10 +115,12 @@ class SpreadRecalibration(PostHocForecaster):
         return point, pred.loc - point, pred.samples - pred.loc, pred.scale  # (B, H), (S, B, H) x 3
 
     @torch.no_grad()
-    def fit(self, x, y, num_samples=100, batch_size=None, max_windows=1024, rounds=2, seed=0):
+    def fit(
+        self, x, y, num_samples=100, batch_size=None, max_windows=1024, rounds=2, seed=0, noise_score="crps"
+    ):
         r"""Fit :math:`a` and :math:`b` on the windows ``(x, y)`` by coordinate descent: :math:`a`
         minimises the CRPS of the horizon sum with :math:`b` held, then :math:`b` the marginal
-        CRPS with :math:`a` held, ``rounds`` times, from :math:`a = b = 1`; each a search over
+        ``noise_score`` with :math:`a` held, ``rounds`` times, from :math:`a = b = 1`; each a search over
         factors 0.26 to 3.8, to 2.5% (:data:`COARSE`, :data:`FINE`). Every candidate is scored on
         the same ``num_samples`` base draws per window (common random numbers), drawn on a fork
         of torch's random state seeded with ``seed`` (the caller's stream is left as it was).
@@ -127,13 +137,18 @@ class SpreadRecalibration(PostHocForecaster):
             held in memory: ``3 * num_samples * max_windows * H`` numbers).
         :param int rounds: coordinate-descent rounds.
         :param int seed: seed of the base draws.
-        :returns: dict with ``path_factor``, ``noise_factor``, the fitted forecast's ``crps_sum``
-            and ``crps`` on the windows fitted, ``crps_sum_base`` and ``crps_base`` (at
+        :param str noise_score: ``"crps"``, the marginal CRPS of the draws, or ``"nll"``, the
+            negative log density of the ``num_samples``-component mixture per element.
+        :returns: dict with ``path_factor``, ``noise_factor``, the fitted forecast's ``crps_sum``,
+            ``crps`` and ``nll`` on the windows fitted, ``crps_sum_base``, ``crps_base`` and
+            ``nll_base`` (at
             :math:`a = b = 1`), ``windows`` (how many were fitted) and ``flat`` (how many flat
             windows were left out).
         :raises ValueError: for bad arguments, when every window is flat, or when the base's
             draws are not finite.
         """
+        if noise_score not in ("crps", "nll"):
+            raise ValueError(f"Expected noise_score 'crps' or 'nll', but got {noise_score!r}.")
         if not _is_int(num_samples) or num_samples < 2:
             raise ValueError(f"Expected num_samples to be an int >= 2, but got {num_samples!r}.")
         for name, value in (("rounds", rounds), ("max_windows", max_windows)):
@@ -164,7 +179,7 @@ class SpreadRecalibration(PostHocForecaster):
             x, y = x[keep], y[keep]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            point, spread, noise, _ = self.parts(x, num_samples, batch_size)  # (N, H), (S, N, H) x 2
+            point, spread, noise, scale = self.parts(x, num_samples, batch_size)  # (N, H), (S, N, H) x 3
         if not (torch.isfinite(spread).all() and torch.isfinite(noise).all()):
             raise ValueError(
                 "Expected finite base draws to recalibrate, but the base forecast has NaN or inf."
@@ -183,14 +198,34 @@ class SpreadRecalibration(PostHocForecaster):
                 total += crps_samples(draws, y[s], reduction="sum").item()
             return total / y.numel()
 
+        log_s = math.log(spread.shape[0])
+
+        def nll(a, b):
+            total = 0.0
+            for i in range(0, y.shape[0], 256):
+                s = slice(i, i + 256)
+                loc = point[s] + a * spread[:, s]  # (S, n, H)
+                z = (y[s] - loc) / (b * scale[:, s])  # (S, n, H)
+                log_p = -0.5 * z**2 - torch.log(b * scale[:, s]) - 0.5 * math.log(2 * math.pi)
+                total -= (torch.logsumexp(log_p, 0) - log_s).sum().item()
+            return total / y.numel()
+
+        marginal = nll if noise_score == "nll" else crps
         a, b = 1.0, 1.0
-        base = {"crps_sum_base": crps_sum(a, b), "crps_base": crps(a, b)}
+        base = {"crps_sum_base": crps_sum(a, b), "crps_base": crps(a, b), "nll_base": nll(a, b)}
         for _ in range(rounds):
             a = _search(lambda f, b=b: crps_sum(f, b))
-            b = _search(lambda f, a=a: crps(a, f))
+            b = _search(lambda f, a=a: marginal(a, f))
         self.path_factor, self.noise_factor = a, b
-        fitted = {"crps_sum": crps_sum(a, b), "crps": crps(a, b), "windows": x.shape[0], "flat": left_out}
-        return {"path_factor": a, "noise_factor": b, **fitted, **base}
+        fitted = {"crps_sum": crps_sum(a, b), "crps": crps(a, b), "nll": nll(a, b)}
+        return {
+            "path_factor": a,
+            "noise_factor": b,
+            **fitted,
+            **base,
+            "windows": x.shape[0],
+            "flat": left_out,
+        }
 
     @torch.no_grad()
     def predict(self, x, num_samples=100, batch_size=None):
