@@ -478,6 +478,29 @@ def _mvt_log_density(z, df):
 DF_RANGE = (1.05, 1000.0)
 
 
+def drop_flat_windows(x, y, purpose):
+    """The windows ``(x, y)`` without the flat ones (look-back and target each one repeated
+    value: a constant channel, a stretch of zeros), which a model forecasts almost exactly and
+    which say nothing about the spread of the others.
+
+    :param x: windows ``(N, L)``. :param y: targets ``(N, H)``.
+    :param str purpose: what the windows are for, to name it in the error.
+    :returns: ``(x, y, left_out)``: the windows that are not flat ``(N', L)``, ``(N', H)`` and
+        how many were left out.
+    :raises ValueError: when every window is flat.
+    """
+    flat = (x.amax(-1) == x.amin(-1)) & (y.amax(-1) == y.amin(-1))  # (N,)
+    if bool(flat.all()):
+        raise ValueError(
+            f"Expected some windows that are not flat to {purpose}, but all {x.shape[0]} windows "
+            "are one value repeated (constant channels?); drop constant channels from the data."
+        )
+    left_out = int(flat.sum())
+    if left_out:
+        x, y = x[~flat], y[~flat]  # (N', L), (N', H)
+    return x, y, left_out
+
+
 class PostHocForecaster:
     """A forecaster fitted on top of a trained one, ``base``, which it leaves as it is: ``eval``
     reaches the base, ``train`` does nothing (there is nothing of its own to train by SGD).
@@ -574,15 +597,7 @@ class StudentTControl(PostHocForecaster):
             over the windows that are not flat).
         :raises ValueError: when every window is flat.
         """
-        flat = (x.amax(-1) == x.amin(-1)) & (y.amax(-1) == y.amin(-1))  # (N,)
-        if bool(flat.all()):
-            raise ValueError(
-                f"Expected some windows that are not flat to fit the t's degrees of freedom and scale, "
-                f"but all {x.shape[0]} windows are one value repeated (constant channels?); drop "
-                "constant channels from the data."
-            )
-        if bool(flat.any()):
-            x, y = x[~flat], y[~flat]
+        x, y, _ = drop_flat_windows(x, y, "fit the t's degrees of freedom and scale")
         parts, log_base = [], 0.0
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             loc, scale = self.base_gaussian(xb)  # (b, H) each

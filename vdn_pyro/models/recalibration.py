@@ -34,7 +34,7 @@ import math
 import torch
 
 from vdn_pyro.metrics import crps_samples
-from vdn_pyro.models.baselines import PostHocForecaster
+from vdn_pyro.models.baselines import PostHocForecaster, drop_flat_windows
 from vdn_pyro.models.forecaster import ForecastPrediction
 
 #: The search of :meth:`SpreadRecalibration.fit`: factors 1.25**k (k = -6..6, 0.26 to 3.8), then
@@ -164,16 +164,7 @@ class SpreadRecalibration(PostHocForecaster):
                 f"Expected windows x (N, L) and targets y (N, H) with the same N, but got "
                 f"{tuple(getattr(x, 'shape', ()))} and {tuple(getattr(y, 'shape', ()))}."
             )
-        flat = (x.amax(-1) == x.amin(-1)) & (y.amax(-1) == y.amin(-1))  # (N,)
-        if bool(flat.all()):
-            raise ValueError(
-                f"Expected some windows that are not flat to recalibrate on, but all {x.shape[0]} "
-                "windows are one value repeated (constant channels?); drop constant channels from "
-                "the data."
-            )
-        left_out = int(flat.sum())
-        if left_out:
-            x, y = x[~flat], y[~flat]
+        x, y, left_out = drop_flat_windows(x, y, "recalibrate on")
         if x.shape[0] > max_windows:  # evenly spaced, first and last included
             keep = torch.linspace(0, x.shape[0] - 1, max_windows).round().long()  # (max_windows,)
             x, y = x[keep], y[keep]
@@ -198,16 +189,13 @@ class SpreadRecalibration(PostHocForecaster):
                 total += crps_samples(draws, y[s], reduction="sum").item()
             return total / y.numel()
 
-        log_s = math.log(spread.shape[0])
-
         def nll(a, b):
             total = 0.0
             for i in range(0, y.shape[0], 256):
                 s = slice(i, i + 256)
                 loc = point[s] + a * spread[:, s]  # (S, n, H)
-                z = (y[s] - loc) / (b * scale[:, s])  # (S, n, H)
-                log_p = -0.5 * z**2 - torch.log(b * scale[:, s]) - 0.5 * math.log(2 * math.pi)
-                total -= (torch.logsumexp(log_p, 0) - log_s).sum().item()
+                mixture = ForecastPrediction(loc, loc, b * scale[:, s])  # the reported density
+                total -= mixture.log_prob(y[s]).sum().item()
             return total / y.numel()
 
         marginal = nll if noise_score == "nll" else crps
