@@ -442,3 +442,38 @@ def test_synthetic_csvs_are_reproducible_and_read_by_the_harness_in_their_format
     for path, protocol in zip(first, ("ett", "long_horizon")):
         args = bench.parse_args(["--data", str(path)])
         assert bench.protocol_of(bench.load_series(args), args)[0] == protocol
+
+
+def test_each_recalibration_is_fitted_on_its_own_split(tmp_path, monkeypatch):
+    """``rollout_cal`` fits its two factors on the validation windows and ``rollout_trcal`` on the
+    training windows (every ``--train-stride``-th), both on the same trained roll-out; a spec
+    with another split is refused."""
+    bench = load("forecast_ett")
+    path = synthetic_csv(tmp_path / "weather.csv", 1500, ["p", "T"], "10min")
+    args = bench.parse_args(["--data", str(path), "--out-dir", str(tmp_path / "out"), *TINY])
+    series = bench.load_series(args)
+    splits = bench.task_splits(series, args, 12)
+    seen = {}
+    fit = bench.SpreadRecalibration.fit
+
+    def spy(self, x, y, **kw):
+        seen[id(self)] = (x, y)
+        return fit(self, x, y, **kw)
+
+    monkeypatch.setattr(bench.SpreadRecalibration, "fit", spy)
+    cache = {}
+    fitted = {
+        name: bench.fitted_model(name, splits, 0, args, "none", cache)
+        for name in ("rollout_cal", "rollout_trcal")
+    }
+    for name, split, stride in (
+        ("rollout_cal", "val", args.val_stride),
+        ("rollout_trcal", "train", args.train_stride),
+    ):
+        x, y = seen[id(fitted[name].model)]
+        want_x, want_y = splits.windows(split, stride=stride)
+        assert torch.equal(x, want_x) and torch.equal(y, want_y), name
+        assert fitted[name].model.base is cache[("rollout", "none", 0)].view  # one trained roll-out
+    with pytest.raises(ValueError, match="fit_split 'val' or 'train'"):
+        bench.register_model("bad", bench.ModelSpec("bad", "recalibrated", base="rollout", fit_split="test"))
+    assert "bad" not in bench.MODELS
