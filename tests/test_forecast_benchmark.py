@@ -425,7 +425,7 @@ def test_roll_out_models_select_on_the_energy_score_unless_told():
     assert config.train_config().select == "energy"
 
 
-def test_synthetic_csvs_are_reproducible_and_read_by_the_harness_in_their_formats(tmp_path, monkeypatch):
+def test_synthetic_csvs_are_reproducible_and_read_by_the_harness_in_their_formats(tmp_path):
     """``synthetic_csv.py`` writes the same two files from the same seed; the harness reads the
     15-minute one by the ETT protocol and the other by the 7:1:2 protocol."""
     module = load("synthetic_csv")
