@@ -138,6 +138,14 @@ def build(name, args):
     return RolloutForecaster(**options)
 
 
+def train_recipe(args, select, **changes):
+    """The training recipe of every trained model here: ``--epochs`` epochs of 64 windows a step,
+    the closed-form skip path, selection on the validation score ``select`` (32 draws per window,
+    patience 2); ``changes`` replace any other :class:`~vdn_pyro.forecasting.TrainConfig` key."""
+    options = dict(epochs=args.epochs, batch_size=64, chunk=1, skip_fit="ridge", num_samples=32, patience=2)
+    return TrainConfig(**{**options, "select": select, **changes})
+
+
 def run(args, seed):
     """Every model of ``--models`` on the series of ``seed``: one row per model and training seed."""
     values = simulate(args.rows, args.phi, args.level_scale, args.noise_scale, seed)
@@ -157,15 +165,7 @@ def run(args, seed):
             else:
                 model = build("rollout" if name == "rollout_cal" else name, args)
                 select = "crps" if name == "twin" else args.select  # as in forecast_ett.py
-                recipe = TrainConfig(
-                    epochs=args.epochs,
-                    batch_size=64,
-                    chunk=1,
-                    skip_fit="ridge",
-                    num_samples=32,
-                    patience=2,
-                    select=select,
-                )
+                recipe = train_recipe(args, select)
                 train_forecaster(model, splits, recipe, seed=train_seed)
                 trained[(name, train_seed)] = model
                 if name == "rollout_cal":

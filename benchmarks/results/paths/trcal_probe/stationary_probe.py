@@ -4,7 +4,6 @@
     python benchmarks/results/paths/trcal_probe/stationary_probe.py 0   # seed 0; also 1, 2
 """
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # benchmarks/
 import path_calibration as pc  # noqa: E402
 
 from vdn_pyro.data import ratio_splits  # noqa: E402
-from vdn_pyro.forecasting import TrainConfig, evaluate_forecaster, train_forecaster  # noqa: E402
+from vdn_pyro.forecasting import evaluate_forecaster, train_forecaster  # noqa: E402
 from vdn_pyro.models.recalibration import SpreadRecalibration  # noqa: E402
 
 
@@ -28,9 +27,7 @@ def main(seed):
     x, y = splits.windows("test")
     pyro.set_rng_seed(seed)
     model = pc.build("rollout", args)
-    recipe = TrainConfig(epochs=args.epochs, batch_size=64, chunk=1, skip_fit="ridge", num_samples=32)
-    recipe = dataclasses.replace(recipe, patience=2, select="energy")  # as path_calibration.py
-    train_forecaster(model, splits, recipe, seed=seed)
+    train_forecaster(model, splits, pc.train_recipe(args, "energy"), seed=seed)
     out = {"oracle": pc.Oracle(splits, args.phi, args.level_scale, args.noise_scale), "plain": model}
     for split in ("val", "train"):
         wrapper = SpreadRecalibration(model)

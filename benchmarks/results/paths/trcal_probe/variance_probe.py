@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # benchmarks/
 import path_calibration as pc  # noqa: E402
 
 from vdn_pyro.data import ratio_splits  # noqa: E402
-from vdn_pyro.forecasting import TrainConfig, train_forecaster  # noqa: E402
+from vdn_pyro.forecasting import train_forecaster  # noqa: E402
 
 
 def main(argv=None):
@@ -37,16 +37,8 @@ def main(argv=None):
     oracle = pc.Oracle(splits, args.phi, args.level_scale, args.noise_scale).cov.diagonal().float()  # (H,)
     pyro.set_rng_seed(opts.seed)
     model = pc.build("rollout", args)
-    recipe = TrainConfig(
-        epochs=opts.epochs,
-        lr_decay=opts.lr_decay,
-        patience=opts.patience,
-        batch_size=64,
-        chunk=1,
-        skip_fit="ridge",
-        num_samples=32,
-        select="energy",
-    )
+    changes = dict(epochs=opts.epochs, lr_decay=opts.lr_decay, patience=opts.patience)
+    recipe = pc.train_recipe(args, "energy", **changes)
     result = train_forecaster(model, splits, recipe, seed=opts.seed)
     print(f"K={opts.train_draws} epochs={opts.epochs} lr_decay={opts.lr_decay}: step {result.best_step} kept")
     steps = [0, 11, 23, args.horizon - 1]
