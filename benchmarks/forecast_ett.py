@@ -53,6 +53,10 @@ scored once.
   (the decoder's mean is affine in the rolled latents), not the average of the draws.
 - ``rollout_normal``: the same roll-out forecaster with a Normal prior (phi fixed at 0), the
   control that tells what the units' AR memory adds.
+- ``rollout_exact``: the same roll-out forecaster trained on the exact likelihood of the
+  observed path (``horizon_posterior="exact"``: the rolled latents integrated out in closed form
+  by a Kalman filter over the patches, :class:`~vdn_pyro.state_space.PatchStateSpace`, instead of
+  a mixture of K prior roll-outs; its likelihood scale reads the rolled latents' mean).
 - ``rollout_cal``: the trained ``rollout`` (the same fit, not a second one) with its spread
   recalibrated on validation by two numbers, as the t controls are
   (:class:`~vdn_pyro.models.recalibration.SpreadRecalibration`): a factor on the rolled paths'
@@ -320,6 +324,13 @@ def _rollout(config, args):
     return RolloutForecaster(rollout_config(config, ROLLOUT_DEFAULTS + tuple(args.rollout)))
 
 
+def _rollout_exact(config, args):
+    from vdn_pyro.models.rollout import RolloutForecaster
+
+    options = ROLLOUT_DEFAULTS + tuple(args.rollout) + ("horizon_posterior=exact",)
+    return RolloutForecaster(rollout_config(config, options))
+
+
 def _rollout_normal(config, args):
     from vdn_pyro.models.rollout import RolloutForecaster
 
@@ -338,6 +349,17 @@ if importlib.util.find_spec("vdn_pyro.models.rollout") is not None:
             "roll-out VDN, Normal prior",
             "recipe",
             _rollout_normal,
+            lends_skip=True,
+            constraints=True,
+            select="energy",
+        ),
+    )
+    register_model(
+        "rollout_exact",
+        ModelSpec(
+            "roll-out VDN, exact path likelihood",
+            "recipe",
+            _rollout_exact,
             lends_skip=True,
             constraints=True,
             select="energy",
@@ -763,6 +785,9 @@ PAIRS = (
     ("rollout_trcal", "twin_t"),
     ("rollout_trcal", "twin_mvt"),
     ("rollout_trcal", "rollout"),
+    ("rollout_exact", "twin_t"),
+    ("rollout_exact", "twin_mvt"),
+    ("rollout_exact", "rollout"),
     ("vdn", "twin"),
 )
 #: The scores of the paired-difference table (lower is better for each).

@@ -55,7 +55,7 @@ from vdn_pyro.data import ratio_splits  # noqa: E402
 from vdn_pyro.forecasting import TrainConfig, evaluate_forecaster, train_forecaster  # noqa: E402
 from vdn_pyro.models import ForecastPrediction, RolloutForecaster, SpreadRecalibration  # noqa: E402
 
-MODELS = ("oracle", "twin", "rollout", "rollout_amortized", "rollout_cal")
+MODELS = ("oracle", "twin", "rollout", "rollout_amortized", "rollout_exact", "rollout_cal")
 SCORES = ("mse", "crps", "nll", "coverage_90", "energy", "crps_sum", "coverage_90_sum")
 
 
@@ -135,6 +135,8 @@ def build(name, args):
         options["deterministic"] = True
     if name == "rollout_amortized":
         options["horizon_posterior"] = "amortized"
+    if name == "rollout_exact":
+        options["horizon_posterior"] = "exact"
     return RolloutForecaster(**options)
 
 

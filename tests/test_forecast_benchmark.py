@@ -66,7 +66,8 @@ def test_quick_benchmark_writes_one_table(tmp_path, capsys):
     assert runs.loc["rollout_cal", "skip"] == runs.loc["rollout", "skip"] == "ridge"
     assert (tmp_path / "forecast_ett.csv").exists()
     # the roll-out's learned memory: quartiles and every unit's half-life, in steps, and the plot
-    for name in ("rollout", "rollout_normal"):
+    trained_rollouts = ["rollout", "rollout_normal", "rollout_exact"]
+    for name in trained_rollouts:
         row = runs.loc[name]
         values = np.array([float(v) for v in row["half_lives"].split()])
         assert len(values) == RolloutConfig().units
@@ -74,7 +75,7 @@ def test_quick_benchmark_writes_one_table(tmp_path, capsys):
         assert row["half_life_median"] == pytest.approx(np.median(values), rel=1e-3)
     # phi = 0 (up to its clamp): memory below one step, against days for the AR units
     assert runs.loc["rollout", "half_life_median"] > 1 and runs.loc["rollout_normal", "half_life_q75"] < 1
-    assert runs[["half_lives"]].drop(["rollout", "rollout_normal"]).isna().all().all()
+    assert runs[["half_lives"]].drop(trained_rollouts).isna().all().all()
     assert (tmp_path / "forecast_ett_half_lives.png").exists()
     table = (tmp_path / "forecast_ett.md").read_text()
     assert "| 96 | VDN forecaster |" in table and "NLinear (published)" in table

@@ -33,6 +33,7 @@ RANKS = {
     # the bottom: primitives, distributions, data loading and metrics import nothing of the package
     "vdn_pyro.primitives": 0,
     "vdn_pyro.distributions": 0,
+    "vdn_pyro.state_space": 0,
     "vdn_pyro.data": 0,
     "vdn_pyro.metrics": 0,
     "vdn_pyro.unit_status": 0,

@@ -20,6 +20,7 @@ from vdn_pyro.data import ratio_splits
 from vdn_pyro.forecasting import TrainConfig, evaluate_forecaster, train_forecaster
 from vdn_pyro.models import DLinear, DrawAverage, PathMixture, RolloutConfig, RolloutForecaster
 from vdn_pyro.primitives import NEURONS_SAME_LAW_KEY
+from vdn_pyro.state_space import PatchStateSpace
 
 L, H, PATCH, U, B = 24, 10, 4, 3, 5  # P = 6 look-back patches, Q = 3 horizon patches (12 >= 10 steps)
 SMALL = dict(lookback=L, horizon=H, patch=PATCH, units=U, features=8, kernel_size=5)
@@ -548,6 +549,8 @@ BUILDS = {
     "skip-mean": dict(train_draws=2, mean="skip"),
     "centred-mean": dict(train_draws=2, mean="centred"),
     "amortized-K2": dict(train_draws=2, horizon_posterior="amortized"),
+    "exact": dict(horizon_posterior="exact"),
+    "exact-path-head": dict(horizon_posterior="exact", posterior="path", mean="head"),
 }
 
 
@@ -767,3 +770,92 @@ def test_innovation_posterior_needs_the_amortized_network():
     with pytest.raises(ValueError, match="horizon_posterior='amortized'"):
         make(horizon_posterior="amortized", deterministic=True).innovation_posterior(x, y)
     assert make(horizon_posterior="amortized", deterministic=True).target_head is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact path likelihood (horizon_posterior="exact")
+# ---------------------------------------------------------------------------------------------
+
+
+def obs_log_prob(net, x, y, **kwargs):
+    """log p(y | ...) of the obs site in the model replayed on a guide draw: ``(B,)``."""
+    _, model_tr = traces(net, x, y, **kwargs)
+    site = model_tr.nodes["obs"]
+    return site["fn"].log_prob(site["value"]).reshape(-1)
+
+
+@pytest.mark.parametrize("posterior", ["diagonal", "path"])
+def test_exact_likelihood_is_the_limit_of_the_path_mixture(posterior):
+    """With a likelihood scale that does not read the latents, the K-draw path mixture estimates
+    the same predictive density that the exact likelihood computes: they agree as K grows."""
+    torch.set_default_dtype(torch.float64)
+    options = dict(mean="centred", posterior=posterior, likelihood_scale="learned", phi=0.8)
+    exact, mixed = make(horizon_posterior="exact", **options), make(**options)
+    with torch.no_grad():
+        exact.scale_bias.copy_(torch.linspace(0.0, 1.0, exact.scale_bias.shape[0]))
+        exact.loc_weight.mul_(0.5)  # components that overlap: the mixture's error shrinks faster
+    mixed.load_state_dict(exact.state_dict())
+    with torch.no_grad():  # the exact decoder scales the paths' deviation by sigma: the same law
+        sigma = torch.nn.functional.softplus(exact.scale_bias) + exact.config.likelihood_scale_min
+        mixed.loc_weight.mul_(sigma.reshape(-1, PATCH, 1))
+    x = torch.randn(3, L)
+    y = exact.predict(x, num_samples=1).samples[0]  # (3, H): a path of the model itself
+    want = obs_log_prob(exact, x, y)  # exact: no draw is involved
+    assert_close(obs_log_prob(exact, x, y), want, atol=0, rtol=0)
+    assert (obs_log_prob(mixed, x, y, draws=16) - want).abs().max() > 0.1  # K = 16 is far from it
+    assert_close(obs_log_prob(mixed, x, y, draws=40000), want, atol=0.025)
+    # and the exact density is the dense Gaussian of the rolled latents' linear map
+    fn = exact.exact_predictive(x)
+    dense = MultivariateNormal(fn.loc, fn.covariance_matrix_dense())
+    assert_close(want, dense.log_prob(y), atol=1e-9)
+
+
+def test_exact_sites():
+    net = make(horizon_posterior="exact")
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    guide_tr, model_tr = traces(net, x, y)
+    assert set(latent_sites(guide_tr)) == {"layers.0.z"}  # the horizon's latents are integrated out
+    obs = model_tr.nodes["obs"]
+    assert isinstance(obs["fn"], PatchStateSpace) and obs["fn"].batch_shape == (B, 1)
+    # without a target the model draws the roll-out and the path from it, the same law
+    sampled = poutine.trace(net.model).get_trace(x)
+    assert net.rollout_site in latent_sites(sampled)
+    assert sampled.nodes["obs"]["value"].shape == (B, 1, H)
+    with pytest.raises(ValueError, match="horizon_posterior in"):
+        make(horizon_posterior="closed")
+
+
+def test_exact_predict_draws_the_exact_predictive():
+    torch.set_default_dtype(torch.float64)
+    net = make(horizon_posterior="exact", phi=0.9)
+    x = torch.randn(2, L)
+    fn = net.exact_predictive(x)
+    pred = net.predict(x, num_samples=100000)
+    assert_close(pred.point, fn.loc, atol=1e-12)
+    dev = pred.samples - fn.loc  # (S, 2, H)
+    cov = fn.covariance_matrix_dense()
+    emp = torch.einsum("sbh,sbk->bhk", dev, dev) / dev.shape[0]
+    assert_close(emp, cov, atol=0.03 * cov.abs().max().item())
+    # the scale reads the rolled latents' mean: every draw has the same per-step noise
+    assert_close(pred.scale, pred.scale[:1].expand_as(pred.scale), atol=0)
+
+
+def test_exact_start_at_source_keeps_small_loadings():
+    """At zero loadings the exact likelihood's gradient in them is zero (a stationary point), so
+    the start from a skip path shrinks them instead; the predictive is then nearly the source's."""
+    net = make(horizon_posterior="exact")
+    init = net.loc_weight.detach().clone()
+    source = DLinear(L, H, 5)
+    with torch.no_grad():
+        source.scale = torch.linspace(0.3, 0.8, H)
+    net.init_skip(source, freeze=True, start_at_source=True)
+    assert_close(net.loc_weight, 0.01 * init, atol=0)
+    assert (net.scale_weight == 0).all()
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    fn = net.exact_predictive(x)
+    assert_close(fn.loc, source.point(x), atol=1e-5)
+    spread = fn.covariance_matrix_dense().diagonal(dim1=-2, dim2=-1).sqrt()  # (B, H)
+    assert_close(spread, source.scale.expand(B, H), atol=1e-3)
+    loss = LocalELBO().differentiable_loss(net.model, net.guide, x, y)
+    loss.backward()
+    assert net.loc_weight.grad.abs().sum() > 0
