@@ -118,7 +118,7 @@ the test suite runs with it on, and it costs 10-20% of a training step at long h
 
 ``--jobs 2`` runs the (horizon, seed) tasks in two worker processes, one torch thread each.
 
-    python benchmarks/forecast_ett.py --jobs 2         # 4 horizons x every model (11) x 3 seeds
+    python benchmarks/forecast_ett.py --jobs 2         # 4 horizons x every model (12) x 3 seeds
     python benchmarks/forecast_ett.py --horizons 96 --seeds 0
     python benchmarks/forecast_ett.py --data ETTm1.csv --horizons 96
     python benchmarks/forecast_ett.py --quick          # a smoke run, < 1 minute, to a temporary directory

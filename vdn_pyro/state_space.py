@@ -108,9 +108,11 @@ class PatchStateSpace(dist.TorchDistribution):
 
     @property
     def mean(self):
+        """The mean path, ``(*batch, H)``."""
         return self.loc
 
     def _rows(self, j):
+        """The steps that read patch ``j``."""
         return slice(j * self.patch, min((j + 1) * self.patch, self.event_shape[0]))
 
     def log_prob(self, value):

@@ -823,6 +823,14 @@ def test_exact_sites():
     assert sampled.nodes["obs"]["value"].shape == (B, 1, H)
     with pytest.raises(ValueError, match="horizon_posterior in"):
         make(horizon_posterior="closed")
+    with pytest.raises(ValueError, match="mixes no draws"):
+        net(x, y, draws=3)
+    with pytest.raises(ValueError, match="draws"):
+        net(x, y, draws=0)
+    assert net(x, y, draws=1).shape == (B, H)
+    for other in (make(), make(horizon_posterior="exact", deterministic=True)):
+        with pytest.raises(ValueError, match="exact_predictive needs"):
+            other.exact_predictive(x)
 
 
 def test_exact_predict_draws_the_exact_predictive():

@@ -753,7 +753,15 @@ class RolloutForecaster(SkipPathForecaster):
         :param torch.Tensor x: ``(B, L)``.
         :param features: :meth:`features` of ``x`` when already computed, ``(B, P, F)``.
         :returns: a :class:`~vdn_pyro.state_space.PatchStateSpace` with batch ``(B,)``, event ``(H,)``.
+        :raises ValueError: if the network's likelihood is not the exact one.
         """
+        if not self.exact:
+            raise ValueError(
+                "exact_predictive needs a distributional network with horizon_posterior='exact' (elsewhere "
+                "the likelihood scale reads each draw of the rolled latents and the path is not Gaussian), "
+                f"but this one has horizon_posterior={self.config.horizon_posterior!r} and "
+                f"deterministic={self.config.deterministic!r}."
+            )
         c = self.config
         h = c.horizon
         loc_p, scale_p = self.posterior(x, features)  # (B, U, 1, P) each
@@ -804,14 +812,17 @@ class RolloutForecaster(SkipPathForecaster):
         :returns: the observations ``(..., B, [T,] H)``; ``None`` when run as the guide.
         """
         self.check_inputs(x, y, check_finite=pyro.infer.is_validation_enabled())
-        draws = self._draws(y, draws)
+        exact = self.exact
+        if exact and self._draws(y, draws) > 1 and draws is not None:
+            raise ValueError(
+                "horizon_posterior='exact' integrates the horizon's latents out and mixes no draws: expected "
+                f"draws=None or 1, but got {draws!r}."
+            )
+        draws = 1 if exact else self._draws(y, draws)
         lead = x.shape[:-1]  # (B,) or (B, T)
         per_item = x.shape[1] if x.dim() == 3 else 1
         x, y = self._flat(x, y)  # (B', L), (B', H)
         num_data = None if num_data is None else num_data * per_item
-        exact = self.exact
-        if exact:
-            draws = 1
         with data_plate(x.shape[0], num_data, x.device):
             features = self.features(x)  # (B', P, F)
             past = self.layers[0](features, temporal=True, draws=draws)  # (.., B', P, U)
