@@ -15,9 +15,10 @@ scored on every test window from ``--samples`` joint sample paths, with the harn
 (:func:`vdn_pyro.forecasting.evaluate_forecaster`): the oracle (exact mean and covariance), the
 deterministic twin of the roll-out (independent steps), the
 :class:`~vdn_pyro.models.RolloutForecaster` trained as in the harness (K prior roll-outs mixed in
-the path's likelihood, ``rollout``) and the same network trained by the plain ELBO with an
-amortized posterior of the horizon's latents (``rollout_amortized``), and ``rollout`` with its
-spread recalibrated on the validation windows (``rollout_cal``,
+the path's likelihood, ``rollout``), the same network trained by the plain ELBO with an
+amortized posterior of the horizon's latents (``rollout_amortized``) and on the exact likelihood of
+the observed path, its rolled latents integrated out by a Kalman filter (``rollout_exact``), and
+``rollout`` with its spread recalibrated on the validation windows (``rollout_cal``,
 :class:`~vdn_pyro.models.SpreadRecalibration`: on a series where the roll-out is calibrated its two
 factors should stay near 1; the same training seed's ``rollout`` is reused when it ran). As in
 ``forecast_ett.py``
