@@ -27,6 +27,8 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
+from vdn_pyro.distributions import GaussMarkov
+
 __all__ = ["PatchStateSpace"]
 
 
@@ -171,19 +173,16 @@ class PatchStateSpace(dist.TorchDistribution):
 
     def covariance_matrix_dense(self):
         r"""The dense covariance :math:`\Sigma`, ``(*batch, H, H)`` (the :math:`O(H^2 U)` reference
-        the filter is checked against)."""
-        horizon = self.event_shape[0]
+        the filter is checked against): each unit's deviations over the patches are a
+        :class:`~vdn_pyro.distributions.GaussMarkov` chain (transition :math:`\phi_i`, scales
+        :math:`\sqrt{v_i}, s_i, \dots, s_i`), read through the loadings."""
         q = self.num_patches
-        lag = torch.arange(q, device=self.loc.device)
-        ones = torch.ones_like(self.phi)[:, None]
-        powers = torch.cat([ones, torch.cumprod(self.phi[:, None].expand(-1, q), -1)], -1)  # (U, Q+1)
-        diff = lag[:, None] - lag[None, :]  # (Q, Q)
-        chain = powers[:, diff.clamp_min(0)] * (diff >= 0).to(self.phi.dtype)  # (U, Q, Q)
-        chain = chain[:, :, 1:] * self.innovation[:, None, None]  # (U, Q, Q-1): innovations 2..Q
-        gram = chain @ chain.transpose(-1, -2)  # (U, Q, Q)
-        patch_of = torch.arange(horizon, device=self.loc.device) // self.patch  # (H,)
-        wide = gram[:, patch_of][:, :, patch_of]  # (U, H, H)
-        cov = torch.einsum("...hu,uhk,...ku->...hk", self.loading, wide, self.loading)  # ([*batch,] H, H)
-        first = self.loading * powers[:, :q].T[patch_of]  # ([*batch,] H, U): how d_1 reaches each step
-        first = first * self.start.unsqueeze(-2)  # (*batch, H, U)
-        return cov + first @ first.transpose(-1, -2) + torch.diag_embed(self.noise * self.noise)
+        scale = torch.cat(  # (*batch, U, Q): the first patch's spread, then the innovations'
+            [self.start.unsqueeze(-1), self.innovation[:, None].expand(self.start.shape + (q - 1,))], -1
+        )
+        chain = GaussMarkov(self.phi[:, None].expand(scale.shape), torch.zeros_like(scale), scale)
+        gram = chain.covariance_matrix  # (*batch, U, Q, Q)
+        patch_of = torch.arange(self.event_shape[0], device=self.loc.device) // self.patch  # (H,)
+        wide = gram[..., patch_of, :][..., patch_of]  # (*batch, U, H, H)
+        cov = torch.einsum("...hu,...uhk,...ku->...hk", self.loading, wide, self.loading)  # (*batch, H, H)
+        return cov + torch.diag_embed(self.noise * self.noise)

@@ -699,7 +699,8 @@ class RolloutForecaster(SkipPathForecaster):
         h = c.horizon
         if centre is None and (c.mean == "centred" or self.exact):
             centre = self.rollout_mean(x)  # (B, Q, U)
-        loc = self._decoder_mean(x, z, centre)  # (..., B, H)
+        off = self.offset(x)  # (B, H or 1) or None
+        loc = self._decoder_mean(z, centre, off)  # (..., B, H)
         at = centre if self.exact else z  # the latents the scale reads
         if self.scale_weight is not None:
             raw = torch.einsum("...qu,qpu->...qp", at, self.scale_weight)  # (..., B, Q, patch)
@@ -708,17 +709,17 @@ class RolloutForecaster(SkipPathForecaster):
             raw = self.scale_bias[:h]  # (H,)
         scale = softplus(raw) + c.likelihood_scale_min
         if self.exact:
-            middle = self._decoder_mean(x, centre, centre)  # (B, H)
+            middle = self._decoder_mean(centre, centre, off)  # (B, H)
             loc = middle + scale * (loc - middle)  # (..., B, H)
         if expand:
             scale = scale.expand_as(loc)
         return loc, scale
 
-    def _decoder_mean(self, x, z, centre):
-        """The decoder's mean at the latents ``z`` ``(..., B, Q, U)``: ``(..., B, H)``."""
+    def _decoder_mean(self, z, centre, off):
+        """The decoder's mean at the latents ``z`` ``(..., B, Q, U)``, given the rolled latents'
+        mean ``centre`` ``(B, Q, U)`` and the skip path's ``off`` (:meth:`offset`): ``(..., B, H)``."""
         c = self.config
         h = c.horizon
-        off = self.offset(x)  # (B, H or 1) or None
         if self.loc_weight is None:
             return off.expand(z.shape[:-2] + (h,))  # (..., B, H)
         if c.mean == "centred":
