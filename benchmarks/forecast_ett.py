@@ -67,6 +67,12 @@ scored once.
   out of sample like every trained model's and can judge it. It corrects the roll-out's own
   estimator (on a stationary series its marginal variance is about a third too large in sample)
   without following a validation period that differs from the test period.
+- ``rollout_select``: no fit of its own: at each horizon and seed, the row of whichever of
+  ``rollout``, ``rollout_exact`` and ``rollout_trcal`` has the lowest validation energy score
+  (its ``chosen`` and ``choice_scores`` columns say which, and each candidate's score), the
+  choice a user makes on one data set by validation alone. ``rollout_cal`` is not a candidate:
+  it is fitted on the validation windows, so its validation scores are in sample. Asking for
+  ``rollout_select`` runs its candidates too.
 
 With ``--skip-fit ridge`` (default) the VDN and its twin are trained in two stages: the
 closed-form fit is their frozen skip path (``sgd``: the SGD DLinear of the same seed; ``joint``:
@@ -118,7 +124,7 @@ the test suite runs with it on, and it costs 10-20% of a training step at long h
 
 ``--jobs 2`` runs the (horizon, seed) tasks in two worker processes, one torch thread each.
 
-    python benchmarks/forecast_ett.py --jobs 2         # 4 horizons x every model (12) x 3 seeds
+    python benchmarks/forecast_ett.py --jobs 2         # 4 horizons x every model (13) x 3 seeds
     python benchmarks/forecast_ett.py --horizons 96 --seeds 0
     python benchmarks/forecast_ett.py --data ETTm1.csv --horizons 96
     python benchmarks/forecast_ett.py --quick          # a smoke run, < 1 minute, to a temporary directory
@@ -184,7 +190,8 @@ class ModelSpec:
         :class:`~vdn_pyro.models.baselines.StudentTControl` fitted on validation on top of the
         trained model ``base``) or ``"recalibrated"`` (a
         :class:`~vdn_pyro.models.recalibration.SpreadRecalibration` of ``base``, fitted on the
-        windows of ``fit_split``).
+        windows of ``fit_split``) or ``"selected"`` (no fit of its own: at each horizon and seed,
+        the row of the one among ``candidates`` with the best validation ``select`` score).
     :ivar build: ``callable(config, args) -> model`` for a :class:`~vdn_pyro.config.RunConfig`
         and the command-line options (``"recipe"``, ``"closed_form"``).
     :ivar bool lends_skip: it has a DLinear skip path and takes the one of ``--skip-fit``.
@@ -193,10 +200,13 @@ class ModelSpec:
     :ivar str base: the model a control or a recalibration is fitted on.
     :ivar bool joint: a control with one mixing variable per path (multivariate t).
     :ivar str select: the validation score that selects its epoch when ``--select`` is not given
-        (``None``: the preset's, the CRPS).
+        (``None``: the preset's, the CRPS); for a ``"selected"`` model, the validation score
+        that chooses among its candidates (lower is better).
     :ivar str fit_split: the split a recalibration is fitted on: ``"val"`` (every
         ``--val-stride``-th window) or ``"train"`` (every ``--train-stride``-th; its validation
         scores are then out of sample, as every recipe model's are).
+    :ivar tuple candidates: the models a ``"selected"`` model chooses among; each is scored on
+        validation out of sample (none fitted on the validation windows).
     """
 
     label: str
@@ -209,6 +219,7 @@ class ModelSpec:
     joint: bool = False
     select: str | None = None
     fit_split: str = "val"
+    candidates: tuple = ()
 
 
 def _dlinear(config, args):
@@ -238,7 +249,9 @@ MODELS = {
         "repeat-last (ours)", "recipe", lambda c, a: RepeatLast(c.data.lookback, c.data.horizon)
     ),
 }
-KINDS = ("recipe", "closed_form", "control", "recalibrated")
+KINDS = ("recipe", "closed_form", "control", "recalibrated", "selected")
+#: The validation scores a ``"selected"`` model may choose by (proper scores: lower is better).
+CHOICE_SCORES = ("mse", "mae", "crps", "nll", "energy", "crps_sum")
 #: The kinds fitted on top of another model of the harness (its ``base``).
 ON_BASE = ("control", "recalibrated")
 
@@ -260,6 +273,25 @@ def register_model(name, spec):
         raise ValueError(
             f"Expected fit_split 'val' or 'train' for model {name!r}, but got {spec.fit_split!r}."
         )
+    if spec.kind == "selected":
+        unknown = [c for c in spec.candidates if c not in MODELS]
+        if not spec.candidates or unknown:
+            raise ValueError(
+                f"Expected the candidates of selected model {name!r} among {list(MODELS)} (at least one), "
+                f"but got {spec.candidates!r}."
+            )
+        in_sample = [c for c in spec.candidates if MODELS[c].kind in ON_BASE and MODELS[c].fit_split == "val"]
+        if in_sample:
+            raise ValueError(
+                f"Expected candidates of {name!r} scored on validation out of sample, but {in_sample} are "
+                "fitted on the validation windows; choose among models fitted on the training windows."
+            )
+        if spec.select not in CHOICE_SCORES:
+            raise ValueError(
+                f"Expected the select score of {name!r} among {CHOICE_SCORES}, but got {spec.select!r}."
+            )
+        MODELS[name] = spec
+        return
     if spec.kind not in ON_BASE and spec.build is None:
         raise ValueError(f"Expected a build function for the {spec.kind!r} model {name!r}.")
     MODELS[name] = spec
@@ -375,6 +407,15 @@ if importlib.util.find_spec("vdn_pyro.models.rollout") is not None:
             "recalibrated",
             base="rollout",
             fit_split="train",
+        ),
+    )
+    register_model(
+        "rollout_select",
+        ModelSpec(
+            "roll-out VDN, variant chosen on validation",
+            "selected",
+            select="energy",
+            candidates=("rollout", "rollout_exact", "rollout_trcal"),
         ),
     )
 
@@ -788,6 +829,9 @@ PAIRS = (
     ("rollout_exact", "twin_t"),
     ("rollout_exact", "twin_mvt"),
     ("rollout_exact", "rollout"),
+    ("rollout_select", "twin_t"),
+    ("rollout_select", "twin_mvt"),
+    ("rollout_select", "rollout"),
     ("vdn", "twin"),
 )
 #: The scores of the paired-difference table (lower is better for each).
@@ -910,11 +954,44 @@ def run_task(horizon, seed, args, series, cache=None):
     val = splits.windows("val", stride=args.val_stride)
     cache = {} if cache is None else cache
     rows = []
-    for name in args.models:
-        row = model_row(name, splits, seed, args, cache, val, test)
+    for name in args.models:  # a selected model comes after its candidates (expand_models)
+        if MODELS[name].kind == "selected":
+            row = selected_row(name, rows)
+        else:
+            row = model_row(name, splits, seed, args, cache, val, test)
         rows.append(row)
         print(format_row(row, f"epochs={row['epochs']} fit={row['fit_seconds']:.0f}s"), flush=True)
     return rows
+
+
+def selected_row(name, rows):
+    """The row of the ``"selected"`` model ``name`` at one horizon and seed: a copy of the row,
+    among ``rows`` (that task's), of the candidate with the lowest validation score
+    (``ModelSpec.select``), with ``chosen`` (its name) and ``choice_scores`` (every candidate's
+    validation score). Nothing is fitted or scored again."""
+    spec = MODELS[name]
+    found = [r for r in rows if r["model"] in spec.candidates]
+    if not found:
+        raise ValueError(f"Expected a row of one of {spec.candidates} before {name!r}, but got none.")
+    key = f"val_{spec.select}"
+    chosen = min(found, key=lambda r: r[key])
+    row = {**chosen, "model": name, "chosen": chosen["model"]}
+    row["choice_scores"] = " ".join(f"{r['model']}={r[key]:.4f}" for r in found)
+    return row
+
+
+def expand_models(models):
+    """``models`` with the candidates of each ``"selected"`` model added before it where missing,
+    and each selected model after all of its candidates (report order otherwise kept)."""
+    out = []
+    for name in dict.fromkeys(models):
+        if MODELS[name].kind == "selected":
+            continue
+        out.append(name)
+    for name in dict.fromkeys(models):
+        if MODELS[name].kind == "selected":
+            out += [c for c in MODELS[name].candidates if c not in out] + [name]
+    return out
 
 
 def run_tasks(args, series, task=run_task):
@@ -968,6 +1045,7 @@ def check_args(args):
         raise ValueError(f"Expected --models among {list(MODELS)}, but got {unknown}.")
     if not args.norms:
         raise ValueError(f"Expected at least one of {NORMS} in --norms.")
+    args.models = expand_models(args.models)
 
 
 def window_bytes(series, args, horizon):

@@ -75,7 +75,17 @@ def test_quick_benchmark_writes_one_table(tmp_path, capsys):
         assert row["half_life_median"] == pytest.approx(np.median(values), rel=1e-3)
     # phi = 0 (up to its clamp): memory below one step, against days for the AR units
     assert runs.loc["rollout", "half_life_median"] > 1 and runs.loc["rollout_normal", "half_life_q75"] < 1
-    assert runs[["half_lives"]].drop(trained_rollouts).isna().all().all()
+    assert runs[["half_lives"]].drop(trained_rollouts + ["rollout_select"]).isna().all().all()
+    # the validation choice among the roll-out variants: the candidate with the lowest validation
+    # energy, its row copied (every score, its half-lives), nothing fitted again
+    candidates = ["rollout", "rollout_exact", "rollout_trcal"]
+    chosen = runs.loc[candidates, "val_energy"].idxmin()
+    select = runs.loc["rollout_select"]
+    assert select["chosen"] == chosen
+    assert [part.split("=")[0] for part in select["choice_scores"].split()] == candidates
+    for key in [*METRICS, *PATH_METRICS, "val_energy", "half_lives"]:
+        assert select[key] == runs.loc[chosen, key], key
+    assert runs["chosen"].drop("rollout_select").isna().all()
     assert (tmp_path / "forecast_ett_half_lives.png").exists()
     table = (tmp_path / "forecast_ett.md").read_text()
     assert "| 96 | VDN forecaster |" in table and "NLinear (published)" in table
@@ -477,4 +487,43 @@ def test_each_recalibration_is_fitted_on_its_own_split(tmp_path, monkeypatch):
         assert fitted[name].model.base is cache[("rollout", "none", 0)].view  # one trained roll-out
     with pytest.raises(ValueError, match="fit_split 'val' or 'train'"):
         bench.register_model("bad", bench.ModelSpec("bad", "recalibrated", base="rollout", fit_split="test"))
+    assert "bad" not in bench.MODELS
+
+
+def test_a_selected_model_copies_its_validation_best_candidate_and_brings_its_candidates():
+    bench = load("forecast_ett")
+    rows = [
+        {"model": "twin", "val_energy": 1.0, "energy": 9.0},
+        {"model": "rollout", "val_energy": 5.0, "energy": 3.0, "half_lives": "1 2"},
+        {"model": "rollout_exact", "val_energy": 4.5, "energy": 3.5, "half_lives": "3 4"},
+    ]
+    row = bench.selected_row("rollout_select", rows)
+    assert row["model"] == "rollout_select" and row["chosen"] == "rollout_exact"
+    assert (row["energy"], row["half_lives"]) == (3.5, "3 4")  # the chosen row's test scores
+    assert row["choice_scores"] == "rollout=5.0000 rollout_exact=4.5000"  # the twin is no candidate
+    assert rows[2]["model"] == "rollout_exact"  # a copy: the candidate's own row is unchanged
+    with pytest.raises(ValueError, match="before 'rollout_select'"):
+        bench.selected_row("rollout_select", rows[:1])
+    # asking for the selection runs its candidates first, in report order otherwise
+    assert bench.expand_models(["rollout_select", "twin", "rollout"]) == [
+        "twin",
+        "rollout",
+        "rollout_exact",
+        "rollout_trcal",
+        "rollout_select",
+    ]
+    args = bench.parse_args(["--models", "rollout_select", "linear"])
+    bench.check_args(args)
+    assert args.models == ["linear", "rollout", "rollout_exact", "rollout_trcal", "rollout_select"]
+    # a choice must read out-of-sample validation scores, by a proper score
+    bad = (
+        ({"candidates": ()}, "at least one"),
+        ({"candidates": ("nope",)}, "at least one"),
+        ({"candidates": ("rollout_cal",)}, "fitted on the validation windows"),
+        ({"candidates": ("rollout",), "select": "coverage_90"}, "select score"),
+    )
+    for options, match in bad:
+        spec = bench.ModelSpec("bad", "selected", **{"select": "energy", **options})
+        with pytest.raises(ValueError, match=match):
+            bench.register_model("bad", spec)
     assert "bad" not in bench.MODELS
