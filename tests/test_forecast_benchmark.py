@@ -66,7 +66,7 @@ def test_quick_benchmark_writes_one_table(tmp_path, capsys):
     assert runs.loc["rollout_cal", "skip"] == runs.loc["rollout", "skip"] == "ridge"
     assert (tmp_path / "forecast_ett.csv").exists()
     # the roll-out's learned memory: quartiles and every unit's half-life, in steps, and the plot
-    trained_rollouts = ["rollout", "rollout_normal", "rollout_exact"]
+    trained_rollouts = ["rollout", "rollout_normal", "rollout_exact", "rollout_exmix"]
     for name in trained_rollouts:
         row = runs.loc[name]
         values = np.array([float(v) for v in row["half_lives"].split()])
@@ -78,7 +78,7 @@ def test_quick_benchmark_writes_one_table(tmp_path, capsys):
     assert runs[["half_lives"]].drop(trained_rollouts + ["rollout_select"]).isna().all().all()
     # the validation choice among the roll-out variants: the candidate with the lowest validation
     # energy, its row copied (every score, its half-lives), nothing fitted again
-    candidates = ["rollout", "rollout_exact", "rollout_trcal"]
+    candidates = ["rollout", "rollout_exact", "rollout_exmix", "rollout_trcal"]
     chosen = runs.loc[candidates, "val_energy"].idxmin()
     select = runs.loc["rollout_select"]
     assert select["chosen"] == chosen
@@ -509,12 +509,14 @@ def test_a_selected_model_copies_its_validation_best_candidate_and_brings_its_ca
         "twin",
         "rollout",
         "rollout_exact",
+        "rollout_exmix",
         "rollout_trcal",
         "rollout_select",
     ]
     args = bench.parse_args(["--models", "rollout_select", "linear"])
     bench.check_args(args)
-    assert args.models == ["linear", "rollout", "rollout_exact", "rollout_trcal", "rollout_select"]
+    want = ["linear", "rollout", "rollout_exact", "rollout_exmix", "rollout_trcal", "rollout_select"]
+    assert args.models == want
     # a choice must read out-of-sample validation scores, by a proper score
     bad = (
         ({"candidates": ()}, "at least one"),

@@ -124,3 +124,58 @@ def test_gradients_reach_every_parameter():
 def test_bad_parameters_are_refused(change, error, match):
     with pytest.raises(error, match=match):
         PatchStateSpace(**{**params((2,)), **change})
+
+
+def shared(horizon=11, patch=4, units=3):
+    """Parameters shared by every path: start ``(U,)``, noise ``(H,)``, loading ``(H, U)``."""
+    p = params((), horizon, patch, units)
+    p["loc"] = torch.zeros(horizon, dtype=torch.float64)
+    return p
+
+
+def test_paths_that_share_the_parameters_share_one_filter():
+    p = shared()
+    loc = torch.randn(3, 2, 11, dtype=torch.float64)  # a mean per path, one covariance
+    fn = PatchStateSpace(**{**p, "loc": loc})
+    assert fn.batch_shape == (3, 2)
+    y = torch.randn(4, 3, 2, 11, dtype=torch.float64)
+    ref = MultivariateNormal(loc, dense(p))
+    assert_close(fn.log_prob(y), ref.log_prob(y), atol=1e-10, rtol=1e-10)
+    # shared start, per-path noise: the filter carries the noise's batch only
+    noise = 0.1 + torch.rand(2, 11, dtype=torch.float64)
+    fn = PatchStateSpace(**{**p, "loc": loc, "noise": noise})
+    ref = MultivariateNormal(loc, dense({**p, "noise": noise, "start": p["start"].expand(2, 3)}))
+    assert_close(fn.log_prob(y), ref.log_prob(y), atol=1e-10, rtol=1e-10)
+
+
+def test_scaled_mixture_is_the_mixture_of_dense_gaussians():
+    from vdn_pyro.state_space import ScaledStateSpaceMixture
+
+    p = shared()
+    base = PatchStateSpace(**p)
+    gen = torch.Generator().manual_seed(3)
+    loc = torch.randn(5, 2, 11, generator=gen, dtype=torch.float64)  # (K, B, H)
+    scale = 0.5 + torch.rand(5, 2, 11, generator=gen, dtype=torch.float64)
+    fn = ScaledStateSpaceMixture(loc, scale, base)
+    assert fn.batch_shape == (2,) and fn.event_shape == (11,) and fn.num_draws == 5
+    y = torch.randn(4, 2, 11, dtype=torch.float64)  # (S, B, H)
+    cov = scale.unsqueeze(-1) * dense(p) * scale.unsqueeze(-2)  # (K, B, H, H)
+    comp = MultivariateNormal(loc, cov).log_prob(y.unsqueeze(1))  # (S, K, B)
+    ref = torch.logsumexp(comp, 1) - torch.log(torch.tensor(5.0, dtype=torch.float64))
+    assert_close(fn.log_prob(y), ref, atol=1e-10, rtol=1e-10)
+    assert_close(fn.mean, loc.mean(0))
+    assert fn.expand((3, 2)).log_prob(y[:, None]).shape == (4, 3, 2)
+    # draws: the mixture's mean and covariance (each path its own component and its own noise)
+    torch.manual_seed(0)
+    draws = fn.rsample((100000,))  # (S, B, H)
+    assert draws.shape == (100000, 2, 11)
+    centred = loc - loc.mean(0)  # (K, B, H)
+    want = cov.mean(0) + torch.einsum("kbh,kbj->bhj", centred, centred) / 5  # (B, H, H)
+    dev = draws - loc.mean(0)
+    emp = torch.einsum("sbh,sbj->bhj", dev, dev) / draws.shape[0]
+    assert_close(draws.mean(0), loc.mean(0), atol=0.05)
+    assert_close(emp, want, atol=0.05 * want.abs().max().item())
+    with pytest.raises(TypeError, match="base to be a PatchStateSpace"):
+        ScaledStateSpaceMixture(loc, scale, "base")
+    with pytest.raises(ValueError, match="H = 11 steps"):
+        ScaledStateSpaceMixture(loc[..., :5], scale[..., :5], base)

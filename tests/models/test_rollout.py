@@ -551,6 +551,8 @@ BUILDS = {
     "amortized-K2": dict(train_draws=2, horizon_posterior="amortized"),
     "exact": dict(horizon_posterior="exact"),
     "exact-path-head": dict(horizon_posterior="exact", posterior="path", mean="head"),
+    "exact-mixture-K3": dict(horizon_posterior="exact_mixture", train_draws=3),
+    "exact-mixture-K1-head": dict(horizon_posterior="exact_mixture", train_draws=1, mean="head"),
 }
 
 
@@ -848,10 +850,11 @@ def test_exact_predict_draws_the_exact_predictive():
     assert_close(pred.scale, pred.scale[:1].expand_as(pred.scale), atol=0)
 
 
-def test_exact_start_at_source_keeps_small_loadings():
+@pytest.mark.parametrize("horizon_posterior", ["exact", "exact_mixture"])
+def test_exact_start_at_source_keeps_small_loadings(horizon_posterior):
     """At zero loadings the exact likelihood's gradient in them is zero (a stationary point), so
     the start from a skip path shrinks them instead; the predictive is then nearly the source's."""
-    net = make(horizon_posterior="exact")
+    net = make(horizon_posterior=horizon_posterior, train_draws=2)
     init = net.loc_weight.detach().clone()
     source = DLinear(L, H, 5)
     with torch.no_grad():
@@ -860,10 +863,120 @@ def test_exact_start_at_source_keeps_small_loadings():
     assert_close(net.loc_weight, 0.01 * init, atol=0)
     assert (net.scale_weight == 0).all()
     x, y = torch.randn(B, L), torch.randn(B, H)
-    fn = net.exact_predictive(x)
-    assert_close(fn.loc, source.point(x), atol=1e-5)
-    spread = fn.covariance_matrix_dense().diagonal(dim1=-2, dim2=-1).sqrt()  # (B, H)
-    assert_close(spread, source.scale.expand(B, H), atol=1e-3)
+    if horizon_posterior == "exact":
+        fn = net.exact_predictive(x)
+        assert_close(fn.loc, source.point(x), atol=1e-5)
+        spread = fn.covariance_matrix_dense().diagonal(dim1=-2, dim2=-1).sqrt()  # (B, H)
+        assert_close(spread, source.scale.expand(B, H), atol=1e-3)
     loss = LocalELBO().differentiable_loss(net.model, net.guide, x, y)
     loss.backward()
     assert net.loc_weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The mixture over z_P of exact paths (horizon_posterior="exact_mixture")
+# ---------------------------------------------------------------------------------------------
+
+
+def test_exact_mixture_by_hand():
+    """With the K draws of z_P fixed, the obs density is the equal-weight mixture of K dense
+    Gaussians: mean mu(m) + sigma_k (mu(m_k) - mu(m)), covariance D_k (W Gamma W^T + I) D_k with
+    Gamma the rolled latents' covariance given z_P, built here by a loop over the innovations."""
+    torch.set_default_dtype(torch.float64)
+    net = make(horizon_posterior="exact_mixture", train_draws=4, phi=0.7, mean="head")
+    with torch.no_grad():
+        net.scale_weight.normal_(0.0, 0.5)  # the scale reads each draw's roll-out mean
+        net.loc_bias.normal_()
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    guide_tr, model_tr = traces(net, x, y)
+    obs = model_tr.nodes["obs"]
+    last = guide_tr.nodes["layers.0.z"]["value"][..., 0, -1]  # (K, 1, B, U): the K draws of z_P
+    phi, innovation = net.prior.phi[:, 0], net.prior.scale  # (U,) each
+    constant = net.prior.constant  # (U,)
+    q = net.config.num_future
+    weight = net.loc_weight.reshape(q * PATCH, U)[:H]  # (H, U)
+    # rolled latents given z_P: mean by the recursion, covariance of the innovations by a loop
+    means, z = [], last
+    for _ in range(q):
+        z = constant + phi * z
+        means.append(z)
+    given = torch.stack(means, -2).squeeze(1)  # (K, B, Q, U)
+    gamma = torch.zeros(U, q, q)
+    for j in range(q):
+        for k in range(q):
+            for m in range(min(j, k) + 1):  # innovation entering at patch m
+                gamma[:, j, k] += phi ** (j - m) * phi ** (k - m) * innovation**2
+    patch_of = torch.arange(H) // PATCH
+    sigma0 = torch.einsum("hu,uhk,ku->hk", weight, gamma[:, patch_of][:, :, patch_of], weight) + torch.eye(H)
+    centre = net.rollout_mean(x)  # (B, Q, U)
+    off = net.offset(x)
+    middle = off + (
+        torch.einsum("bqu,qpu->bqp", centre, net.loc_weight).flatten(-2)[..., :H] + net.loc_bias[:H]
+    )
+    moved = (
+        torch.einsum("kbqu,qpu->kbqp", given, net.loc_weight).flatten(-2)[..., :H] + net.loc_bias[:H] + off
+    )
+    raw = torch.einsum("kbqu,qpu->kbqp", given, net.scale_weight).flatten(-2)[..., :H] + net.scale_bias[:H]
+    sigma = torch.nn.functional.softplus(raw) + net.config.likelihood_scale_min  # (K, B, H)
+    loc = middle + sigma * (moved - middle)  # (K, B, H)
+    cov = sigma.unsqueeze(-1) * sigma0 * sigma.unsqueeze(-2)  # (K, B, H, H)
+    comp = MultivariateNormal(loc, cov).log_prob(y)  # (K, B)
+    want = torch.logsumexp(comp, 0) - math.log(4)
+    assert_close(obs["fn"].log_prob(obs["value"]).reshape(-1), want, atol=1e-9)
+
+
+def test_exact_mixture_is_exact_when_the_scale_reads_no_latent():
+    """With a scale that does not read the latents every component has the same covariance, and
+    the mixture over K draws of z_P tends to the exact Gaussian predictive as K grows."""
+    torch.set_default_dtype(torch.float64)
+    options = dict(mean="centred", likelihood_scale="learned", phi=0.8)
+    exact, mixed = (
+        make(horizon_posterior="exact", **options),
+        make(horizon_posterior="exact_mixture", **options),
+    )
+    with torch.no_grad():
+        exact.scale_bias.copy_(torch.linspace(0.0, 1.0, exact.scale_bias.shape[0]))
+    mixed.load_state_dict(exact.state_dict())
+    x = torch.randn(3, L)
+    y = exact.predict(x, num_samples=1).samples[0]  # (3, H)
+    want = obs_log_prob(exact, x, y)
+    assert (obs_log_prob(mixed, x, y, draws=1) - want).abs().max() > 0.01  # one draw of z_P is not it
+    assert_close(obs_log_prob(mixed, x, y, draws=20000), want, atol=0.01)
+    # predict: the same law (z_P, then the roll-out, then the path)
+    fn = exact.exact_predictive(x)
+    pred = mixed.predict(x[:2], num_samples=100000)
+    assert_close(pred.point, fn.loc[:2], atol=1e-12)
+    dev = pred.samples - fn.loc[:2]
+    emp = torch.einsum("sbh,sbk->bhk", dev, dev) / dev.shape[0]
+    cov = fn.covariance_matrix_dense()[:2]
+    assert_close(emp, cov, atol=0.03 * cov.abs().max().item())
+
+
+def test_exact_mixture_sites_and_refusals():
+    from vdn_pyro.state_space import ScaledStateSpaceMixture
+
+    net = make(horizon_posterior="exact_mixture", train_draws=3)
+    x, y = torch.randn(B, L), torch.randn(B, H)
+    guide_tr, model_tr = traces(net, x, y)
+    assert set(latent_sites(guide_tr)) == {"layers.0.z"}  # the horizon's innovations integrated out
+    assert guide_tr.nodes["layers.0.z"]["value"].shape[0] == 3  # K draws of the look-back latents
+    obs = model_tr.nodes["obs"]
+    assert isinstance(obs["fn"], ScaledStateSpaceMixture) and obs["fn"].num_draws == 3
+    assert obs["fn"].batch_shape == (1, B, 1)
+    sampled = poutine.trace(net.model).get_trace(x)  # without a target: the roll-out is drawn
+    assert net.rollout_site in latent_sites(sampled)
+    assert sampled.nodes["obs"]["value"].shape == (B, 1, H)
+    pred = net.predict(x, num_samples=6)
+    assert pred.samples.shape == (6, B, H) and torch.isfinite(pred.samples).all()
+    # each draw's scale reads its own roll-out mean: the draws' scales differ once the scale reads them
+    with torch.no_grad():
+        net.scale_weight.normal_()
+    pred = net.predict(x, num_samples=6)
+    assert (pred.scale - pred.scale[:1]).abs().max() > 1e-3
+    for other in (
+        make(),
+        make(horizon_posterior="exact"),
+        make(horizon_posterior="exact_mixture", deterministic=True),
+    ):
+        with pytest.raises(ValueError, match="mixture_predictive needs"):
+            other.mixture_predictive(x, torch.zeros(2, B, U, 1))

@@ -140,7 +140,7 @@ from vdn_pyro.models.likelihoods import _inv_softplus
 from vdn_pyro.models.neurons import Neurons
 from vdn_pyro.models.priors import ARPrior
 from vdn_pyro.primitives import as_beta, current_neuron_mode, data_plate, neurons, record_posterior
-from vdn_pyro.state_space import PatchStateSpace
+from vdn_pyro.state_space import PatchStateSpace, ScaledStateSpaceMixture
 
 __all__ = ["DrawAverage", "PathMixture", "RolloutConfig", "RolloutForecaster"]
 
@@ -148,7 +148,7 @@ ROLLOUT_PRIORS = ("ar", "normal")
 POSTERIORS = ("path", "diagonal")
 MIXTURES = ("path", "step")
 #: How training draws the horizon's latents (see :class:`RolloutConfig`).
-HORIZON_POSTERIORS = ("prior", "amortized", "exact")
+HORIZON_POSTERIORS = ("prior", "amortized", "exact", "exact_mixture")
 LIKELIHOOD_SCALES = ("heteroscedastic", "learned")
 #: Lower bound of the amortized posterior's innovation scales.
 INNOVATION_SCALE_MIN = 1e-3
@@ -301,8 +301,12 @@ class RolloutConfig:
         (the horizon's latents, and the last look-back latent's posterior spread, integrated out in
         closed form: the likelihood of an observed path is the forecast's exact Gaussian
         predictive, :meth:`RolloutForecaster.exact_predictive`, no Monte Carlo and no
-        ``train_draws``; the likelihood scale reads the rolled latents' mean). See the module
-        docstring for what each measured.
+        ``train_draws``; the likelihood scale reads the rolled latents' mean) or
+        ``"exact_mixture"`` (a mixture over ``train_draws`` draws of the last look-back latent
+        :math:`z_P`, each component's horizon latents integrated out in closed form given its
+        :math:`z_P`; the likelihood scale reads that draw's roll-out mean, so the components
+        differ in scale as well as mean: :meth:`RolloutForecaster.mixture_predictive`). See the
+        module docstring for what each measured.
     :ivar float horizon_beta: KL weight of the horizon's latents under ``"amortized"`` (1: the
         ELBO of the predictive model, whose marginal is what the forecast draws from).
     :ivar bool deterministic: the twin: posterior means, conditional-mean roll-out, no KL.
@@ -502,6 +506,19 @@ class RolloutForecaster(SkipPathForecaster):
         return self.config.horizon_posterior == "exact" and not self.config.deterministic
 
     @property
+    def exact_mixture(self):
+        """Whether an observed path is scored by the mixture over draws of :math:`z_P` of exact
+        Gaussian paths (``horizon_posterior="exact_mixture"``; never in the twin)."""
+        return self.config.horizon_posterior == "exact_mixture" and not self.config.deterministic
+
+    @property
+    def integrated(self):
+        """Whether the horizon's innovations are integrated out when the path is observed
+        (:attr:`exact` or :attr:`exact_mixture`): the scale then multiplies the whole deviation
+        from the mean path (:meth:`components`)."""
+        return self.exact or self.exact_mixture
+
+    @property
     def rollout_site(self):
         """The site of the horizon's latents: ``"rollout.z"``, under the network's own path."""
         path = self._pyro_name
@@ -527,7 +544,7 @@ class RolloutForecaster(SkipPathForecaster):
         :param bool start_at_source: zero the decoder's loadings on the latents (and its mean
             bias) and set the scale bias to the source's calibrated ``scale``: the forecaster
             then starts as exactly the source's Gaussian predictive. With
-            ``horizon_posterior="exact"`` the mean's loadings are shrunk to
+            ``horizon_posterior="exact"`` or ``"exact_mixture"`` the mean's loadings are shrunk to
             :data:`EXACT_START` of their initial values instead of zeroed: the exact likelihood's
             gradient in them is linear in them, so zero loadings are a stationary point it never
             leaves (the K-draw mixture leaves it through its Monte Carlo noise).
@@ -538,7 +555,7 @@ class RolloutForecaster(SkipPathForecaster):
             with torch.no_grad():
                 for param in (self.loc_weight, self.scale_weight):
                     if param is not None:
-                        param.mul_(EXACT_START if self.exact and param is self.loc_weight else 0.0)
+                        param.mul_(EXACT_START if self.integrated and param is self.loc_weight else 0.0)
                 if self.loc_bias is not None:
                     self.loc_bias.zero_()
                 scale = getattr(source, "scale", None)
@@ -680,35 +697,42 @@ class RolloutForecaster(SkipPathForecaster):
             # site: (K, 1, B, U, 1, Q)
             return layer.pool(site, True)  # (K, 1, B, Q, U)
 
-    def components(self, x, z, expand=True, centre=None):
+    def components(self, x, z, expand=True, centre=None, at=None):
         r"""Per-draw Gaussian parameters of each horizon step.
 
         With ``horizon_posterior="exact"`` the scale :math:`\sigma(x)` reads the rolled latents'
         mean :math:`m(x)` and sets the units of the whole deviation from the mean path,
         :math:`y = \mu(m) + \sigma(x) \odot (\mu(z) - \mu(m) + \varepsilon)`, so the paths'
-        spread follows the window's volatility as the noise does.
+        spread follows the window's volatility as the noise does. With ``"exact_mixture"`` the
+        same, with the scale read at ``at``: the roll-out's conditional mean given the draw's
+        :math:`z_P`.
 
         :param x: ``(B, L)``.
         :param z: the horizon's pooled latents ``(..., B, Q, U)``.
         :param bool expand: expand the scale to ``loc``'s shape (else it may be ``(H,)``).
         :param centre: :meth:`rollout_mean` of ``x``, ``(B, Q, U)`` (computed when needed and
             ``None``; read by ``mean="centred"`` and ``horizon_posterior="exact"``).
+        :param at: under ``"exact_mixture"``, the latents the scale reads, broadcastable to ``z``:
+            each draw's conditional roll-out mean given its :math:`z_P` (default ``z`` itself).
         :returns: ``(loc, scale)``, each ``(..., B, H)``.
         """
         c = self.config
         h = c.horizon
-        if centre is None and (c.mean == "centred" or self.exact):
+        if centre is None and (c.mean == "centred" or self.integrated):
             centre = self.rollout_mean(x)  # (B, Q, U)
         off = self.offset(x)  # (B, H or 1) or None
         loc = self._decoder_mean(z, centre, off)  # (..., B, H)
-        at = centre if self.exact else z  # the latents the scale reads
+        if self.exact:  # the latents the scale reads
+            at = centre
+        elif not self.exact_mixture or at is None:
+            at = z
         if self.scale_weight is not None:
             raw = torch.einsum("...qu,qpu->...qp", at, self.scale_weight)  # (..., B, Q, patch)
             raw = raw.flatten(-2)[..., :h] + self.scale_bias[:h]  # (..., B, H)
         else:
             raw = self.scale_bias[:h]  # (H,)
         scale = softplus(raw) + c.likelihood_scale_min
-        if self.exact:
+        if self.integrated:
             middle = self._decoder_mean(centre, centre, off)  # (B, H)
             loc = middle + scale * (loc - middle)  # (..., B, H)
         if expand:
@@ -779,9 +803,55 @@ class RolloutForecaster(SkipPathForecaster):
         # the scale sets the units of the whole deviation: loadings sigma_h w_h, noise sigma_h
         return PatchStateSpace(loc, sigma.unsqueeze(-1) * weight, c.patch, phi, innovation, start, sigma)
 
-    def _obs_dist(self, x, z, draws, centre=None):
+    def mixture_predictive(self, x, last, features=None):
+        r"""The forecast's predictive under ``horizon_posterior="exact_mixture"``, given K draws of
+        the last look-back latent: an equal-weight mixture of K Gaussian paths,
+
+        .. math:: y_{1:H} \mid x, z_P^{(k)} \sim \mathcal{N}\big(\mu(m) + \sigma_k \odot
+                  (\mu(m_k) - \mu(m)),\; D_{\sigma_k} \big(\textstyle\sum_i w_i \Gamma_i
+                  w_i^\top + I\big) D_{\sigma_k}\big),
+
+        with :math:`m_k` the roll-out's conditional mean given :math:`z_P^{(k)}`, :math:`m(x)`
+        its mean under the posterior, :math:`\sigma_k` the scale read at :math:`m_k`, and
+        :math:`\Gamma_i` the covariance of unit i's rolled latents given :math:`z_P` (its AR
+        innovations only, the same for every window). All K components of every window share one
+        Kalman filter (:class:`~vdn_pyro.state_space.ScaledStateSpaceMixture`); as K grows with a
+        scale that does not read the latents it tends to :meth:`exact_predictive`.
+
+        :param torch.Tensor x: ``(B, L)``.
+        :param torch.Tensor last: K draws of :math:`z_P`, ``(K, ..., B, U, 1)``.
+        :param features: :meth:`features` of ``x`` when already computed, ``(B, P, F)``.
+        :returns: a :class:`~vdn_pyro.state_space.ScaledStateSpaceMixture` with batch
+            ``(..., B)``, event ``(H,)``.
+        :raises ValueError: if the network's likelihood is not this one.
+        """
+        if not self.exact_mixture:
+            raise ValueError(
+                "mixture_predictive needs a distributional network with horizon_posterior='exact_mixture', "
+                f"but this one has horizon_posterior={self.config.horizon_posterior!r} and "
+                f"deterministic={self.config.deterministic!r}."
+            )
+        c = self.config
+        h = c.horizon
+        centre = self.rollout_mean(x, features)  # (B, Q, U)
+        given = self._conditional_mean(last)  # (K, ..., B, Q, U)
+        loc, sigma = self.components(x, given, centre=centre, at=given)  # (K, ..., B, H) each
+        if self.loc_weight is None:  # the latents move no mean: independent steps
+            weight = loc.new_zeros(h, c.units)  # (H, U)
+        else:
+            weight = self.loc_weight.reshape(c.num_future * c.patch, c.units)[:h]  # (H, U)
+        prior = self.prior
+        phi, innovation = prior.phi[:, 0], prior.scale  # (U,) each
+        base = PatchStateSpace(
+            loc.new_zeros(h), weight, c.patch, phi, innovation, innovation, loc.new_ones(h)
+        )
+        return ScaledStateSpaceMixture(loc, sigma, base)
+
+    def _obs_dist(self, x, z, draws, centre=None, at=None):
         """Likelihood of the horizon: batch ``(..., B, 1)``, event ``(H,)``."""
-        loc, scale = self.components(x, z, expand=False, centre=centre)  # (..., B, H), scale broadcasts
+        loc, scale = self.components(
+            x, z, expand=False, centre=centre, at=at
+        )  # (..., B, H), scale broadcasts
         loc = loc.unsqueeze(-2)  # (..., B, 1, H)
         scale = scale.unsqueeze(-2) if scale.dim() > 1 else scale  # (..., B, 1, H) or (H,)
         if draws == 1:
@@ -838,14 +908,24 @@ class RolloutForecaster(SkipPathForecaster):
                 out = pyro.sample("obs", fn, obs=y.unsqueeze(-2))  # (B', 1, H)
                 return out.squeeze(-2).reshape(lead + out.shape[-1:])  # (B, [T,] H)
             last = past[..., -1, :].unsqueeze(-1)  # (.., B', U, 1)
+            if self.exact_mixture and y is not None:
+                # the horizon's innovations integrated out given each of the K draws of z_P
+                if current_neuron_mode() == "guide":
+                    return None
+                draws_last = last if draws > 1 else last[None]  # (K, 1, B', U, 1) or (1, B', U, 1)
+                fn = self.mixture_predictive(x, draws_last, features)  # batch (.., B'), event (H,)
+                fn = ScaledStateSpaceMixture(fn.loc.unsqueeze(-2), fn.scale.unsqueeze(-2), fn.base)
+                out = pyro.sample("obs", fn, obs=y.unsqueeze(-2))  # (.., B', 1, H)
+                return out.squeeze(-2).reshape(lead + out.shape[-1:])  # (B, [T,] H)
             future = self._rollout(last, draws, x, y)  # (.., B', Q, U)
             if current_neuron_mode() == "guide":  # the guide has no observation: it stops at the latents
                 return None
             # mean="centred": the roll-out's posterior mean, from the features computed above
-            needs_centre = self.config.mean == "centred" or exact
+            needs_centre = self.config.mean == "centred" or self.integrated
             centre = self.rollout_mean(x, features) if needs_centre else None  # (B', Q, U)
+            at = self._conditional_mean(last) if self.exact_mixture else None  # (.., B', Q, U)
             obs = None if y is None else y.unsqueeze(-2)  # (B', 1, H)
-            out = pyro.sample("obs", self._obs_dist(x, future, draws, centre), obs=obs)
+            out = pyro.sample("obs", self._obs_dist(x, future, draws, centre, at), obs=obs)
         out = out.squeeze(-2)  # (..., B', H)
         return out.reshape(out.shape[:-2] + lead + out.shape[-1:])  # (..., B, [T,] H)
 
@@ -901,10 +981,15 @@ class RolloutForecaster(SkipPathForecaster):
         parts = x.split(batch_size) if batch_size else (x,)
         out = []
         for xb in parts:
-            _, centre, future = self._sample_latents(xb, num_samples)  # (S', b, Q, U)
+            last, centre, future = self._sample_latents(xb, num_samples)  # (S', b, Q, U)
             # one decoder pass: the draws and, first, the latents' mean, where the (affine) decoder
             # mean is the exact predictive mean
-            c_loc, c_scale = self.components(xb, torch.cat([centre[None], future]), centre=centre)
+            at = None
+            if self.exact_mixture:  # each draw's scale reads its conditional roll-out mean
+                at = torch.cat(
+                    [centre[None], self._conditional_mean(last.unsqueeze(-1))]
+                )  # (1 + S', b, Q, U)
+            c_loc, c_scale = self.components(xb, torch.cat([centre[None], future]), centre=centre, at=at)
             point, c_loc, c_scale = c_loc[:1], c_loc[1:], c_scale[1:]  # (1, b, H), (S', b, H) x 2
             reps = num_samples // c_loc.shape[0]
             noise = torch.randn((reps,) + c_loc.shape, dtype=c_loc.dtype, device=c_loc.device)
