@@ -17,7 +17,8 @@ deterministic twin of the roll-out (independent steps), the
 :class:`~vdn_pyro.models.RolloutForecaster` trained as in the harness (K prior roll-outs mixed in
 the path's likelihood, ``rollout``), the same network trained by the plain ELBO with an
 amortized posterior of the horizon's latents (``rollout_amortized``) and on the exact likelihood of
-the observed path, its rolled latents integrated out by a Kalman filter (``rollout_exact``), and
+the observed path, its rolled latents integrated out by a Kalman filter (``rollout_exact``), on
+a mixture over draws of the last look-back latent of such exact paths (``rollout_exmix``), and
 ``rollout`` with its spread recalibrated on the validation windows (``rollout_cal``,
 :class:`~vdn_pyro.models.SpreadRecalibration`: on a series where the roll-out is calibrated its two
 factors should stay near 1; the same training seed's ``rollout`` is reused when it ran). As in
@@ -56,7 +57,7 @@ from vdn_pyro.data import ratio_splits  # noqa: E402
 from vdn_pyro.forecasting import TrainConfig, evaluate_forecaster, train_forecaster  # noqa: E402
 from vdn_pyro.models import ForecastPrediction, RolloutForecaster, SpreadRecalibration  # noqa: E402
 
-MODELS = ("oracle", "twin", "rollout", "rollout_amortized", "rollout_exact", "rollout_cal")
+MODELS = ("oracle", "twin", "rollout", "rollout_amortized", "rollout_exact", "rollout_exmix", "rollout_cal")
 SCORES = ("mse", "crps", "nll", "coverage_90", "energy", "crps_sum", "coverage_90_sum")
 
 
@@ -138,6 +139,8 @@ def build(name, args):
         options["horizon_posterior"] = "amortized"
     if name == "rollout_exact":
         options["horizon_posterior"] = "exact"
+    if name == "rollout_exmix":
+        options["horizon_posterior"] = "exact_mixture"
     return RolloutForecaster(**options)
 
 
