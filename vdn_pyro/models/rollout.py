@@ -97,6 +97,17 @@ proper score (energy 2.297 against 2.313, oracle 2.285); on ETTh1 (4 horizons, 3
 rejects it at every horizon (energy +0.009 to +0.045, NLL 2.9-5.4 against 1.1-1.6: a Gaussian path
 is overconfident on the volatile validation months), so the mixture stays the default.
 
+**A mixture of exact paths** (``horizon_posterior="exact_mixture"``). Between the two: K draws of
+the last look-back latent :math:`z_P`, and given each the horizon's innovations integrated out
+exactly, with the likelihood scale read at that draw's roll-out mean, so the K Gaussian components
+differ in mean and in scale (a scale mixture, heavier-tailed than one Gaussian):
+:meth:`RolloutForecaster.mixture_predictive`. Every component of every window whitens to one
+shared Gaussian (the innovations' law given :math:`z_P` does not depend on the window), so one
+Kalman filter serves them all (:class:`~vdn_pyro.state_space.ScaledStateSpaceMixture`). With a
+scale that reads no latent it tends to the exact likelihood as K grows. On the stationary series
+it is the best of the three likelihoods on every proper score (energy 2.294, CRPS-sum 9.30),
+with intervals a little narrow.
+
 **Likelihood of the horizon.** With ``train_draws = K > 1`` the likelihood of an observed path is
 a mixture over K draws of :math:`(z_P, z_{P+1:P+Q})`, per path (``mixture="path"``, default:
 :class:`PathMixture`), which tends to the joint predictive log-likelihood
