@@ -860,9 +860,8 @@ class RolloutForecaster(SkipPathForecaster):
 
     def _obs_dist(self, x, z, draws, centre=None, at=None):
         """Likelihood of the horizon: batch ``(..., B, 1)``, event ``(H,)``."""
-        loc, scale = self.components(
-            x, z, expand=False, centre=centre, at=at
-        )  # (..., B, H), scale broadcasts
+        # loc (..., B, H); the scale broadcasts with it
+        loc, scale = self.components(x, z, expand=False, centre=centre, at=at)
         loc = loc.unsqueeze(-2)  # (..., B, 1, H)
         scale = scale.unsqueeze(-2) if scale.dim() > 1 else scale  # (..., B, 1, H) or (H,)
         if draws == 1:
@@ -997,9 +996,8 @@ class RolloutForecaster(SkipPathForecaster):
             # mean is the exact predictive mean
             at = None
             if self.exact_mixture:  # each draw's scale reads its conditional roll-out mean
-                at = torch.cat(
-                    [centre[None], self._conditional_mean(last.unsqueeze(-1))]
-                )  # (1 + S', b, Q, U)
+                given = self._conditional_mean(last.unsqueeze(-1))  # (S', b, Q, U)
+                at = torch.cat([centre[None], given])  # (1 + S', b, Q, U)
             c_loc, c_scale = self.components(xb, torch.cat([centre[None], future]), centre=centre, at=at)
             point, c_loc, c_scale = c_loc[:1], c_loc[1:], c_scale[1:]  # (1, b, H), (S', b, H) x 2
             reps = num_samples // c_loc.shape[0]
