@@ -58,16 +58,18 @@ def squared_error(solution, x, y, length):
     return ((design(x, length) @ solution - y.double()) ** 2).sum().item()
 
 
-def choose(fits, val, test):
+def choose(fits, val, test, channels=1):
     """The fit with the lowest validation MSE among ``fits`` (``{ridge: [(solution, length,
-    channel or None), ...]}``): ``(ridge, val_mse, test_mse)``."""
+    channel or None), ...]}``; a part with a channel c scores only that channel's windows, every
+    ``channels``-th row from row c, the windows being ordered (window, channel)):
+    ``(ridge, val_mse, test_mse)``."""
     best = None
     for ridge, parts in fits.items():
         scores = []
         for x, y in (val, test):
             err = 0.0
             for solution, length, channel in parts:
-                rows = slice(None) if channel is None else channel
+                rows = slice(None) if channel is None else slice(channel, None, channels)
                 err += squared_error(solution, x[rows], y[rows], length)
             scores.append(err / y.numel())
         if best is None or scores[0] < best[1]:
@@ -92,32 +94,14 @@ def candidates(splits):
     last[lookback - 1] = 1.0  # repeat the last value
     fits = {r: [(ridge_solve(gram, cross, d.shape[0], r, last), lookback, None)] for r in RIDGES}
     out["shrunk to last value"] = choose(fits, val, test)
-    # windows are ordered (window, channel): the channel of row n is n mod C
-    masks = [
-        [torch.arange(v.shape[0]) % channels == c for c in range(channels)] for v in (x, val[0], test[0])
-    ]
     fits = {r: [] for r in RIDGES}
     for c in range(channels):
-        dc = d[masks[0][c]]
-        gram, cross = dc.T @ dc, dc.T @ y[masks[0][c]].double()
+        dc, yc = d[c::channels], y[c::channels].double()  # channel c's windows
+        gram, cross = dc.T @ dc, dc.T @ yc
         for r in RIDGES:
-            fits[r].append(ridge_solve(gram, cross, dc.shape[0], r))
-    out["per channel"] = choose_per_channel(fits, val, test, masks[1:], lookback)
+            fits[r].append((ridge_solve(gram, cross, dc.shape[0], r), lookback, c))
+    out["per channel"] = choose(fits, val, test, channels)
     return out
-
-
-def choose_per_channel(fits, val, test, masks, lookback):
-    """:func:`choose` for one map per channel: ``fits`` ``{ridge: [solution of channel c]}``,
-    ``masks`` the channel masks of the validation and test windows."""
-    best = None
-    for ridge, solutions in fits.items():
-        scores = []
-        for (x, y), mask in zip((val, test), masks):
-            err = sum(squared_error(s, x[m], y[m], lookback) for s, m in zip(solutions, mask))
-            scores.append(err / y.numel())
-        if best is None or scores[0] < best[1]:
-            best = (ridge, *scores)
-    return best
 
 
 def main(argv=None):
