@@ -39,6 +39,8 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 import forecast_ett  # noqa: E402
 
+from vdn_pyro.files import atomic_path  # noqa: E402
+
 VARIANTS = ("normal", "ar-free", "ar-band", "static")
 
 
@@ -86,7 +88,8 @@ def half_life_figure(path, half_lives, band_hours):
         ax.set_xlabel("half-life of the unit's AR prior (hours)")
         ax.set_ylabel("units")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -176,7 +179,8 @@ def main(args, prepared=None):
         for i, life in enumerate(lives)
         for u, v in enumerate(life)
     ]
-    pd.DataFrame(rows).to_csv(Path(out_dir) / "ar_half_lives.csv", index=False)
+    with atomic_path(Path(out_dir) / "ar_half_lives.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
     print(note)
     print(table)
     print(f"written to {out_dir}")

@@ -167,6 +167,7 @@ from vdn_pyro.cli import build_constraints  # noqa: E402
 from vdn_pyro.config import PRESETS, load_config, merge_dicts, parse_overrides, validate_config  # noqa: E402
 from vdn_pyro.data import load_csv  # noqa: E402
 from vdn_pyro.data.protocol import PROTOCOLS, detect_protocol, protocol_splits, rows_per_hour  # noqa: E402
+from vdn_pyro.files import atomic_path, write_text  # noqa: E402
 from vdn_pyro.forecasting import (  # noqa: E402
     METRICS,
     NORMS,
@@ -918,9 +919,11 @@ def write_outputs(runs, out_dir, stem="forecast_ett", note="", published=None):
     the tables."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(runs).to_csv(out_dir / f"{stem}_runs.csv", index=False)
+    with atomic_path(out_dir / f"{stem}_runs.csv") as tmp:  # an interrupted write loses no row
+        pd.DataFrame(runs).to_csv(tmp, index=False)
     summary = summarise(runs, published)
-    summary.to_csv(out_dir / f"{stem}.csv", index=False)
+    with atomic_path(out_dir / f"{stem}.csv") as tmp:
+        summary.to_csv(tmp, index=False)
     tables = format_tables(summary)
     paired = format_paired(paired_differences(runs))
     if paired:
@@ -928,7 +931,7 @@ def write_outputs(runs, out_dir, stem="forecast_ett", note="", published=None):
             "\n\nPaired differences on test (a - b, same horizon and seed; negative: a is better; mean ± "
             "std over seeds, seeds won; bold: beyond twice the seed spread)\n\n" + paired
         )
-    (out_dir / f"{stem}.md").write_text(f"{note}\n\n{tables}\n" if note else f"{tables}\n")
+    write_text(out_dir / f"{stem}.md", f"{note}\n\n{tables}\n" if note else f"{tables}\n")
     plot_memory(runs, out_dir / f"{stem}_half_lives.png")
     return summary, tables
 

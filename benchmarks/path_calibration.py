@@ -54,6 +54,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 from forecast_ett import run_script  # noqa: E402
 
 from vdn_pyro.data import ratio_splits  # noqa: E402
+from vdn_pyro.files import write_text  # noqa: E402
 from vdn_pyro.forecasting import TrainConfig, evaluate_forecaster, train_forecaster  # noqa: E402
 from vdn_pyro.models import ForecastPrediction, RolloutForecaster, SpreadRecalibration  # noqa: E402
 
@@ -232,16 +233,9 @@ def main(args, prepared=None):
     options = json.dumps({k: v for k, v in vars(args).items() if k != "out_dir"})
     head = f"Path scores on a stationary state-space series, test windows (options: {options})"
     text = f"{head}\n\n{table(runs)}\n"
-    _write(out / "path_calibration.md", text)
-    _write(out / "path_calibration_runs.csv", pd.DataFrame(runs).to_csv(index=False))
+    write_text(out / "path_calibration.md", text)
+    write_text(out / "path_calibration_runs.csv", pd.DataFrame(runs).to_csv(index=False))
     print(text)
-
-
-def _write(path, text):
-    """Write ``text`` to ``path`` through a temporary file renamed over it (never a partial file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def parse_args(argv=None):

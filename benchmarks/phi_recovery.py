@@ -62,6 +62,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from vdn_pyro import VDN, LocalELBO, fit  # noqa: E402
+from vdn_pyro.files import atomic_path, write_text  # noqa: E402
 from vdn_pyro.inference.fit import evaluate_loss  # noqa: E402
 
 PHI = (0.9, 0.3)
@@ -532,8 +533,9 @@ def main(args):
         f"{args.particles} particles, float64. A = loading_matrix({args.data_seed}). Total "
         f"{time.time() - start:.0f} s on {args.threads} thread(s). Options: {json.dumps(settings)}"
     )
-    runs.to_csv(out_dir / "phi_recovery.csv", index=False)
-    (out_dir / "phi_recovery.md").write_text(markdown(summary, runs, note))
+    with atomic_path(out_dir / "phi_recovery.csv") as tmp:
+        runs.to_csv(tmp, index=False)
+    write_text(out_dir / "phi_recovery.md", markdown(summary, runs, note))
     print(note)
     print(summary.to_string(index=False))
     print(f"wrote {out_dir / 'phi_recovery.md'} and {out_dir / 'phi_recovery.csv'}")

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import generate_names  # noqa: E402  (the example's training recipe, reused as is)
 
 from vdn_pyro.data.text import load_names_corpus  # noqa: E402
+from vdn_pyro.files import atomic_path, write_text  # noqa: E402
 from vdn_pyro.models.recurrent import evaluate_sequences  # noqa: E402
 
 #: variant -> (the example's model kind, posterior)
@@ -167,7 +168,8 @@ def markdown(frame):
 
 def write_results(runs, out_dir, args, corpus, seconds):
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(out_dir / "recurrent_ar.csv", index=False, float_format="%.6g")
+    with atomic_path(out_dir / "recurrent_ar.csv") as tmp:
+        runs.to_csv(tmp, index=False, float_format="%.6g")
     table, diffs = summary_tables(runs)
     text = f"""# RecurrentVDN: AR against no-AR prior, step against path posterior
 
@@ -202,7 +204,7 @@ mean ± std over seeds; negative = the first variant is better:
 
 {diffs}
 """
-    (out_dir / "recurrent_ar.md").write_text(text)
+    write_text(out_dir / "recurrent_ar.md", text)
     return text
 
 

@@ -51,6 +51,8 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 from step_speed import StepConfig, make_step, peak_step_memory  # noqa: E402
 
+from vdn_pyro.files import atomic_path, write_text  # noqa: E402
+
 SWEEPS = {
     "units": ("units", (64, 128, 256, 512, 1024, 2048, 4096)),
     "time_steps": ("steps", (1, 2, 4, 8, 16, 32, 64)),
@@ -187,7 +189,8 @@ def plot(rows, fitted, path):
             ax.set_ylabel(label)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -285,12 +288,12 @@ def _main(args):
     print(report)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "scaling.csv", "w") as f:
-        f.write("sweep,value,wall_ms,cpu_ms,peak_mib\n")
-        for r in rows:
-            f.write(f"{r['sweep']},{r['value']},{r['wall_ms']:.4f},{r['cpu_ms']:.4f},{r['peak_mib']:.4f}\n")
-    (out / "scaling.md").write_text(report + "\n")
-    (out / "scaling.json").write_text(json.dumps(results, indent=1))
+    lines = [
+        f"{r['sweep']},{r['value']},{r['wall_ms']:.4f},{r['cpu_ms']:.4f},{r['peak_mib']:.4f}\n" for r in rows
+    ]
+    write_text(out / "scaling.csv", "sweep,value,wall_ms,cpu_ms,peak_mib\n" + "".join(lines))
+    write_text(out / "scaling.md", report + "\n")
+    write_text(out / "scaling.json", json.dumps(results, indent=1))
     plot(rows, results["slopes"], out / "scaling.png")
     results["files"] = [str(out / n) for n in ("scaling.csv", "scaling.md", "scaling.png")]
     return results

@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
 
 from vdn_pyro.data import load_csv  # noqa: E402
 from vdn_pyro.data.protocol import PROTOCOLS, protocol_splits  # noqa: E402
+from vdn_pyro.files import atomic_path, write_text  # noqa: E402
 from vdn_pyro.forecasting import RIDGES  # noqa: E402
 
 
@@ -142,7 +143,8 @@ def main(argv=None):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows)
-    frame.to_csv(out / "skip_candidates.csv", index=False)
+    with atomic_path(out / "skip_candidates.csv") as tmp:
+        frame.to_csv(tmp, index=False)
     lines = [f"{Path(args.data).name}, L = {args.lookback}", ""]
     lines += ["| H | family | ridge | val MSE | val change | test MSE (not used) |", "|---" * 6 + "|"]
     lines += [
@@ -150,7 +152,7 @@ def main(argv=None):
         f"| {r.test_mse:.4f} |"
         for r in frame.itertuples()
     ]
-    (out / "skip_candidates.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "skip_candidates.md", "\n".join(lines) + "\n")
     print("written:", out / "skip_candidates.md")
     return frame
 

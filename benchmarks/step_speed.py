@@ -82,6 +82,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from vdn_pyro import VDN, LocalELBO, NeuronGuide, TemporalNeurons  # noqa: E402
+from vdn_pyro.files import write_text  # noqa: E402
 from vdn_pyro.inference.jit import JitLocalELBO  # noqa: E402
 from vdn_pyro.models import ARPrior  # noqa: E402
 from vdn_pyro.primitives import data_plate, module_params  # noqa: E402
@@ -904,8 +905,8 @@ def _main(args):
     if args.out_dir:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "step_speed.json").write_text(json.dumps(results, indent=1, default=str))
-        (out / "step_speed.md").write_text(report + "\n")
+        write_text(out / "step_speed.json", json.dumps(results, indent=1, default=str))
+        write_text(out / "step_speed.md", report + "\n")
     return results
 
 

@@ -343,7 +343,7 @@ def test_a_read_only_run_directory(run, monkeypatch, capsys):
 
     monkeypatch.setattr(cli._Outputs, "path", read_only)
     run_main(capsys, ["report", str(run)], 1, "cannot write", "Read-only file system")
-    monkeypatch.setattr(cli, "_atomic_write", lambda path, text: read_only(None, path))
+    monkeypatch.setattr(cli, "write_text", lambda path, text: read_only(None, path))
     run_main(capsys, ["fit", "--resume", str(run), "--quiet", "--set", "fit.steps=8"], 1, "config.yaml")
     assert snapshot(run) == before
 

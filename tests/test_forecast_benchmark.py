@@ -416,6 +416,38 @@ def test_paired_differences_by_horizon_and_seed():
     assert "| 96 | rollout - twin_t |" in table and "**" not in table  # within twice the spread
 
 
+def test_an_interrupted_write_of_the_tables_loses_no_finished_row(tmp_path, monkeypatch):
+    """The tables are rewritten after every task; an interruption mid-write (here a
+    KeyboardInterrupt after half the CSV is written) leaves the previous files whole and no
+    temporary behind."""
+    bench = load("forecast_ett")
+
+    def runs(seeds):
+        rows = []
+        for seed in seeds:
+            for model in ("rollout", "twin_t"):
+                rows.append(
+                    {"horizon": 96, "seed": seed, "model": model, **{k: 1.0 + seed for k, _ in bench.COLUMNS}}
+                )
+        return rows
+
+    bench.write_outputs(runs([0]), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"forecast_ett_runs.csv", "forecast_ett.csv", "forecast_ett.md"}
+
+    def interrupted(frame, path, **kwargs):
+        Path(path).write_text(frame.to_string()[:20])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.write_outputs(runs([0, 1]), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    bench.write_outputs(runs([0, 1]), tmp_path)
+    assert len(pd.read_csv(tmp_path / "forecast_ett_runs.csv")) == 4
+
+
 def test_roll_out_models_select_on_the_energy_score_unless_told():
     """The roll-out models' own selection (the validation energy score) applies when neither
     --select nor --set fit.select is given; either one applies to every model."""

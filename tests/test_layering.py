@@ -30,13 +30,14 @@ PACKAGE = "vdn_pyro"
 
 #: The layer of each unit, bottom (0) to top. A sub-package's rank covers every module under it.
 RANKS = {
-    # the bottom: primitives, distributions, data loading and metrics import nothing of the package
+    # the bottom: primitives, distributions, data loading, metrics and atomic writes import nothing
     "vdn_pyro.primitives": 0,
     "vdn_pyro.distributions": 0,
     "vdn_pyro.state_space": 0,
     "vdn_pyro.data": 0,
     "vdn_pyro.metrics": 0,
     "vdn_pyro.unit_status": 0,
+    "vdn_pyro.files": 0,
     # trunks, amortized posterior heads and the guide builder
     "vdn_pyro.guides": 1,
     # priors, likelihoods, Neurons, the network base, VDN, Forecaster, RecurrentVDN, baselines

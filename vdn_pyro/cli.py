@@ -101,6 +101,7 @@ from vdn_pyro.data import (
 )
 from vdn_pyro.data.datasets import _default_ett_path
 from vdn_pyro.data.protocol import DataRangeError, protocol_splits
+from vdn_pyro.files import temporary_path, write_text
 from vdn_pyro.forecasting import (
     METRICS,
     PATH_METRICS,
@@ -178,25 +179,6 @@ class RunError(ValueError):
 
 
 # ----------------------------------------------------------------------------- files
-def _atomic_write(path, text):
-    """Write ``text`` to ``path`` through a temporary file in the same directory and
-    :func:`os.replace`: a reader sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # name the file, not its temporary
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-        raise
-
-
 class _Outputs:
     """Result files of one command, written under temporary names in the run directory and moved
     into place together when the command succeeds (and removed when it fails), so that a failed
@@ -208,7 +190,7 @@ class _Outputs:
     def path(self, final):
         """The temporary path to write ``final`` to (same suffix, so writers pick the format)."""
         final = Path(final)
-        tmp = self.root / f".{final.stem}.tmp-{os.getpid()}{final.suffix}"
+        tmp = self.root / temporary_path(final).name
         self.pending[final], self.current = tmp, final
         return tmp
 
@@ -345,7 +327,7 @@ class RunDir:
         """Update ``run.json`` with ``fields`` (written atomically)."""
         info = self.read_info()
         info.update(fields)
-        _atomic_write(self.info, json.dumps(info, indent=2, default=str) + "\n")
+        write_text(self.info, json.dumps(info, indent=2, default=str) + "\n")
         return info
 
 
@@ -950,7 +932,7 @@ class _Commit:
         self.run_dir, self.config, self.info, self.done = run_dir, config, info, False
 
     def on_fit_start(self, state):
-        _atomic_write(self.run_dir.config, dump_config(self.config))
+        write_text(self.run_dir.config, dump_config(self.config))
         self.run_dir.write_info(**self.info)
         self.done = True
 

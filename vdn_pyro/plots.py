@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vdn_pyro.files import atomic_path
+
 __all__ = [
     "MAX_PIXELS",
     "STATUS_COLORS",
@@ -66,8 +68,11 @@ def _save(fig, path, dpi):
             f"{int((MAX_PIXELS / (width * height)) ** 0.5 * dpi)}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a reader never sees a half-drawn image
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     return path
 
 
